@@ -1,0 +1,48 @@
+// The public surface of the library: every op's schema, in one place.
+// Kernels register themselves per backend (csrc/<op>/<op>_cpu.cpp, <op>_cuda.cu); autograd and
+// fake (meta) kernels are registered from Python (lsef_ext/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <sstream>
+#include <string>
+
+namespace lsef {
+namespace {
+
+// What this binary was compiled with, as a small JSON object (read by `lsef info`).
+std::string build_info() {
+  std::ostringstream out;
+  out << "{\"compiler\": \"" << LSEF_CXX_COMPILER << "\", \"build_type\": \"" << LSEF_BUILD_TYPE
+      << "\", \"torch_version\": \"" << LSEF_TORCH_VERSION << "\", \"backends\": [\"CPU\"";
+#ifdef LSEF_WITH_CUDA
+  out << ", \"CUDA\"], \"cuda_version\": \"" << LSEF_CUDA_VERSION << "\", \"cuda_archs\": \""
+      << LSEF_CUDA_ARCHS << "\"}";
+#else
+  out << "], \"cuda_version\": null, \"cuda_archs\": null}";
+#endif
+  return out.str();
+}
+
+}  // namespace
+}  // namespace lsef
+
+TORCH_LIBRARY(lsef, m) {
+  const std::vector<at::Tag> pt2{at::Tag::pt2_compliant_tag};
+  // SPEC §3.3: S = shrink(X - L, lam); L may be None; lam broadcastable to X.
+  m.def("soft_threshold(Tensor X, Tensor? L, Tensor lam, bool hard=False) -> Tensor", pt2);
+  // Gradients for (X, L, lam) as selected by output_mask; unselected ones are None.
+  m.def(
+      "soft_threshold_backward(Tensor grad, Tensor X, Tensor? L, Tensor lam, bool hard, "
+      "bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)",
+      pt2);
+  // SPEC §3.4: G' = beta G + (alpha - beta) U (U^T G).
+  m.def("rank_scale(Tensor G, Tensor U, Tensor alpha, Tensor beta) -> Tensor", pt2);
+  m.def("_build_info() -> str", &lsef::build_info);
+}
+
+// Importing lsef_ext._C loads this library, whose static initialisers run the registrations.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

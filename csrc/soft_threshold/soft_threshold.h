@@ -1,0 +1,50 @@
+// soft_threshold: what every backend shares.
+//   * the per-element math (__host__ __device__), so CPU and CUDA compute the same bits;
+//   * the argument preparation (validation and classification of lam's broadcast).
+// SPEC §3.3: R = X - L;  soft: S = sign(R) max(|R| - lam, 0);  hard: S = R 1[|R| > lam].
+#pragma once
+
+#include <math.h>
+
+#include "common/macros.h"
+
+namespace lsef {
+namespace soft_threshold {
+
+LSEF_HOST_DEVICE float abs_(float v) { return fabsf(v); }
+LSEF_HOST_DEVICE double abs_(double v) { return fabs(v); }
+LSEF_HOST_DEVICE float copysign_(float m, float s) { return copysignf(m, s); }
+LSEF_HOST_DEVICE double copysign_(double m, double s) { return copysign(m, s); }
+
+// Forward value for a residual r = x - l. NaN in r or lam gives NaN (as the reference does);
+// soft thresholding with lam = +inf of r = +-inf gives NaN (inf - inf), also as the reference.
+template <bool Hard, typename T>
+LSEF_HOST_DEVICE T value(T r, T lam) {
+  if constexpr (Hard) {
+    return r * static_cast<T>(abs_(r) > lam);
+  } else {
+    T mag = abs_(r) - lam;
+    mag = mag < T(0) ? T(0) : mag;  // not fmax: NaN must propagate
+    return copysign_(mag, r);
+  }
+}
+
+// Backward for one element: with M = 1[|r| > lam],
+//   dX = g M,   dL = -g M,   dlam contribution = -g sign(r) M  (soft), 0 (hard).
+template <bool Hard, typename T>
+LSEF_HOST_DEVICE T grad_input(T g, T r, T lam) {
+  return abs_(r) > lam ? g : T(0);
+}
+
+template <bool Hard, typename T>
+LSEF_HOST_DEVICE T grad_lam(T g, T r, T lam) {
+  if constexpr (Hard) {
+    return T(0);
+  } else {
+    // M = 1 implies r != 0 because lam >= 0, so sign(r) is +-1 here.
+    return abs_(r) > lam ? (r > T(0) ? -g : g) : T(0);
+  }
+}
+
+}  // namespace soft_threshold
+}  // namespace lsef

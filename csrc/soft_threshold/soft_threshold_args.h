@@ -1,0 +1,76 @@
+// soft_threshold: argument validation and lam's broadcast class, shared by every backend.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <optional>
+
+#include "common/checks.h"
+
+namespace lsef {
+namespace soft_threshold {
+
+// How lam is laid out against X flattened to rows of `channels` elements.
+//   Scalar:  one value;  Channel: one value per channel (last dim);  Full: X's shape.
+// Any other broadcastable shape is expanded to X's shape (Full) and its gradient is summed
+// back to lam's shape afterwards.
+enum class LamMode { Scalar, Channel, Full };
+
+struct Args {
+  at::Tensor X;    // contiguous
+  at::Tensor L;    // contiguous, or undefined when absent
+  at::Tensor lam;  // contiguous; X's shape in Full mode
+  LamMode mode;
+  int64_t channels;   // X.size(-1) (1 for a 0-d X)
+  bool lam_expanded;  // lam was broadcast to X's shape here
+};
+
+inline bool broadcastable_to(const at::Tensor& t, at::IntArrayRef shape) {
+  if (t.dim() > static_cast<int64_t>(shape.size())) return false;
+  for (int64_t i = 1; i <= t.dim(); ++i) {
+    const int64_t s = t.size(-i);
+    if (s != 1 && s != shape[shape.size() - i]) return false;
+  }
+  return true;
+}
+
+inline LamMode classify(const at::Tensor& lam, const at::Tensor& X) {
+  if (lam.numel() == 1) return LamMode::Scalar;
+  if (lam.dim() >= 1 && X.dim() >= 1 && lam.size(-1) == X.size(-1) &&
+      lam.numel() == lam.size(-1)) {
+    return LamMode::Channel;
+  }
+  return LamMode::Full;
+}
+
+inline Args prepare(const char* op, const at::Tensor& X, const std::optional<at::Tensor>& L,
+                    const at::Tensor& lam) {
+  check_floating(op, "X", X);
+  if (L.has_value()) {
+    check_same_dtype(op, "L", *L, "X", X);
+    check_same_device(op, "L", *L, "X", X);
+    TORCH_CHECK_VALUE(L->sizes() == X.sizes(), op, ": L must have the shape of X ", X.sizes(),
+                      ", got ", L->sizes());
+  }
+  check_same_dtype(op, "lam", lam, "X", X);
+  check_same_device(op, "lam", lam, "X", X);
+  TORCH_CHECK_VALUE(broadcastable_to(lam, X.sizes()), op, ": lam of shape ", lam.sizes(),
+                    " is not broadcastable to X of shape ", X.sizes(),
+                    " (use a scalar, one value per channel of the last dim, or X's shape)");
+  Args a;
+  a.X = X.contiguous();
+  a.L = L.has_value() ? L->contiguous() : at::Tensor();
+  a.mode = classify(lam, X);
+  a.channels = X.dim() == 0 ? 1 : X.size(-1);
+  a.lam_expanded = a.mode == LamMode::Full && lam.sizes() != X.sizes();
+  a.lam = a.lam_expanded ? lam.expand(X.sizes()).contiguous() : lam.contiguous();
+  return a;
+}
+
+// lam must be non-negative. Scalar and per-channel lam are small and checked here; a full-shape
+// lam is checked inside the kernels' pass over it, which then call this with the result.
+inline void check_lam_nonnegative(const char* op, bool has_negative) {
+  TORCH_CHECK_VALUE(!has_negative, op, ": lam must be non-negative, got a negative value");
+}
+
+}  // namespace soft_threshold
+}  // namespace lsef

@@ -1,0 +1,248 @@
+// soft_threshold: CPU kernels (float32, float64). One fused pass over X, L (and lam) each way.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "common/cpu_utils.h"
+#include "soft_threshold/soft_threshold.h"
+#include "soft_threshold/soft_threshold_args.h"
+
+namespace lsef {
+namespace soft_threshold {
+namespace {
+
+constexpr const char* kOp = "soft_threshold";
+constexpr const char* kBackwardOp = "soft_threshold_backward";
+
+// Blocks hold whole rows when lam is per channel, so a segment never wraps around a row.
+struct BlockGrid {
+  int64_t count;
+  int64_t elems;
+};
+
+BlockGrid make_grid(int64_t numel, int64_t channels, LamMode mode) {
+  int64_t per = kCpuBlockElems;
+  if (mode == LamMode::Channel) per = std::max<int64_t>(1, kCpuBlockElems / channels) * channels;
+  return {numel == 0 ? 0 : ceil_div(numel, per), per};
+}
+
+// Calls seg(offset, length, lam_offset) over the contiguous segments of block b: one segment
+// per row in Channel mode (lam indexed by channel), the whole block otherwise.
+template <typename Seg>
+void for_each_segment(const BlockGrid& grid, int64_t b, int64_t numel, int64_t channels,
+                      LamMode mode, Seg&& seg) {
+  const int64_t begin = b * grid.elems;
+  const int64_t end = std::min(numel, begin + grid.elems);
+  if (mode == LamMode::Channel) {
+    for (int64_t e = begin; e < end; e += channels) seg(e, channels, int64_t{0});
+  } else {
+    seg(begin, end - begin, mode == LamMode::Full ? begin : int64_t{0});
+  }
+}
+
+template <typename T>
+bool any_negative(const T* lam, int64_t n) {
+  bool neg = false;
+  for (int64_t j = 0; j < n; ++j) neg |= lam[j] < T(0);
+  return neg;
+}
+
+template <typename T, bool Hard, bool HasL, bool ScalarLam>
+void forward_segment(const T* __restrict__ x, const T* __restrict__ l, const T* __restrict__ lam,
+                     T* __restrict__ s, int64_t n) {
+  const T lam0 = lam[0];
+  for (int64_t j = 0; j < n; ++j) {
+    const T r = HasL ? x[j] - l[j] : x[j];
+    s[j] = value<Hard>(r, ScalarLam ? lam0 : lam[j]);
+  }
+}
+
+template <typename T>
+void forward_kernel(const Args& a, bool hard, at::Tensor& S) {
+  const int64_t numel = a.X.numel();
+  const int64_t C = a.channels;
+  const BlockGrid grid = make_grid(numel, C, a.mode);
+  const T* x = a.X.data_ptr<T>();
+  const T* l = a.L.defined() ? a.L.data_ptr<T>() : nullptr;
+  const T* lam = a.lam.data_ptr<T>();
+  T* s = S.data_ptr<T>();
+  std::atomic<bool> negative{false};
+  dispatch_bool(hard, [&](auto Hard) {
+    dispatch_bool(l != nullptr, [&](auto HasL) {
+      dispatch_bool(a.mode == LamMode::Scalar, [&](auto ScalarLam) {
+        at::parallel_for(0, grid.count, 1, [&](int64_t b0, int64_t b1) {
+          bool neg = false;
+          for (int64_t b = b0; b < b1; ++b) {
+            for_each_segment(grid, b, numel, C, a.mode, [&](int64_t off, int64_t n, int64_t lo) {
+              forward_segment<T, Hard, HasL, ScalarLam>(x + off, HasL ? l + off : nullptr,
+                                                        lam + lo, s + off, n);
+              if (a.mode == LamMode::Full) neg |= any_negative(lam + lo, n);
+            });
+          }
+          if (neg) negative = true;
+        });
+      });
+    });
+  });
+  check_lam_nonnegative(kOp, negative);
+}
+
+// What the backward writes: dX always (it is also the source of dL), dL = -dX when asked, and
+// lam's gradient either reduced (Scalar/Channel, into per-block partials) or elementwise (Full).
+enum class LamGrad { None, Reduce, Full };
+
+template <typename T, bool Hard, bool HasL, bool ScalarLam, bool WriteL, LamGrad LG>
+void backward_segment(const T* __restrict__ g, const T* __restrict__ x, const T* __restrict__ l,
+                      const T* __restrict__ lam, T* __restrict__ dx, T* __restrict__ dl,
+                      T* __restrict__ dlam, double* __restrict__ acc, int64_t n) {
+  const T lam0 = lam[0];
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const T r = HasL ? x[j] - l[j] : x[j];
+    const T lv = ScalarLam ? lam0 : lam[j];
+    const T gx = grad_input<Hard>(g[j], r, lv);
+    dx[j] = gx;
+    if constexpr (WriteL) dl[j] = -gx;
+    if constexpr (LG == LamGrad::Full) dlam[j] = grad_lam<Hard>(g[j], r, lv);
+    if constexpr (LG == LamGrad::Reduce) {
+      if constexpr (ScalarLam) {
+        sum += grad_lam<Hard>(g[j], r, lv);
+      } else {
+        acc[j] += grad_lam<Hard>(g[j], r, lv);
+      }
+    }
+  }
+  if constexpr (LG == LamGrad::Reduce && ScalarLam) acc[0] += sum;
+}
+
+struct Grads {
+  at::Tensor dX, dL, dlam;
+};
+
+template <typename T>
+void backward_kernel(const Args& a, const at::Tensor& G, bool hard, bool want_L, bool want_lam,
+                     Grads& out) {
+  const int64_t numel = a.X.numel();
+  const int64_t C = a.channels;
+  const BlockGrid grid = make_grid(numel, C, a.mode);
+  const int64_t lam_width = a.mode == LamMode::Channel ? C : 1;
+  const LamGrad lam_grad = !want_lam || hard   ? LamGrad::None
+                           : a.mode == LamMode::Full ? LamGrad::Full
+                                                     : LamGrad::Reduce;
+  // Per-block partial sums of lam's gradient, combined in block order below.
+  std::vector<double> partials(lam_grad == LamGrad::Reduce ? grid.count * lam_width : 0, 0.0);
+  const T* g = G.data_ptr<T>();
+  const T* x = a.X.data_ptr<T>();
+  const T* l = a.L.defined() ? a.L.data_ptr<T>() : nullptr;
+  const T* lam = a.lam.data_ptr<T>();
+  T* dx = out.dX.data_ptr<T>();
+  T* dl = want_L ? out.dL.data_ptr<T>() : nullptr;
+  T* dlam = lam_grad == LamGrad::Full ? out.dlam.data_ptr<T>() : nullptr;
+
+  auto run = [&](auto Hard, auto HasL, auto ScalarLam, auto WriteL, auto LG) {
+    at::parallel_for(0, grid.count, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        double* acc = partials.empty() ? nullptr : partials.data() + b * lam_width;
+        for_each_segment(grid, b, numel, C, a.mode, [&](int64_t off, int64_t n, int64_t lo) {
+          backward_segment<T, Hard, HasL, ScalarLam, WriteL, LG>(
+              g + off, x + off, HasL ? l + off : nullptr, lam + lo, dx + off,
+              WriteL ? dl + off : nullptr, LG == LamGrad::Full ? dlam + off : nullptr, acc, n);
+        });
+      }
+    });
+  };
+  auto with_lam_grad = [&](auto... flags) {
+    switch (lam_grad) {
+      case LamGrad::None:
+        return run(flags..., std::integral_constant<LamGrad, LamGrad::None>{});
+      case LamGrad::Reduce:
+        return run(flags..., std::integral_constant<LamGrad, LamGrad::Reduce>{});
+      case LamGrad::Full:
+        return run(flags..., std::integral_constant<LamGrad, LamGrad::Full>{});
+    }
+  };
+  dispatch_bool(hard, [&](auto Hard) {
+    dispatch_bool(l != nullptr, [&](auto HasL) {
+      dispatch_bool(a.mode == LamMode::Scalar, [&](auto ScalarLam) {
+        if constexpr (HasL) {
+          dispatch_bool(want_L, [&](auto WriteL) { with_lam_grad(Hard, HasL, ScalarLam, WriteL); });
+        } else {
+          with_lam_grad(Hard, HasL, ScalarLam, std::false_type{});
+        }
+      });
+    });
+  });
+
+  if (lam_grad == LamGrad::Reduce) {
+    std::vector<double> total(lam_width, 0.0);
+    for (int64_t b = 0; b < grid.count; ++b)
+      for (int64_t j = 0; j < lam_width; ++j) total[j] += partials[b * lam_width + j];
+    T* d = out.dlam.data_ptr<T>();
+    for (int64_t j = 0; j < lam_width; ++j) d[j] = static_cast<T>(total[j]);
+  }
+}
+
+void check_cpu_inputs(const char* op, const Args& a) {
+  check_cpu_dtype(op, "X", a.X);
+  if (a.mode != LamMode::Full) {
+    check_lam_nonnegative(op, a.lam.numel() > 0 && a.lam.lt(0).any().item<bool>());
+  }
+}
+
+at::Tensor soft_threshold_cpu(const at::Tensor& X, const std::optional<at::Tensor>& L,
+                              const at::Tensor& lam, bool hard) {
+  const Args a = prepare(kOp, X, L, lam);
+  check_cpu_inputs(kOp, a);
+  at::Tensor S = at::empty_like(a.X);
+  AT_DISPATCH_FLOATING_TYPES(a.X.scalar_type(), kOp, [&] { forward_kernel<scalar_t>(a, hard, S); });
+  return S;
+}
+
+// output_mask = (X, L, lam). Gradients not asked for come back as undefined tensors (None).
+using OptionalTensor = std::optional<at::Tensor>;
+
+std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> soft_threshold_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& X, const std::optional<at::Tensor>& L,
+    const at::Tensor& lam, bool hard, std::array<bool, 3> output_mask) {
+  const Args a = prepare(kBackwardOp, X, L, lam);
+  check_cpu_inputs(kBackwardOp, a);
+  check_same_dtype(kBackwardOp, "grad", grad, "X", X);
+  check_same_device(kBackwardOp, "grad", grad, "X", X);
+  TORCH_CHECK_VALUE(grad.sizes() == X.sizes(), kBackwardOp, ": grad must have the shape of X ",
+                    X.sizes(), ", got ", grad.sizes());
+  const bool want_X = output_mask[0];
+  const bool want_L = output_mask[1] && a.L.defined();
+  const bool want_lam = output_mask[2];
+  Grads out;
+  if (!want_X && !want_L && !want_lam) return {};
+  const at::Tensor G = grad.contiguous();
+  out.dX = at::empty_like(a.X);
+  if (want_L) out.dL = at::empty_like(a.X);
+  if (want_lam) {
+    out.dlam = hard ? at::zeros_like(a.lam) : at::empty_like(a.lam);
+  }
+  AT_DISPATCH_FLOATING_TYPES(a.X.scalar_type(), kBackwardOp, [&] {
+    backward_kernel<scalar_t>(a, G, hard, want_L, want_lam, out);
+  });
+  if (want_lam && a.lam_expanded) out.dlam = out.dlam.sum_to_size(lam.sizes());
+  if (want_lam) out.dlam = out.dlam.view(lam.sizes());
+  auto maybe = [](bool want, const at::Tensor& t) { return want ? OptionalTensor(t) : std::nullopt; };
+  return {maybe(want_X, out.dX), maybe(want_L, out.dL), maybe(want_lam, out.dlam)};
+}
+
+}  // namespace
+}  // namespace soft_threshold
+}  // namespace lsef
+
+TORCH_LIBRARY_IMPL(lsef, CPU, m) {
+  m.impl("soft_threshold", &lsef::soft_threshold::soft_threshold_cpu);
+  m.impl("soft_threshold_backward", &lsef::soft_threshold::soft_threshold_backward_cpu);
+}

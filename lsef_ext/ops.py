@@ -1,0 +1,1 @@
+def rank_scale(): pass

@@ -1,0 +1,50 @@
+"""Thin pip front end: configures and builds CMakeLists.txt with Ninja into the package.
+
+All compile logic lives in CMake. Environment variables honoured here:
+  MAX_JOBS          parallel compile jobs (default: number of CPUs)
+  CMAKE_BUILD_TYPE  Release (default), Debug, RelWithDebInfo
+  CMAKE_ARGS        extra arguments for the CMake configure step (space separated)
+  LSEF_CUDA         AUTO / 1 / 0, forwarded to CMake (see CMakeLists.txt)
+"""
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        # A fixed folder in the source tree (not setuptools' temporary one), so a rebuild after
+        # touching one kernel recompiles only that file, editable installs included.
+        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        configure = [
+            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DLSEF_OUTPUT_DIR={output_dir}",
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
+        ]
+        if "LSEF_CUDA" in os.environ:
+            configure.append(f"-DLSEF_CUDA={os.environ['LSEF_CUDA']}")
+        configure += shlex.split(os.environ.get("CMAKE_ARGS", ""))
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        subprocess.run(configure, check=True)
+        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
+
+
+setup(
+    ext_modules=[CMakeExtension("lsef_ext._C")],
+    cmdclass={"build_ext": CMakeBuild},
+)
