@@ -1,1 +1,223 @@
-def rank_scale(): pass
+"""The public functional API of lsef_ext, and the Python half of every op's registration.
+
+Each op has: a documented function calling ``torch.ops.lsef.<op>.default``; a fake kernel
+(``register_fake``: shapes, dtypes and devices only) so ``torch.compile`` can trace it; and an
+autograd formula (``register_autograd``) whose backward calls compiled ops too.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+Scalar = Union[float, Tensor]
+
+__all__ = ["soft_threshold", "rank_scale", "rank_aware_grad_scale"]
+
+
+def _as_tensor(value: Scalar, like: Tensor) -> Tensor:
+    """Python numbers become 0-d tensors of ``like``'s dtype and device; tensors pass through
+    unchanged (the op checks their dtype and device)."""
+    if isinstance(value, Tensor):
+        return value
+    return torch.tensor(value, dtype=like.dtype, device=like.device)
+
+
+# --------------------------------------------------------------------------------------------
+# soft_threshold (SPEC §3.3)
+# --------------------------------------------------------------------------------------------
+
+
+def soft_threshold(X: Tensor, L: Optional[Tensor], lam: Scalar, hard: bool = False) -> Tensor:
+    """The sparse part of ``X`` given a low-rank part ``L``, in one fused pass.
+
+    ``R = X - L`` (``X`` itself when ``L`` is None; ``R`` is never materialised), then
+    soft: ``sign(R) * max(|R| - lam, 0)``, or hard: ``R * 1[|R| > lam]``.
+
+    Args:
+        X: ``(*)`` floating tensor (float32/float64 on the CPU).
+        L: ``None`` or a tensor of ``X``'s shape, dtype and device.
+        lam: non-negative threshold: a number, a 0-d tensor, one value per channel (shape
+            ``(D,)`` for ``X (..., D)``) or ``X``'s shape; any other shape broadcastable to
+            ``X`` works too (it is expanded first). A tensor ``lam`` gets a gradient.
+        hard: hard instead of soft thresholding (``lam`` then gets a zero gradient).
+
+    Returns:
+        ``S``, contiguous, of ``X``'s shape and dtype. NaN in ``X``, ``L`` or ``lam`` gives
+        NaN in the matching outputs; nothing else is affected.
+    """
+    return torch.ops.lsef.soft_threshold.default(X, L, _as_tensor(lam, X), hard)
+
+
+def _broadcastable(shape: Sequence[int], target: Sequence[int]) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
+
+
+def _check_soft_threshold(op: str, X: Tensor, L: Optional[Tensor], lam: Tensor) -> None:
+    torch._check(X.dtype.is_floating_point, lambda: f"{op}: X must be a floating-point tensor")
+    if L is not None:
+        torch._check(L.shape == X.shape, lambda: f"{op}: L must have the shape of X {list(X.shape)}")
+        torch._check(L.dtype == X.dtype, lambda: f"{op}: L must have the dtype of X ({X.dtype})")
+        torch._check(L.device == X.device, lambda: f"{op}: L must be on the device of X")
+    torch._check(lam.dtype == X.dtype, lambda: f"{op}: lam must have the dtype of X ({X.dtype})")
+    torch._check(lam.device == X.device, lambda: f"{op}: lam must be on the device of X")
+    torch._check(
+        _broadcastable(lam.shape, X.shape),
+        lambda: f"{op}: lam of shape {list(lam.shape)} is not broadcastable to X of shape "
+        f"{list(X.shape)}",
+    )
+
+
+@torch.library.register_fake("lsef::soft_threshold")
+def _soft_threshold_fake(X, L, lam, hard=False):
+    _check_soft_threshold("soft_threshold", X, L, lam)
+    return X.new_empty(X.shape)
+
+
+@torch.library.register_fake("lsef::soft_threshold_backward")
+def _soft_threshold_backward_fake(grad, X, L, lam, hard, output_mask):
+    _check_soft_threshold("soft_threshold_backward", X, L, lam)
+    dX = X.new_empty(X.shape) if output_mask[0] else None
+    dL = X.new_empty(X.shape) if output_mask[1] and L is not None else None
+    dlam = lam.new_empty(lam.shape) if output_mask[2] else None
+    return dX, dL, dlam
+
+
+def _soft_threshold_setup_context(ctx, inputs, output):
+    X, L, lam, hard = inputs
+    ctx.hard = hard
+    ctx.save_for_backward(X, L, lam)
+
+
+def _soft_threshold_backward(ctx, grad):
+    X, L, lam = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:3])
+    dX, dL, dlam = torch.ops.lsef.soft_threshold_backward.default(grad, X, L, lam, ctx.hard, mask)
+    return dX, dL, dlam, None
+
+
+torch.library.register_autograd(
+    "lsef::soft_threshold", _soft_threshold_backward, setup_context=_soft_threshold_setup_context
+)
+
+
+# --------------------------------------------------------------------------------------------
+# rank_scale and rank_aware_grad_scale (SPEC §3.4)
+# --------------------------------------------------------------------------------------------
+
+
+def rank_scale(G: Tensor, U: Tensor, alpha: Scalar, beta: Scalar) -> Tensor:
+    """``beta * G + (alpha - beta) * U (U^T G)``, one fused pass per matrix.
+
+    With orthonormal columns in ``U``, the component of ``G`` inside span(U) is scaled by
+    ``alpha`` and the rest by ``beta``. The map is linear and self-adjoint in ``G``.
+
+    Args:
+        G: ``(*, m, n)`` floating tensor.
+        U: ``(*, m, r)`` with ``r <= m`` (orthonormal columns are assumed, not checked), or
+            ``(m, r)`` shared by every matrix.
+        alpha, beta: numbers, 0-d tensors, or tensors of shape ``*`` (one value per matrix).
+
+    Returns:
+        ``G'`` of ``G``'s shape, contiguous. Gradients flow to ``G``, ``U``, ``alpha`` and
+        ``beta``.
+    """
+    return torch.ops.lsef.rank_scale.default(G, U, _as_tensor(alpha, G), _as_tensor(beta, G))
+
+
+def _check_rank_scale(G: Tensor, U: Tensor, alpha: Tensor, beta: Tensor) -> None:
+    op = "rank_scale"
+    torch._check(G.dim() >= 2, lambda: f"{op}: G must have at least 2 dimensions (*, m, n)")
+    torch._check(U.dim() >= 2, lambda: f"{op}: U must have at least 2 dimensions (*, m, r)")
+    torch._check(U.dtype == G.dtype, lambda: f"{op}: U must have the dtype of G ({G.dtype})")
+    torch._check(
+        U.shape[-2] == G.shape[-2], lambda: f"{op}: U must have G.size(-2) = {G.shape[-2]} rows"
+    )
+    torch._check(U.shape[-1] <= U.shape[-2], lambda: f"{op}: U must have r <= m columns")
+    torch._check(
+        U.dim() == 2 or U.shape[:-2] == G.shape[:-2],
+        lambda: f"{op}: U must have G's batch shape {list(G.shape[:-2])} or be 2-D",
+    )
+    for name, c in (("alpha", alpha), ("beta", beta)):
+        torch._check(
+            c.numel() == 1 or c.shape == G.shape[:-2],
+            lambda: f"{op}: {name} must be a scalar or have G's batch shape {list(G.shape[:-2])}",
+        )
+
+
+@torch.library.register_fake("lsef::rank_scale")
+def _rank_scale_fake(G, U, alpha, beta):
+    _check_rank_scale(G, U, alpha, beta)
+    return G.new_empty(G.shape)
+
+
+def _rank_scale_setup_context(ctx, inputs, output):
+    G, U, alpha, beta = inputs
+    # G itself is only needed for the gradients of U, alpha and beta.
+    needs_G = any(ctx.needs_input_grad[1:])
+    ctx.save_for_backward(G if needs_G else None, U, alpha, beta)
+
+
+def _reduce_to(t: Tensor, like: Tensor) -> Tensor:
+    """Per-matrix values reduced to a coefficient's shape (a scalar sums over the batch)."""
+    return t.reshape(like.shape) if like.numel() != 1 else t.sum().reshape(like.shape)
+
+
+def _rank_scale_backward(ctx, grad):
+    G, U, alpha, beta = ctx.saved_tensors
+    need_G, need_U, need_alpha, need_beta = ctx.needs_input_grad
+    dG = rank_scale(grad, U, alpha, beta) if need_G else None
+    dU = dalpha = dbeta = None
+    if need_U or need_alpha or need_beta:
+        # With C = U^T G and D = U^T grad:  <grad, U C> = <D, C>,  and
+        # dU = (alpha - beta) (grad C^T + G D^T).
+        C = U.mT @ G
+        D = U.mT @ grad
+        inside = (D * C).sum(dim=(-2, -1))
+        if need_alpha:
+            dalpha = _reduce_to(inside, alpha)
+        if need_beta:
+            dbeta = _reduce_to((grad * G).sum(dim=(-2, -1)) - inside, beta)
+        if need_U:
+            delta = (alpha - beta).reshape(alpha.shape if alpha.numel() == 1 else (*alpha.shape, 1, 1))
+            dU = delta * (grad @ C.mT + G @ D.mT)
+            if U.dim() == 2 and dU.dim() > 2:
+                dU = dU.sum(dim=tuple(range(dU.dim() - 2)))
+    return dG, dU, dalpha, dbeta
+
+
+torch.library.register_autograd(
+    "lsef::rank_scale", _rank_scale_backward, setup_context=_rank_scale_setup_context
+)
+
+
+class _RankAwareGradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(x, U, alpha, beta):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, U, alpha, beta = inputs
+        ctx.save_for_backward(U, alpha, beta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        U, alpha, beta = ctx.saved_tensors
+        return rank_scale(grad, U, alpha, beta), None, None, None
+
+
+def rank_aware_grad_scale(x: Tensor, U: Tensor, alpha: Scalar, beta: Scalar) -> Tensor:
+    """Identity in the forward; in the backward the incoming gradient ``g`` becomes
+    ``rank_scale(g, U, alpha, beta)``: its part in span(U) scaled by ``alpha``, the rest by
+    ``beta``. ``U``, ``alpha`` and ``beta`` get no gradient.
+
+    Shapes as in :func:`rank_scale`, with ``x`` in place of ``G``; they are checked here, in
+    the forward, rather than when the gradient arrives.
+    """
+    alpha, beta = _as_tensor(alpha, x), _as_tensor(beta, x)
+    _check_rank_scale(x, U, alpha, beta)
+    return _RankAwareGradScale.apply(x, U, alpha, beta)

@@ -5,7 +5,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -76,7 +75,7 @@ at::Tensor rank_scale_cpu(const at::Tensor& G, const at::Tensor& U, const at::Te
                           const at::Tensor& beta) {
   check_cpu_dtype(kOp, "G", G);
   const Args a = prepare(kOp, G, U, alpha, beta);
-  at::Tensor out = at::empty_like(a.G);
+  at::Tensor out = empty_output(a.G);
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(a.G.scalar_type(), kOp, [&] { rank_scale_kernel<scalar_t>(a, out); });
   return out;

@@ -2,8 +2,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
@@ -29,9 +27,10 @@ struct BlockGrid {
 };
 
 BlockGrid make_grid(int64_t numel, int64_t channels, LamMode mode) {
+  if (numel == 0) return {0, 1};
   int64_t per = kCpuBlockElems;
   if (mode == LamMode::Channel) per = std::max<int64_t>(1, kCpuBlockElems / channels) * channels;
-  return {numel == 0 ? 0 : ceil_div(numel, per), per};
+  return {ceil_div(numel, per), per};
 }
 
 // Calls seg(offset, length, lam_offset) over the contiguous segments of block b: one segment
@@ -201,7 +200,7 @@ at::Tensor soft_threshold_cpu(const at::Tensor& X, const std::optional<at::Tenso
                               const at::Tensor& lam, bool hard) {
   const Args a = prepare(kOp, X, L, lam);
   check_cpu_inputs(kOp, a);
-  at::Tensor S = at::empty_like(a.X);
+  at::Tensor S = empty_output(a.X);
   AT_DISPATCH_FLOATING_TYPES(a.X.scalar_type(), kOp, [&] { forward_kernel<scalar_t>(a, hard, S); });
   return S;
 }
@@ -224,8 +223,8 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> soft_threshold_backwa
   Grads out;
   if (!want_X && !want_L && !want_lam) return {};
   const at::Tensor G = grad.contiguous();
-  out.dX = at::empty_like(a.X);
-  if (want_L) out.dL = at::empty_like(a.X);
+  out.dX = empty_output(a.X);
+  if (want_L) out.dL = empty_output(a.X);
   if (want_lam) {
     out.dlam = hard ? at::zeros_like(a.lam) : at::empty_like(a.lam);
   }
