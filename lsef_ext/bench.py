@@ -1,0 +1,267 @@
+"""``lsef bench``: the benchmark harness.
+
+A registry of cases; each case builds its inputs once and times several *variants* of the same
+computation: ``lsef_ext`` (the compiled op), ``reference`` (python/lsef_ref) and the plain
+PyTorch code a user would otherwise write. Every variant is timed in the same run as a median
+over many calls after warm-up; speed is reported as the ratio ``variant time / lsef_ext time``
+(> 1 means lsef_ext is faster), never as an absolute claim. Memory-bound cases also report their
+time against the floor: the bytes they must move at the copy bandwidth measured in this run.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import lsef_ref
+from lsef_ext import ops
+
+EXT = "lsef_ext"
+
+
+@dataclass
+class Setup:
+    """What a case's factory returns: the variants to time, plus optional annotations."""
+
+    variants: Dict[str, Callable[[], object]]
+    targets: Dict[str, float] = field(default_factory=dict)  # variant -> minimum speedup of EXT
+    bytes_moved: Optional[int] = None  # for the floor ratio (ext time / floor time)
+    floor_target: Optional[float] = None  # maximum ext/floor ratio
+
+
+@dataclass
+class Case:
+    name: str
+    device: str
+    factory: Callable[[bool], Setup]  # factory(quick) -> Setup
+
+
+CASES: List[Case] = []
+
+
+def case(name: str, devices=("cpu",)):
+    """Registers a case factory for each device it runs on."""
+
+    def register(factory):
+        for device in devices:
+            CASES.append(Case(name, device, lambda quick, f=factory, d=device: f(d, quick)))
+        return factory
+
+    return register
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_median(fn: Callable[[], object], device: str, warmup: int, min_runs: int,
+                min_seconds: float) -> float:
+    """Median wall time of fn() in seconds, after warm-up, over at least min_runs calls and at
+    least min_seconds (at most 200 calls)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < min_seconds and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, numel: int) -> float:
+    """Bytes per second of ``dst.copy_(src)`` (read + write) into an existing buffer."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    t = time_median(lambda: dst.copy_(src), device, warmup=3, min_runs=20, min_seconds=0.3)
+    return 2 * src.numel() * src.element_size() / t
+
+
+# ---- cases ---------------------------------------------------------------------------------
+
+
+def _grad(fn, inputs, G):
+    return lambda: torch.autograd.grad(fn(), inputs, G)
+
+
+@case("soft_threshold fwd, per-channel lam", devices=("cpu",))
+def _soft_threshold_channel(device, quick):
+    rows, D = (2048, 512) if quick else (32768, 512)  # 2^24 elements in the full run
+    X = torch.randn(rows, D, device=device)
+    L = torch.randn(rows, D, device=device)
+    lam = torch.rand(D, device=device) * 0.5
+
+    def composite():
+        R = X - L
+        return torch.sign(R) * torch.clamp(R.abs() - lam, min=0)
+
+    return Setup(
+        variants={
+            EXT: lambda: ops.soft_threshold(X, L, lam),
+            "reference": lambda: lsef_ref.soft_threshold(X, L, lam),
+            "torch composite": composite,
+        },
+        targets={"torch composite": 3.5},
+        bytes_moved=3 * X.numel() * X.element_size(),
+        floor_target=1.3,
+    )
+
+
+@case("soft_threshold fwd, scalar lam", devices=("cpu",))
+def _soft_threshold_scalar(device, quick):
+    rows, D = (2048, 512) if quick else (32768, 512)
+    X = torch.randn(rows, D, device=device)
+    L = torch.randn(rows, D, device=device)
+    return Setup(
+        variants={
+            EXT: lambda: ops.soft_threshold(X, L, 0.3),
+            "reference": lambda: lsef_ref.soft_threshold(X, L, 0.3),
+            "F.softshrink(X - L)": lambda: F.softshrink(X - L, 0.3),
+        },
+        targets={"F.softshrink(X - L)": 1.3},
+        bytes_moved=3 * X.numel() * X.element_size(),
+    )
+
+
+@case("soft_threshold fwd+bwd (X, L, per-channel lam)", devices=("cpu",))
+def _soft_threshold_backward(device, quick):
+    rows, D = (2048, 512) if quick else (32768, 512)
+    X = torch.randn(rows, D, device=device, requires_grad=True)
+    L = torch.randn(rows, D, device=device, requires_grad=True)
+    lam = (torch.rand(D, device=device) * 0.5).requires_grad_()
+    G = torch.randn(rows, D, device=device)
+    inputs = (X, L, lam)
+
+    def composite():
+        R = X - L
+        return torch.sign(R) * torch.clamp(R.abs() - lam, min=0)
+
+    return Setup(
+        variants={
+            EXT: _grad(lambda: ops.soft_threshold(X, L, lam), inputs, G),
+            "reference": _grad(lambda: lsef_ref.soft_threshold(X, L, lam), inputs, G),
+            "torch composite (autograd)": _grad(composite, inputs, G),
+        },
+        targets={"torch composite (autograd)": 2.5},
+    )
+
+
+@case("rank_scale (256, 16, 512), r = 4", devices=("cpu",))
+def _rank_scale(device, quick):
+    batch = 32 if quick else 256
+    G = torch.randn(batch, 16, 512, device=device)
+    U = torch.linalg.qr(torch.randn(batch, 16, 4, device=device))[0]
+    alpha, beta = 0.5, 2.0
+    return Setup(
+        variants={
+            EXT: lambda: ops.rank_scale(G, U, alpha, beta),
+            "reference": lambda: lsef_ref.rank_scale(G, U, alpha, beta),
+            "torch composite": lambda: beta * G + (alpha - beta) * (U @ (U.mT @ G)),
+        },
+        targets={"torch composite": 2.0},
+        bytes_moved=2 * G.numel() * G.element_size(),
+    )
+
+
+# ---- running and reporting -----------------------------------------------------------------
+
+
+def machine_description() -> Dict[str, object]:
+    info: Dict[str, object] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run(quick: bool = False, name_filter: str = "", devices=("cpu", "cuda"),
+        out=sys.stdout) -> Dict[str, object]:
+    """Runs the selected cases, prints the table as it goes and returns everything measured."""
+    warmup, min_runs, min_seconds = (2, 5, 0.05) if quick else (5, 15, 1.0)
+    selected = [c for c in CASES if name_filter in c.name and c.device in devices]
+    selected = [c for c in selected if c.device == "cpu" or torch.cuda.is_available()]
+    report: Dict[str, object] = {"machine": machine_description(), "quick": quick, "rows": []}
+    bandwidth: Dict[str, float] = {}
+    for device in sorted({c.device for c in selected}):
+        bandwidth[device] = copy_bandwidth(device, 1 << (20 if quick else 24))
+    report["copy_bandwidth_GBps"] = {d: b / 1e9 for d, b in bandwidth.items()}
+
+    header = f"{'case':<48} {'dev':<4} {'variant':<28} {'median ms':>10} {'speedup':>8} {'target':>8}"
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for c in selected:
+        setup = c.factory(quick)
+        times = {v: time_median(fn, c.device, warmup, min_runs, min_seconds)
+                 for v, fn in setup.variants.items()}
+        ext = times[EXT]
+        for variant, t in times.items():
+            speedup = t / ext
+            # Quick runs use small, cache-resident sizes: targets are only judged on full runs.
+            target = None if quick else setup.targets.get(variant)
+            row = {"case": c.name, "device": c.device, "variant": variant, "median_ms": t * 1e3,
+                   "speedup": speedup, "target": target,
+                   "met": None if target is None else speedup >= target}
+            report["rows"].append(row)
+            print(f"{c.name:<48} {c.device:<4} {variant:<28} {t * 1e3:>10.3f} "
+                  f"{speedup:>7.2f}x {_target_text(target, speedup):>8}", file=out)
+        if setup.bytes_moved is not None:
+            floor = setup.bytes_moved / bandwidth[c.device]
+            ratio = ext / floor
+            target = None if quick else setup.floor_target
+            report["rows"].append({"case": c.name, "device": c.device, "variant": "memory floor",
+                                   "median_ms": floor * 1e3, "floor_ratio": ratio,
+                                   "target": target,
+                                   "met": None if target is None else ratio <= target})
+            print(f"{c.name:<48} {c.device:<4} {'memory floor (copy bw)':<28} {floor * 1e3:>10.3f} "
+                  f"{'ext/floor ' + format(ratio, '.2f'):>17} "
+                  f"{'' if target is None else ('<= ' + str(target)) + (' ok' if ratio <= target else ' MISSED')}",
+                  file=out)
+        out.flush()
+    if quick:
+        print("\n--quick: small sizes and few runs, to exercise the harness; targets not judged.",
+              file=out)
+    bw = ", ".join(f"{d}: {b / 1e9:.1f} GB/s" for d, b in bandwidth.items())
+    m = report["machine"]
+    print(f"\nspeedup = variant time / {EXT} time (median of many runs after warm-up, same run). "
+          f"copy bandwidth {bw}. {m['processor']}, {m['threads']} threads, torch {m['torch']}, "
+          f"{m['date']}.", file=out)
+    return report
+
+
+def _target_text(target: Optional[float], speedup: float) -> str:
+    if target is None:
+        return ""
+    return f">={target:g} " + ("ok" if speedup >= target else "MISSED")
+
+
+def write_json(report: Dict[str, object], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
