@@ -31,9 +31,12 @@ LSEF_HOST_DEVICE T value(T r, T lam) {
 
 // Backward for one element: with M = 1[|r| > lam],
 //   dX = g M,   dL = -g M,   dlam contribution = -g sign(r) M  (soft), 0 (hard).
+// Written as the product G * M of SPEC §3.3 (so a non-finite upstream gradient stays
+// non-finite everywhere), and without selects: GCC turns selects into branches in some of the
+// CPU loops, which then neither vectorise nor predict well on random data.
 template <bool Hard, typename T>
 LSEF_HOST_DEVICE T grad_input(T g, T r, T lam) {
-  return abs_(r) > lam ? g : T(0);
+  return g * static_cast<T>(abs_(r) > lam);
 }
 
 template <bool Hard, typename T>
@@ -41,8 +44,8 @@ LSEF_HOST_DEVICE T grad_lam(T g, T r, T lam) {
   if constexpr (Hard) {
     return T(0);
   } else {
-    // M = 1 implies r != 0 because lam >= 0, so sign(r) is +-1 here.
-    return abs_(r) > lam ? (r > T(0) ? -g : g) : T(0);
+    // M = 1 implies r != 0 because lam >= 0, so sign(r) = copysign(1, r) wherever M = 1.
+    return -copysign_(T(1), r) * grad_input<Hard>(g, r, lam);
   }
 }
 

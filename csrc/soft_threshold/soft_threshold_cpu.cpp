@@ -98,28 +98,57 @@ void forward_kernel(const Args& a, bool hard, at::Tensor& S) {
 // lam's gradient either reduced (Scalar/Channel, into per-block partials) or elementwise (Full).
 enum class LamGrad { None, Reduce, Full };
 
+// Scalar lam's gradient is summed over a whole segment; kLanes independent partial sums let
+// that loop vectorise without reassociating a single running sum.
+constexpr int64_t kLanes = 16;
+
+// One element of the backward; returns its contribution to lam's gradient.
+template <typename T, bool Hard, bool HasL, LamGrad LG>
+inline T backward_element(const T* __restrict__ g, const T* __restrict__ x,
+                          const T* __restrict__ l, T lv, T* __restrict__ dx,
+                          T* __restrict__ dlam, int64_t j) {
+  const T r = HasL ? x[j] - l[j] : x[j];
+  dx[j] = grad_input<Hard>(g[j], r, lv);
+  if constexpr (LG == LamGrad::None) {
+    return T(0);
+  } else {
+    const T d = grad_lam<Hard>(g[j], r, lv);
+    if constexpr (LG == LamGrad::Full) dlam[j] = d;
+    return d;
+  }
+}
+
+// Per segment: Channel mode adds lam's gradient into acc[j] (one running sum per channel, in
+// T, over the rows of one block); Scalar mode adds the segment's total into acc[0]. dL = -dX
+// is written by a second loop over the segment while it is still in cache: folded into the
+// first loop, it makes GCC emit a branchy scalar loop.
 template <typename T, bool Hard, bool HasL, bool ScalarLam, bool WriteL, LamGrad LG>
 void backward_segment(const T* __restrict__ g, const T* __restrict__ x, const T* __restrict__ l,
                       const T* __restrict__ lam, T* __restrict__ dx, T* __restrict__ dl,
-                      T* __restrict__ dlam, double* __restrict__ acc, int64_t n) {
-  const T lam0 = lam[0];
-  double sum = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const T r = HasL ? x[j] - l[j] : x[j];
-    const T lv = ScalarLam ? lam0 : lam[j];
-    const T gx = grad_input<Hard>(g[j], r, lv);
-    dx[j] = gx;
-    if constexpr (WriteL) dl[j] = -gx;
-    if constexpr (LG == LamGrad::Full) dlam[j] = grad_lam<Hard>(g[j], r, lv);
+                      T* __restrict__ dlam, T* __restrict__ acc, int64_t n) {
+  // backward_element is called directly, not through a capturing lambda: pointers read from a
+  // closure are reloaded after every store, which stops GCC from vectorising the loop.
+  constexpr auto element = backward_element<T, Hard, HasL, LG>;
+  if constexpr (!ScalarLam) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T d = element(g, x, l, lam[j], dx, dlam, j);
+      if constexpr (LG == LamGrad::Reduce) acc[j] += d;
+    }
+  } else {
+    const T lv = lam[0];
+    T lanes[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int64_t k = 0; k < kLanes; ++k) lanes[k] += element(g, x, l, lv, dx, dlam, j + k);
+    }
+    for (; j < n; ++j) lanes[0] += element(g, x, l, lv, dx, dlam, j);
     if constexpr (LG == LamGrad::Reduce) {
-      if constexpr (ScalarLam) {
-        sum += grad_lam<Hard>(g[j], r, lv);
-      } else {
-        acc[j] += grad_lam<Hard>(g[j], r, lv);
-      }
+      for (int64_t k = 0; k < kLanes; ++k) acc[0] += lanes[k];
     }
   }
-  if constexpr (LG == LamGrad::Reduce && ScalarLam) acc[0] += sum;
+  if constexpr (WriteL) {
+    for (int64_t j = 0; j < n; ++j) dl[j] = -dx[j];
+  }
 }
 
 struct Grads {
@@ -136,8 +165,9 @@ void backward_kernel(const Args& a, const at::Tensor& G, bool hard, bool want_L,
   const LamGrad lam_grad = !want_lam || hard   ? LamGrad::None
                            : a.mode == LamMode::Full ? LamGrad::Full
                                                      : LamGrad::Reduce;
-  // Per-block partial sums of lam's gradient, combined in block order below.
-  std::vector<double> partials(lam_grad == LamGrad::Reduce ? grid.count * lam_width : 0, 0.0);
+  // Per-block partial sums of lam's gradient (in T within a block, at most kCpuBlockElems
+  // terms), combined in float64 in block order below.
+  std::vector<T> partials(lam_grad == LamGrad::Reduce ? grid.count * lam_width : 0, T(0));
   const T* g = G.data_ptr<T>();
   const T* x = a.X.data_ptr<T>();
   const T* l = a.L.defined() ? a.L.data_ptr<T>() : nullptr;
@@ -149,7 +179,7 @@ void backward_kernel(const Args& a, const at::Tensor& G, bool hard, bool want_L,
   auto run = [&](auto Hard, auto HasL, auto ScalarLam, auto WriteL, auto LG) {
     at::parallel_for(0, grid.count, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        double* acc = partials.empty() ? nullptr : partials.data() + b * lam_width;
+        T* acc = partials.empty() ? nullptr : partials.data() + b * lam_width;
         for_each_segment(grid, b, numel, C, a.mode, [&](int64_t off, int64_t n, int64_t lo) {
           backward_segment<T, Hard, HasL, ScalarLam, WriteL, LG>(
               g + off, x + off, HasL ? l + off : nullptr, lam + lo, dx + off,
@@ -183,7 +213,7 @@ void backward_kernel(const Args& a, const at::Tensor& G, bool hard, bool want_L,
   if (lam_grad == LamGrad::Reduce) {
     std::vector<double> total(lam_width, 0.0);
     for (int64_t b = 0; b < grid.count; ++b)
-      for (int64_t j = 0; j < lam_width; ++j) total[j] += partials[b * lam_width + j];
+      for (int64_t j = 0; j < lam_width; ++j) total[j] += static_cast<double>(partials[b * lam_width + j]);
     T* d = out.dlam.data_ptr<T>();
     for (int64_t j = 0; j < lam_width; ++j) d[j] = static_cast<T>(total[j]);
   }
@@ -226,7 +256,7 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> soft_threshold_backwa
   out.dX = empty_output(a.X);
   if (want_L) out.dL = empty_output(a.X);
   if (want_lam) {
-    out.dlam = hard ? at::zeros_like(a.lam) : at::empty_like(a.lam);
+    out.dlam = hard ? at::zeros_like(a.lam) : empty_output(a.lam);
   }
   AT_DISPATCH_FLOATING_TYPES(a.X.scalar_type(), kBackwardOp, [&] {
     backward_kernel<scalar_t>(a, G, hard, want_L, want_lam, out);
