@@ -29,10 +29,14 @@ endif()
 
 # Asked of the interpreter that will import the module: torch's CUDA version, and the folders of
 # the nvidia/* wheels that CUDA builds of torch install beside it (fallback headers and runtime).
-if(NOT _lsef_no_cuda)
+if(_lsef_no_cuda STREQUAL "")
+  string(CONCAT _lsef_py
+    "import importlib.util, torch\n"
+    "spec = importlib.util.find_spec('nvidia')\n"
+    "dirs = list(spec.submodule_search_locations) if spec else []\n"
+    "print(';'.join([torch.version.cuda or 'none'] + dirs), end='')\n")
   execute_process(
-    COMMAND "${Python_EXECUTABLE}" -c
-      "import importlib.util, torch; s = importlib.util.find_spec('nvidia'); print(';'.join([torch.version.cuda or 'none'] + (list(s.submodule_search_locations) if s else [])), end='')"
+    COMMAND "${Python_EXECUTABLE}" -c "${_lsef_py}"
     OUTPUT_VARIABLE _lsef_torch_query
     RESULT_VARIABLE _lsef_rc)
   if(NOT _lsef_rc EQUAL 0)
@@ -45,7 +49,11 @@ if(NOT _lsef_no_cuda)
   endif()
 endif()
 
-if(NOT _lsef_no_cuda)
+if(_lsef_no_cuda STREQUAL "")
+  # A compiler found missing on an earlier configure is looked for again: it may be there now.
+  if(DEFINED CMAKE_CUDA_COMPILER AND NOT CMAKE_CUDA_COMPILER)
+    unset(CMAKE_CUDA_COMPILER CACHE)
+  endif()
   include(CheckLanguage)
   check_language(CUDA)
   if(NOT CMAKE_CUDA_COMPILER)
@@ -53,7 +61,7 @@ if(NOT _lsef_no_cuda)
   endif()
 endif()
 
-if(NOT _lsef_no_cuda)
+if(_lsef_no_cuda STREQUAL "")
   if(DEFINED ENV{TORCH_CUDA_ARCH_LIST} AND NOT "$ENV{TORCH_CUDA_ARCH_LIST}" STREQUAL "")
     string(REPLACE " " ";" _lsef_torch_archs "$ENV{TORCH_CUDA_ARCH_LIST}")
     set(LSEF_CUDA_ARCHITECTURES "")
@@ -87,8 +95,8 @@ if(NOT _lsef_no_cuda)
   string(REGEX MATCH "^[0-9]+" _lsef_torch_cuda_major "${LSEF_TORCH_CUDA_VERSION}")
   if(NOT _lsef_nvcc_major STREQUAL _lsef_torch_cuda_major)
     # Kernels from another major version may need a runtime that torch did not load.
-    set(_lsef_no_cuda "nvcc ${CMAKE_CUDA_COMPILER_VERSION} (${CMAKE_CUDA_COMPILER}) does not match "
-                      "the CUDA ${LSEF_TORCH_CUDA_VERSION} that torch was built with")
+    string(CONCAT _lsef_no_cuda "nvcc ${CMAKE_CUDA_COMPILER_VERSION} (${CMAKE_CUDA_COMPILER}) "
+                  "does not match the CUDA ${LSEF_TORCH_CUDA_VERSION} that torch was built with")
   endif()
 endif()
 
@@ -96,7 +104,7 @@ endif()
 # the shared CUDA runtime. A toolkit may hold only the compiler and the runtime (pip's
 # nvidia-cuda-nvcc, or a trimmed image); torch's own nvidia/* wheels then supply the rest, and
 # match torch's CUDA version by construction. The toolkit's copies come first.
-if(NOT _lsef_no_cuda)
+if(_lsef_no_cuda STREQUAL "")
   find_package(CUDAToolkit QUIET)
   set(_lsef_bundled_include "")
   set(_lsef_bundled_lib "")
@@ -107,17 +115,19 @@ if(NOT _lsef_no_cuda)
     list(APPEND _lsef_bundled_lib ${_lib})
   endforeach()
 
+  set(_lsef_toolkit_include
+      ${CUDAToolkit_INCLUDE_DIRS} "${CMAKE_CUDA_COMPILER_TOOLKIT_ROOT}/include")
   set(LSEF_CUDA_EXTRA_INCLUDE_DIRS "")
   foreach(_header cublas_v2.h cublasLt.h cusparse.h cusolverDn.h)
+    unset(_lsef_header_dir)
     find_path(_lsef_header_dir ${_header} NO_CACHE NO_DEFAULT_PATH
-              PATHS ${CUDAToolkit_INCLUDE_DIRS} ${CMAKE_CUDA_COMPILER_TOOLKIT_ROOT}/include
-                    ${_lsef_bundled_include})
+              PATHS ${_lsef_toolkit_include} ${_lsef_bundled_include})
     if(NOT _lsef_header_dir)
-      set(_lsef_no_cuda "${_header} is in neither the CUDA toolkit (${CMAKE_CUDA_COMPILER_TOOLKIT_ROOT}) "
-                        "nor torch's nvidia/* packages (${_lsef_nvidia_dirs})")
+      string(CONCAT _lsef_no_cuda "${_header} is in neither the CUDA toolkit "
+                    "(${CMAKE_CUDA_COMPILER_TOOLKIT_ROOT}) nor torch's nvidia/* packages")
       break()
     endif()
-    if(NOT _lsef_header_dir IN_LIST CUDAToolkit_INCLUDE_DIRS)
+    if(NOT _lsef_header_dir IN_LIST _lsef_toolkit_include)
       list(APPEND LSEF_CUDA_EXTRA_INCLUDE_DIRS "${_lsef_header_dir}")
     endif()
   endforeach()
@@ -129,13 +139,13 @@ if(NOT _lsef_no_cuda)
     find_library(_lsef_cudart NAMES cudart libcudart.so.${_lsef_nvcc_major} NO_CACHE
                  NO_DEFAULT_PATH PATHS ${_lsef_bundled_lib})
     if(NOT _lsef_cudart)
-      set(_lsef_no_cuda "the shared CUDA runtime (libcudart) is in neither the CUDA toolkit nor "
-                        "torch's nvidia/* packages")
+      string(CONCAT _lsef_no_cuda "the shared CUDA runtime (libcudart) is in neither the CUDA "
+                    "toolkit nor torch's nvidia/* packages")
     endif()
   endif()
 endif()
 
-if(_lsef_no_cuda)
+if(NOT _lsef_no_cuda STREQUAL "")
   if(_lsef_cuda_mode STREQUAL "ON")
     message(FATAL_ERROR "lsef_ext: LSEF_CUDA=ON, but ${_lsef_no_cuda}. Fix that, or build with "
                         "LSEF_CUDA=AUTO or OFF for the CPU kernels only.")
