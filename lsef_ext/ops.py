@@ -13,7 +13,7 @@ from torch import Tensor
 
 Scalar = Union[float, Tensor]
 
-__all__ = ["soft_threshold", "rank_scale", "rank_aware_grad_scale"]
+__all__ = ["soft_threshold", "rank_scale", "rank_aware_grad_scale", "rsvd", "lowrank"]
 
 
 def _as_tensor(value: Scalar, like: Tensor) -> Tensor:
@@ -221,3 +221,106 @@ def rank_aware_grad_scale(x: Tensor, U: Tensor, alpha: Scalar, beta: Scalar) -> 
     alpha, beta = _as_tensor(alpha, x), _as_tensor(beta, x)
     _check_rank_scale(x, U, alpha, beta)
     return _RankAwareGradScale.apply(x, U, alpha, beta)
+
+
+# --------------------------------------------------------------------------------------------
+# rsvd and lowrank (SPEC §3.1, §3.2)
+# --------------------------------------------------------------------------------------------
+
+
+def rsvd(A: Tensor, k: int, oversample: int = 8, n_iter: int = 2, seed: int = 0):
+    """Truncated SVD of every matrix of ``A (*, m, n)``: ``A ~ U diag(S) V^T``.
+
+    A randomized range finder (Halko, Martinsson & Tropp 2011) with
+    ``l = min(k + oversample, min(m, n))`` columns and ``n_iter`` power iterations, each
+    re-orthonormalised, then an exact SVD of the small projected matrix. When
+    ``l == min(m, n)`` the result is the exact truncated SVD (no randomness). The Gaussian test
+    matrix comes from a counter-based generator keyed by ``seed`` alone and is shared by the
+    batch: the same call gives the same bits, and ``rsvd(A)[i] == rsvd(A[i])``.
+
+    Returns:
+        ``U (*, m, k)``, ``S (*, k)`` (descending, non-negative), ``V (*, n, k)``; each pair
+        ``(u_i, v_i)`` is signed so the largest-magnitude entry of ``u_i`` is positive. A matrix
+        containing NaN or Inf gives NaN factors (for that matrix only).
+
+    Gradients follow Townsend (2016) for the rank-k truncated SVD with the discarded singular
+    values taken as zero: exact where ``rank(A) <= k`` or ``k == min(m, n)``, an approximation
+    elsewhere; close, repeated and zero singular values are regularised (docs/DESIGN.md §6).
+    """
+    return torch.ops.lsef.rsvd.default(A, k, oversample, n_iter, seed)
+
+
+def lowrank(A: Tensor, k: int, oversample: int = 8, n_iter: int = 2, seed: int = 0) -> Tensor:
+    """The rank-k approximation ``L = U diag(S) V^T`` of every matrix of ``A (*, m, n)``, with
+    ``U, S, V = rsvd(A, k, oversample, n_iter, seed)``.
+
+    Its gradient is the projection onto the tangent space of the rank-k matrices at ``L``,
+    ``P_U G + G P_V - P_U G P_V`` (exact where ``rank(A) <= k``): no division by singular-value
+    gaps, so it is stable where ``rsvd``'s is not.
+    """
+    return torch.ops.lsef.lowrank.default(A, k, oversample, n_iter, seed)[0]
+
+
+def _check_rsvd(A: Tensor, k: int, oversample: int, n_iter: int) -> None:
+    op = "rsvd"
+    torch._check(A.dtype.is_floating_point, lambda: f"{op}: A must be a floating-point tensor")
+    torch._check(A.dim() >= 2, lambda: f"{op}: A must have at least 2 dimensions (*, m, n)")
+    mn = min(A.shape[-2], A.shape[-1])
+    torch._check(1 <= k <= mn, lambda: f"{op}: k must be in [1, min(m, n)] = [1, {mn}]")
+    torch._check(oversample >= 0, lambda: f"{op}: oversample must be >= 0")
+    torch._check(n_iter >= 0, lambda: f"{op}: n_iter must be >= 0")
+
+
+def _rsvd_shapes(A: Tensor, k: int):
+    batch, (m, n) = A.shape[:-2], A.shape[-2:]
+    return A.new_empty((*batch, m, k)), A.new_empty((*batch, k)), A.new_empty((*batch, n, k))
+
+
+@torch.library.register_fake("lsef::rsvd")
+def _rsvd_fake(A, k, oversample=8, n_iter=2, seed=0):
+    _check_rsvd(A, k, oversample, n_iter)
+    return _rsvd_shapes(A, k)
+
+
+@torch.library.register_fake("lsef::lowrank")
+def _lowrank_fake(A, k, oversample=8, n_iter=2, seed=0):
+    _check_rsvd(A, k, oversample, n_iter)
+    U, _, V = _rsvd_shapes(A, k)
+    return A.new_empty(A.shape), U, V
+
+
+@torch.library.register_fake("lsef::rsvd_backward")
+def _rsvd_backward_fake(grad_U, grad_S, grad_V, U, S, V):
+    return U.new_empty((*U.shape[:-1], V.shape[-2]))
+
+
+@torch.library.register_fake("lsef::lowrank_backward")
+def _lowrank_backward_fake(grad, U, V):
+    return grad.new_empty(grad.shape)
+
+
+def _rsvd_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output)
+
+
+def _rsvd_backward(ctx, grad_U, grad_S, grad_V):
+    U, S, V = ctx.saved_tensors
+    dA = torch.ops.lsef.rsvd_backward.default(grad_U, grad_S, grad_V, U, S, V)
+    return dA, None, None, None, None
+
+
+def _lowrank_setup_context(ctx, inputs, output):
+    _, U, V = output
+    ctx.mark_non_differentiable(U, V)
+    ctx.save_for_backward(U, V)
+
+
+def _lowrank_backward(ctx, grad_L, grad_U, grad_V):
+    U, V = ctx.saved_tensors
+    return torch.ops.lsef.lowrank_backward.default(grad_L, U, V), None, None, None, None
+
+
+torch.library.register_autograd("lsef::rsvd", _rsvd_backward, setup_context=_rsvd_setup_context)
+torch.library.register_autograd(
+    "lsef::lowrank", _lowrank_backward, setup_context=_lowrank_setup_context
+)

@@ -13,7 +13,9 @@ from torch import Tensor
 
 Scalar = Union[float, Tensor]
 
-__all__ = ["soft_threshold", "rank_scale", "rank_aware_grad_scale"]
+from .rsvd import lowrank, rsvd, truncated_svd
+
+__all__ = ["soft_threshold", "rank_scale", "rank_aware_grad_scale", "rsvd", "lowrank", "truncated_svd"]
 
 
 def soft_threshold(X: Tensor, L: Optional[Tensor], lam: Scalar, hard: bool = False) -> Tensor:

@@ -1,0 +1,175 @@
+// Small dense linear algebra for one matrix at a time, in cache, on the CPU: the building blocks
+// of the fused rsvd kernel. Matrices are column-major (column c of a p x q matrix W starts at
+// W + c * p) unless a comment says otherwise.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace lsef {
+namespace dense {
+
+// Sums in kLanes independent accumulators so the loops vectorise without -ffast-math.
+constexpr int64_t kLanes = 8;
+
+template <typename T>
+T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  T lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t t = 0; t < kLanes; ++t) lanes[t] += a[i + t] * b[i + t];
+  for (; i < n; ++i) lanes[0] += a[i] * b[i];
+  T s = 0;
+  for (int64_t t = 0; t < kLanes; ++t) s += lanes[t];
+  return s;
+}
+
+template <typename T>
+void axpy(T alpha, const T* __restrict__ x, T* __restrict__ y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+template <typename T>
+void scale(T alpha, T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] *= alpha;
+}
+
+// Householder QR of W (p x q, p >= q), destroying W. Q (p x q) gets orthonormal columns spanning
+// range(W) and R (q x q) the upper-triangular factor, W = Q R. A zero column is left alone (its
+// reflector is the identity), so Q stays orthonormal when W is rank-deficient, unlike
+// Cholesky- or Gram-Schmidt-based QR.
+template <typename T>
+void householder_qr(T* W, int64_t p, int64_t q, T* Q, T* R, std::vector<T>& vv) {
+  vv.assign(q, T(0));
+  std::vector<T> beta(q, T(0));
+  for (int64_t j = 0; j < q; ++j) {
+    T* v = W + j * p + j;  // the reflector overwrites column j from the diagonal down
+    const int64_t len = p - j;
+    const T alpha = std::sqrt(dot(v, v, len));
+    if (alpha == T(0)) continue;
+    beta[j] = v[0] >= T(0) ? -alpha : alpha;
+    v[0] -= beta[j];
+    vv[j] = dot(v, v, len);
+    for (int64_t c = j + 1; c < q; ++c) {
+      T* w = W + c * p + j;
+      axpy(-T(2) * dot(v, w, len) / vv[j], v, w, len);
+    }
+  }
+  if (R != nullptr) {
+    std::fill(R, R + q * q, T(0));
+    for (int64_t c = 0; c < q; ++c) {
+      for (int64_t i = 0; i < c; ++i) R[c * q + i] = W[c * p + i];
+      R[c * q + c] = beta[c];
+    }
+  }
+  // Q = H_0 H_1 ... H_{q-1} [I; 0], applied from the right-most reflector.
+  std::fill(Q, Q + p * q, T(0));
+  for (int64_t c = 0; c < q; ++c) Q[c * p + c] = T(1);
+  for (int64_t j = q - 1; j >= 0; --j) {
+    if (vv[j] == T(0)) continue;
+    const T* v = W + j * p + j;
+    const int64_t len = p - j;
+    for (int64_t c = j; c < q; ++c) {  // columns < j of [I; 0] are zero from row j down
+      T* qc = Q + c * p + j;
+      axpy(-T(2) * dot(v, qc, len) / vv[j], v, qc, len);
+    }
+  }
+}
+
+// Replaces the columns of U (p x q, orthonormal where valid[c]) that are not valid by unit
+// vectors orthogonal to all others (Gram-Schmidt, twice, on standard basis vectors).
+template <typename T>
+void complete_orthonormal(T* U, int64_t p, int64_t q, std::vector<char>& valid) {
+  std::vector<T> cand(p);
+  for (int64_t c = 0; c < q; ++c) {
+    if (valid[c]) continue;
+    for (int64_t e = 0; e < p; ++e) {
+      std::fill(cand.begin(), cand.end(), T(0));
+      cand[e] = T(1);
+      for (int pass = 0; pass < 2; ++pass)
+        for (int64_t o = 0; o < q; ++o)
+          if (valid[o]) axpy(-dot(U + o * p, cand.data(), p), U + o * p, cand.data(), p);
+      const T norm = std::sqrt(dot(cand.data(), cand.data(), p));
+      if (norm > T(0.5)) {
+        for (int64_t i = 0; i < p; ++i) U[c * p + i] = cand[i] / norm;
+        valid[c] = 1;
+        break;
+      }
+    }
+  }
+}
+
+// One-sided Jacobi SVD (Hestenes) of a small square R (q x q): R = Ur diag(s) Vr^T with s
+// sorted in descending order. Rotating column pairs until all are orthogonal to working
+// precision gives singular values with high relative accuracy (Demmel & Veselic, 1992).
+// Columns of Ur for (numerically) zero singular values are completed to an orthonormal set.
+template <typename T>
+void jacobi_svd(const T* R, int64_t q, T* Ur, T* s, T* Vr) {
+  std::vector<T> X(R, R + q * q), Vacc(q * q, T(0));
+  for (int64_t c = 0; c < q; ++c) Vacc[c * q + c] = T(1);
+  const T eps = std::numeric_limits<T>::epsilon();
+  for (int sweep = 0; sweep < 60; ++sweep) {
+    bool rotated = false;
+    for (int64_t i = 0; i < q; ++i) {
+      for (int64_t j = i + 1; j < q; ++j) {
+        T* xi = X.data() + i * q;
+        T* xj = X.data() + j * q;
+        const T a = dot(xi, xi, q), b = dot(xj, xj, q), g = dot(xi, xj, q);
+        if (std::abs(g) <= eps * std::sqrt(a * b) || g == T(0)) continue;
+        rotated = true;
+        const T zeta = (b - a) / (T(2) * g);
+        const T t = (zeta >= T(0) ? T(1) : T(-1)) / (std::abs(zeta) + std::hypot(T(1), zeta));
+        const T cs = T(1) / std::sqrt(T(1) + t * t), sn = cs * t;
+        for (T* pair : {X.data(), Vacc.data()}) {
+          T* u = pair + i * q;
+          T* w = pair + j * q;
+          for (int64_t r = 0; r < q; ++r) {
+            const T ur = u[r], wr = w[r];
+            u[r] = cs * ur - sn * wr;
+            w[r] = sn * ur + cs * wr;
+          }
+        }
+      }
+    }
+    if (!rotated) break;
+  }
+  std::vector<T> norms(q);
+  for (int64_t c = 0; c < q; ++c) norms[c] = std::sqrt(dot(X.data() + c * q, X.data() + c * q, q));
+  std::vector<int64_t> order(q);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return norms[a] > norms[b]; });
+  const T tiny = (q > 0 ? norms[order[0]] : T(0)) * T(q) * eps;
+  std::vector<char> valid(q, 0);
+  for (int64_t c = 0; c < q; ++c) {
+    const int64_t o = order[c];
+    s[c] = norms[o];
+    std::copy(Vacc.begin() + o * q, Vacc.begin() + (o + 1) * q, Vr + c * q);
+    valid[c] = norms[o] > tiny && norms[o] > T(0);
+    for (int64_t r = 0; r < q; ++r) Ur[c * q + r] = valid[c] ? X[o * q + r] / norms[o] : T(0);
+  }
+  complete_orthonormal(Ur, q, q, valid);
+}
+
+// C (p x r) = A (p x q) B (q x r), all column-major.
+template <typename T>
+void matmul(const T* A, const T* B, T* C, int64_t p, int64_t q, int64_t r) {
+  std::fill(C, C + p * r, T(0));
+  for (int64_t c = 0; c < r; ++c)
+    for (int64_t t = 0; t < q; ++t) axpy(B[c * q + t], A + t * p, C + c * p, p);
+}
+
+// Thin SVD of a tall W (p x q, p >= q, destroyed): W = Uw diag(s) Vw^T, Uw p x q, Vw q x q.
+template <typename T>
+void svd_tall(T* W, int64_t p, int64_t q, T* Uw, T* s, T* Vw) {
+  std::vector<T> Qh(p * q), R(q * q), Ur(q * q), vv;
+  householder_qr(W, p, q, Qh.data(), R.data(), vv);
+  jacobi_svd(R.data(), q, Ur.data(), s, Vw);
+  matmul(Qh.data(), Ur.data(), Uw, p, q, q);
+}
+
+}  // namespace dense
+}  // namespace lsef

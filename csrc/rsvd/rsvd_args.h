@@ -1,0 +1,33 @@
+// rsvd / lowrank: argument validation shared by every backend (SPEC §3.1, §3.2).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+
+#include "common/checks.h"
+
+namespace lsef {
+namespace rsvd {
+
+struct Shape {
+  int64_t batch, m, n, k, l;  // l = min(k + oversample, min(m, n)) sketch columns
+  bool exact() const { return l == std::min(m, n); }
+};
+
+inline Shape check(const char* op, const at::Tensor& A, int64_t k, int64_t oversample,
+                   int64_t n_iter) {
+  check_floating(op, "A", A);
+  check_min_dim(op, "A", A, 2, "(*, m, n)");
+  const int64_t m = A.size(-2), n = A.size(-1), mn = std::min(m, n);
+  TORCH_CHECK_VALUE(1 <= k && k <= mn, op, ": k must be in [1, min(m, n)] = [1, ", mn,
+                    "] for A of shape ", A.sizes(), ", got ", k);
+  TORCH_CHECK_VALUE(oversample >= 0, op, ": oversample must be >= 0, got ", oversample);
+  TORCH_CHECK_VALUE(n_iter >= 0, op, ": n_iter must be >= 0, got ", n_iter);
+  Shape s{1, m, n, k, std::min(k + oversample, mn)};
+  for (int64_t d = 0; d < A.dim() - 2; ++d) s.batch *= A.size(d);
+  return s;
+}
+
+}  // namespace rsvd
+}  // namespace lsef

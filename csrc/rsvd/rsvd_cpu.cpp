@@ -1,0 +1,268 @@
+// rsvd: CPU kernel (float32, float64). Each matrix of the batch is handled start to finish by
+// one task, in cache: sketch, power iterations, exact SVD of the small projection, sign
+// convention. See docs/DESIGN.md §6 for the algorithm.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "common/philox.h"
+#include "rsvd/dense.h"
+#include "rsvd/rsvd_args.h"
+
+namespace lsef {
+namespace rsvd {
+namespace {
+
+constexpr const char* kOp = "rsvd";
+
+// Omega^T (l x q, row-major): element (c, j) is Omega[j, c] of the q x l test matrix, stream
+// index j * l + c.
+template <typename T>
+std::vector<T> test_matrix_transposed(int64_t q, int64_t l, int64_t seed) {
+  std::vector<T> omega_t(l * q);
+  for (int64_t j = 0; j < q; ++j)
+    for (int64_t c = 0; c < l; ++c)
+      omega_t[c * q + j] = static_cast<T>(philox::normal(j * l + c, static_cast<uint64_t>(seed)));
+  return omega_t;
+}
+
+template <typename T>
+bool all_finite(const T* a, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= std::isfinite(a[i]);
+  return ok;
+}
+
+// Writes the first k columns of Ucol (m x r) and Vcol (n x r), column-major, as row-major
+// U (m x k) and V (n x k), flipping each pair so the largest-magnitude entry of u is positive.
+template <typename T>
+void write_factors(const T* Ucol, const T* Vcol, const T* s, int64_t m, int64_t n, int64_t k,
+                   T* U, T* S, T* V) {
+  for (int64_t c = 0; c < k; ++c) {
+    const T* u = Ucol + c * m;
+    int64_t arg = 0;
+    for (int64_t i = 1; i < m; ++i)
+      if (std::abs(u[i]) > std::abs(u[arg])) arg = i;
+    const T sign = u[arg] < T(0) ? T(-1) : T(1);
+    for (int64_t i = 0; i < m; ++i) U[i * k + c] = sign * u[i];
+    for (int64_t j = 0; j < n; ++j) V[j * k + c] = sign * Vcol[c * n + j];
+    S[c] = s[c];
+  }
+}
+
+// The factors of one wide matrix (p <= q) before truncation: W ~ Uc diag(s) Vc^T with Uc
+// (p x l) and Vc (q x l) column-major.
+template <typename T>
+struct Factors {
+  std::vector<T> Uc, s, Vc;
+};
+
+// Fused path for a wide W (p x q row-major, p <= q, p small): everything in cache.
+// Range finder: Q spans (W W^T)^n_iter W Omega, re-orthonormalised (Householder) after every
+// product; with p small, the p x p Gram matrix G = W W^T makes each power iteration p^2 l
+// instead of 2 p q l flops (same subspace; DESIGN.md §6 on accuracy). Then B = Q^T W is
+// factored exactly from W itself: B^T = W^T Q = Uw s Vw^T, so W ~ (Q Vw) s Uw^T.
+//
+// Compiled twice (baseline and x86-64-v3: AVX2 + FMA), the loader picking the clone for the CPU
+// at hand; `flatten` inlines the dense routines into each clone so they get its instructions.
+template <typename T>
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) Factors<T> fused_wide(const T* W, int64_t p, int64_t q, int64_t l, int64_t n_iter,
+                      const T* omega_t) {
+  Factors<T> f;
+  f.s.resize(l);
+  std::vector<T> Vw(l * l), vv;
+  if (l == p) {  // exact: W^T (q x p) is W's row-major buffer read column-major
+    std::vector<T> Wt(W, W + p * q);
+    f.Vc.resize(q * p);
+    dense::svd_tall(Wt.data(), q, p, f.Vc.data(), f.s.data(), Vw.data());
+    f.Uc = std::move(Vw);
+    return f;
+  }
+  std::vector<T> G(p * p), Y(p * l), Q(p * l);
+  for (int64_t i = 0; i < p; ++i)
+    for (int64_t j = i; j < p; ++j) G[i * p + j] = G[j * p + i] = dense::dot(W + i * q, W + j * q, q);
+  for (int64_t c = 0; c < l; ++c)
+    for (int64_t i = 0; i < p; ++i) Y[c * p + i] = dense::dot(W + i * q, omega_t + c * q, q);
+  dense::householder_qr(Y.data(), p, l, Q.data(), static_cast<T*>(nullptr), vv);
+  for (int64_t it = 0; it < n_iter; ++it) {
+    dense::matmul(G.data(), Q.data(), Y.data(), p, p, l);  // G is symmetric
+    dense::householder_qr(Y.data(), p, l, Q.data(), static_cast<T*>(nullptr), vv);
+  }
+  std::vector<T> Z(q * l, T(0));  // W^T Q
+  for (int64_t c = 0; c < l; ++c)
+    for (int64_t i = 0; i < p; ++i) dense::axpy(Q[c * p + i], W + i * q, Z.data() + c * q, q);
+  f.Vc.resize(q * l);
+  dense::svd_tall(Z.data(), q, l, f.Vc.data(), f.s.data(), Vw.data());
+  f.Uc.resize(p * l);
+  dense::matmul(Q.data(), Vw.data(), f.Uc.data(), p, l, l);
+  return f;
+}
+
+template <typename T>
+void fill_nan(T* U, T* S, T* V, int64_t m, int64_t n, int64_t k) {
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  std::fill(U, U + m * k, nan);
+  std::fill(S, S + k, nan);
+  std::fill(V, V + n * k, nan);
+}
+
+// One matrix of the batch on the fused path. A tall A is factored as its transpose, so the
+// sketch is always taken along the long side (Omega is max(m, n) x l).
+template <typename T>
+void rsvd_matrix(const T* A, const Shape& sh, int64_t n_iter, const T* omega_t, T* U, T* S, T* V) {
+  const int64_t m = sh.m, n = sh.n;
+  if (!all_finite(A, m * n)) return fill_nan(U, S, V, m, n, sh.k);
+  if (m <= n) {
+    const Factors<T> f = fused_wide(A, m, n, sh.l, n_iter, omega_t);
+    return write_factors(f.Uc.data(), f.Vc.data(), f.s.data(), m, n, sh.k, U, S, V);
+  }
+  std::vector<T> At(n * m);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) At[j * m + i] = A[i * n + j];
+  const Factors<T> f = fused_wide(At.data(), n, m, sh.l, n_iter, omega_t);
+  write_factors(f.Vc.data(), f.Uc.data(), f.s.data(), m, n, sh.k, U, S, V);
+}
+
+// Matrices whose short side exceeds this take the BLAS path on the randomized branch (the
+// crossover measured in DESIGN.md §6).
+constexpr int64_t kFusedMaxSide = 64;
+
+// Householder-orthonormalises every matrix of Y (B, p, l); returns Q (B, p, l).
+template <typename T>
+at::Tensor orthonormalize(const at::Tensor& Y) {
+  const int64_t batch = Y.size(0), p = Y.size(1), l = Y.size(2);
+  at::Tensor Yc = Y.mT().contiguous();  // column-major p x l per matrix
+  at::Tensor Q = at::empty_like(Yc);
+  T* y = Yc.data_ptr<T>();
+  T* q = Q.data_ptr<T>();
+  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> vv;
+    for (int64_t b = b0; b < b1; ++b)
+      dense::householder_qr(y + b * p * l, p, l, q + b * p * l, static_cast<T*>(nullptr), vv);
+  });
+  return Q.mT();
+}
+
+// BLAS path for large matrices: the same algorithm as fused_wide without the Gram matrix (for
+// a large short side it costs more than the products), with the products through ATen (BLAS-3)
+// and the small factorizations per matrix. W (B, p, q) is wide, p <= q.
+template <typename T>
+void blas_wide(const at::Tensor& W, int64_t l, int64_t n_iter, const std::vector<T>& omega_t,
+               at::Tensor& Ucol, at::Tensor& s, at::Tensor& Vcol) {
+  const int64_t batch = W.size(0), q = W.size(2);
+  const at::Tensor omega =
+      at::from_blob(const_cast<T*>(omega_t.data()), {l, q}, W.options()).mT();  // q x l
+  at::Tensor Q = orthonormalize<T>(at::matmul(W, omega));
+  for (int64_t it = 0; it < n_iter; ++it) {
+    const at::Tensor Qz = orthonormalize<T>(at::matmul(W.mT(), Q));
+    Q = orthonormalize<T>(at::matmul(W, Qz));
+  }
+  at::Tensor Z = at::matmul(W.mT(), Q).mT().contiguous();  // B^T, column-major q x l
+  Vcol = at::empty_like(Z);
+  s = at::empty({batch, l}, W.options());
+  at::Tensor Vw = at::empty({batch, l, l}, W.options());  // column-major
+  T *z = Z.data_ptr<T>(), *vc = Vcol.data_ptr<T>(), *sv = s.data_ptr<T>(), *vw = Vw.data_ptr<T>();
+  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      dense::svd_tall(z + b * q * l, q, l, vc + b * q * l, sv + b * l, vw + b * l * l);
+  });
+  Ucol = at::matmul(Q, Vw.mT()).mT().contiguous();  // Q Vw, column-major p x l
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A_in, int64_t k,
+                                                        int64_t oversample, int64_t n_iter,
+                                                        int64_t seed) {
+  const Shape sh = check(kOp, A_in, k, oversample, n_iter);
+  check_cpu_dtype(kOp, "A", A_in);
+  const at::Tensor A = A_in.contiguous();
+  auto batch_shape = A.sizes().slice(0, A.dim() - 2).vec();
+  auto with = [&](std::initializer_list<int64_t> tail) {
+    auto s = batch_shape;
+    s.insert(s.end(), tail);
+    return at::empty(s, A.options());
+  };
+  at::Tensor U = with({sh.m, k}), S = with({k}), V = with({sh.n, k});
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), kOp, [&] {
+    using T = scalar_t;
+    const std::vector<T> omega_t =
+        sh.exact() ? std::vector<T>() : test_matrix_transposed<T>(std::max(sh.m, sh.n), sh.l, seed);
+    const T* a = A.data_ptr<T>();
+    T *u = U.data_ptr<T>(), *s = S.data_ptr<T>(), *v = V.data_ptr<T>();
+    if (!sh.exact() && std::min(sh.m, sh.n) > kFusedMaxSide && sh.batch > 0) {
+      // Non-finite matrices go through as zeros (the factorizations need finite input) and
+      // come out as NaN, as on the fused path.
+      const at::Tensor A3 = A.reshape({sh.batch, sh.m, sh.n});
+      const at::Tensor finite = at::isfinite(A3).flatten(1).all(1);
+      const at::Tensor clean = at::where(finite.view({-1, 1, 1}), A3, at::zeros({}, A.options()));
+      const bool wide = sh.m <= sh.n;
+      at::Tensor Ucol, sv, Vcol;
+      blas_wide<T>(wide ? clean : clean.mT(), sh.l, n_iter, omega_t, Ucol, sv, Vcol);
+      const T *uc = Ucol.data_ptr<T>(), *vc = Vcol.data_ptr<T>(), *ss = sv.data_ptr<T>();
+      const bool* ok = finite.data_ptr<bool>();
+      const int64_t p = std::min(sh.m, sh.n), q = std::max(sh.m, sh.n), l = sh.l;
+      at::parallel_for(0, sh.batch, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          T *ub = u + b * sh.m * k, *sb = s + b * k, *vb = v + b * sh.n * k;
+          if (!ok[b]) {
+            fill_nan(ub, sb, vb, sh.m, sh.n, k);
+          } else if (wide) {
+            write_factors(uc + b * p * l, vc + b * q * l, ss + b * l, sh.m, sh.n, k, ub, sb, vb);
+          } else {
+            write_factors(vc + b * q * l, uc + b * p * l, ss + b * l, sh.m, sh.n, k, ub, sb, vb);
+          }
+        }
+      });
+      return;
+    }
+    at::parallel_for(0, sh.batch, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        rsvd_matrix<T>(a + b * sh.m * sh.n, sh, n_iter, omega_t.data(), u + b * sh.m * k,
+                       s + b * k, v + b * sh.n * k);
+      }
+    });
+  });
+  return {U, S, V};
+}
+
+// The generator's raw words and normals, for tests that compare with python/lsef_ref.
+at::Tensor philox_words(int64_t blocks, int64_t seed) {
+  at::Tensor out = at::empty({blocks, 4}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const philox::Words w = philox::philox4x32_10(static_cast<uint64_t>(b), static_cast<uint64_t>(seed));
+    for (int t = 0; t < 4; ++t) o[b * 4 + t] = w.x[t];
+  }
+  return out;
+}
+
+at::Tensor philox_normal(int64_t count, int64_t seed) {
+  at::Tensor out = at::empty({count}, at::kDouble);
+  double* o = out.data_ptr<double>();
+  for (int64_t i = 0; i < count; ++i) o[i] = philox::normal(static_cast<uint64_t>(i), static_cast<uint64_t>(seed));
+  return out;
+}
+
+}  // namespace
+}  // namespace rsvd
+}  // namespace lsef
+
+TORCH_LIBRARY_IMPL(lsef, CPU, m) { m.impl("rsvd", &lsef::rsvd::rsvd_cpu); }
+
+// No tensor inputs: these run on the CPU whatever the caller's device.
+TORCH_LIBRARY_IMPL(lsef, CompositeExplicitAutograd, m) {
+  m.impl("_philox_words", &lsef::rsvd::philox_words);
+  m.impl("_philox_normal", &lsef::rsvd::philox_normal);
+}

@@ -1,0 +1,239 @@
+"""rsvd and lowrank (SPEC §3.1, §3.2) against the exact truncated SVD and the references.
+
+Tolerances come from perturbation theory, not tuning: a backward-stable SVD of A is the exact
+SVD of A + E with ||E|| <= c eps ||A||, so singular values move by at most ||E|| (Weyl) and
+singular vectors of a value separated by `gap` from the others by at most ||E|| / gap (Wedin).
+We take c = 4 max(m, n), a generous stand-in for LAPACK's "modest polynomial in m and n".
+"""
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICES, DTYPES, requires_cuda_kernels
+
+import lsef_ref
+from lsef_ext import ops
+from lsef_ref.philox import gaussian, philox_words
+
+EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
+
+
+def with_spectrum(batch, m, n, sigma, dtype, device="cpu"):
+    """Random matrices (batch, m, n) with singular values `sigma` (length <= min(m, n))."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    r = sigma.numel()
+    Q1 = torch.linalg.qr(torch.randn(batch, m, r, dtype=torch.float64))[0]
+    Q2 = torch.linalg.qr(torch.randn(batch, n, r, dtype=torch.float64))[0]
+    return ((Q1 * sigma) @ Q2.mT).to(dtype=dtype, device=device)
+
+
+def backward_error_bound(A):
+    m, n = A.shape[-2:]
+    return 4 * max(m, n) * EPS[A.dtype] * torch.linalg.matrix_norm(A.double(), ord=2).max().item()
+
+
+SPECTRA = {
+    "fast decay": lambda r: [2.0**-i for i in range(r)],
+    "slow decay": lambda r: [1.0 / (i + 1) for i in range(r)],
+    "rank 3": lambda r: [3.0, 2.0, 1.0],
+    "repeated": lambda r: [3.0, 3.0, 2.0, 2.0, 2.0] + [1.0] * (r - 5),
+}
+
+
+def test_philox_known_answer_and_reference_stream():
+    # Random123's known-answer test for philox4x32-10 with counter 0 and key 0.
+    words = torch.ops.lsef._philox_words(1, 0)[0].tolist()
+    assert words == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    for seed in (0, 1, 2**40 + 7):
+        got = torch.ops.lsef._philox_words(513, seed).numpy().astype(np.uint32)
+        assert np.array_equal(got, philox_words(513, seed))  # bit for bit
+        torch.testing.assert_close(torch.ops.lsef._philox_normal(1001, seed), gaussian(1001, seed),
+                                   rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spectrum", list(SPECTRA))
+@pytest.mark.parametrize("mn", [(8, 40), (40, 8), (12, 12), (70, 90)])
+def test_exact_path_matches_truncated_svd(device, dtype, spectrum, mn):
+    requires_cuda_kernels(device)
+    m, n = mn
+    sigma = SPECTRA[spectrum](min(m, n))
+    A = with_spectrum(3, m, n, sigma, dtype, device)
+    k = min(5, m, n)
+    U, S, V = ops.rsvd(A, k, oversample=min(m, n))  # l = min(m, n): the exact path
+    tol = backward_error_bound(A)
+    s_true = torch.tensor(sigma + [0.0] * (min(m, n) - len(sigma)), dtype=torch.float64)[:k]
+    torch.testing.assert_close(S.double().cpu(), s_true.expand(3, k), rtol=0, atol=tol)
+    eye = torch.eye(k, dtype=dtype, device=device)
+    ortho_tol = 4 * max(m, n) * EPS[dtype]
+    torch.testing.assert_close(U.mT @ U, eye.expand(3, k, k), rtol=0, atol=ortho_tol)
+    torch.testing.assert_close(V.mT @ V, eye.expand(3, k, k), rtol=0, atol=ortho_tol)
+    # The rank-k approximation is unique when sigma_k > sigma_{k+1}, whatever the basis.
+    full = torch.tensor(sigma + [0.0] * (min(m, n) - len(sigma)))
+    if k == min(m, n) or full[k - 1] > full[k]:
+        gap = (full[k - 1] - full[k]).item() if k < min(m, n) else full[k - 1].item() or 1.0
+        L = (U * S.unsqueeze(-2)) @ V.mT
+        want = lsef_ref.lowrank(A.double().cpu(), k, oversample=min(m, n))
+        torch.testing.assert_close(L.double().cpu(), want, rtol=0, atol=tol * (1 + full[0].item() / gap))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 16, 512), (3, 32, 200), (2, 200, 32), (2, 100, 130)])
+def test_randomized_path_matches_reference(device, dtype, shape):
+    """Same algorithm, same test matrix: the kernel equals the reference up to rounding,
+    amplified by at most sigma_1 / gap for the singular vectors (Wedin)."""
+    requires_cuda_kernels(device)
+    b, m, n = shape
+    sigma = [1.0 / (i + 1) for i in range(min(m, n))]  # relative gaps >= 1/(k+1)^2 among the top k
+    A = with_spectrum(b, m, n, sigma, dtype, device)
+    k = 4
+    got = ops.rsvd(A, k)
+    want = lsef_ref.rsvd(A.cpu(), k)
+    gap = sigma[k - 1] - sigma[k]
+    tol = backward_error_bound(A) / gap * 10  # x10: the sketch's n_iter + 2 products and QRs
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 16, 512), (2, 200, 300)])
+def test_randomized_recovers_low_rank_exactly(dtype, shape):
+    """rank(A) <= l: the range finder captures range(A), so the result is the truncated SVD."""
+    b, m, n = shape
+    A = with_spectrum(b, m, n, [4.0, 3.0, 2.0, 1.0], dtype)
+    U, S, V = ops.rsvd(A, 4)
+    Ue, Se, Ve = lsef_ref.truncated_svd(A.double(), 4)
+    tol = backward_error_bound(A)
+    torch.testing.assert_close(S.double(), Se, rtol=0, atol=tol)
+    torch.testing.assert_close(U.double(), Ue, rtol=0, atol=tol * 4)  # gap 1, sigma_1 = 4
+    torch.testing.assert_close(V.double(), Ve, rtol=0, atol=tol * 4)
+
+
+def test_randomized_singular_values_never_exceed_the_true_ones():
+    """sigma_i(Q^T A) <= sigma_i(A) for any orthonormal Q (interlacing)."""
+    A = torch.randn(8, 32, 300, dtype=torch.float64)
+    S = ops.rsvd(A, 8, n_iter=0)[1]
+    true = torch.linalg.svdvals(A)[..., :8]
+    assert (S <= true * (1 + 1e-12)).all()
+
+
+@pytest.mark.parametrize("shape", [(5, 16, 512), (3, 200, 300)])  # fused and BLAS paths
+def test_reproducible_and_batch_independent(shape):
+    A = torch.randn(shape)
+    first = ops.rsvd(A, 6, seed=123)
+    again = ops.rsvd(A, 6, seed=123)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    for i in range(shape[0]):
+        for a, b in zip(first, ops.rsvd(A[i], 6, seed=123)):
+            assert torch.equal(a[i], b)
+    other = ops.rsvd(A, 6, seed=124)[1]
+    assert not torch.equal(first[1], other)  # the seed matters on the randomized path
+
+
+def test_non_contiguous_and_empty():
+    A = torch.randn(3, 40, 12, dtype=torch.float64).mT  # (3, 12, 40), transposed strides
+    for a, b in zip(ops.rsvd(A, 3), lsef_ref.rsvd(A, 3)):
+        torch.testing.assert_close(a, b)
+    U, S, V = ops.rsvd(torch.randn(0, 6, 9), 2)
+    assert U.shape == (0, 6, 2) and S.shape == (0, 2) and V.shape == (0, 9, 2)
+
+
+def test_zero_matrix():
+    U, S, V = ops.rsvd(torch.zeros(2, 6, 9, dtype=torch.float64), 3)
+    assert torch.equal(S, torch.zeros_like(S))
+    eye = torch.eye(3, dtype=torch.float64)
+    torch.testing.assert_close(U.mT @ U, eye.expand(2, 3, 3))
+    torch.testing.assert_close(V.mT @ V, eye.expand(2, 3, 3))
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 512), (4, 100, 130)])  # fused and BLAS paths
+def test_nan_input_gives_nan_for_that_matrix_only(shape):
+    A = torch.randn(shape)
+    A[1, 3, 5] = float("nan")
+    A[2, 0, 0] = float("inf")
+    U, S, V = ops.rsvd(A, 3)
+    for t in (U, S, V):
+        assert t[1:3].isnan().all() and not t[0].isnan().any() and not t[3:].isnan().any()
+
+
+# ---- gradients ---------------------------------------------------------------------------
+
+
+def rank_k(m, n, k, dtype=torch.float64):
+    return (torch.randn(m, k, dtype=dtype) @ torch.randn(k, n, dtype=dtype)).requires_grad_()
+
+
+@pytest.mark.parametrize("mnk", [(5, 7, 5), (7, 5, 5), (6, 9, 3), (9, 6, 2)])
+def test_gradcheck_rsvd(mnk):
+    """Forward exact (l = min(m, n)) and derivative exact (k = min(m, n) or rank(A) = k)."""
+    m, n, k = mnk
+    A = rank_k(m, n, k) if k < min(m, n) else torch.randn(m, n, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda A: ops.rsvd(A, k, oversample=min(m, n)), (A,))
+
+
+@pytest.mark.parametrize("mnk", [(5, 7, 5), (6, 9, 3), (9, 6, 2)])
+def test_gradcheck_lowrank(mnk):
+    m, n, k = mnk
+    A = rank_k(m, n, k) if k < min(m, n) else torch.randn(m, n, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda A: ops.lowrank(A, k, oversample=min(m, n)), (A,))
+
+
+def test_lowrank_backward_is_the_tangent_projection():
+    A = torch.randn(3, 16, 100, dtype=torch.float64, requires_grad=True)
+    G = torch.randn(3, 16, 100, dtype=torch.float64)
+    (dA,) = torch.autograd.grad(ops.lowrank(A, 4), A, G)
+    U, _, V = ops.rsvd(A.detach(), 4)
+    PU, PV = U @ U.mT, V @ V.mT
+    torch.testing.assert_close(dA, PU @ G + G @ PV - PU @ G @ PV)
+
+
+@pytest.mark.parametrize("A", [
+    torch.zeros(6, 9, dtype=torch.float64),
+    torch.ones(6, 9, dtype=torch.float64),  # rank 1: sigma_2.. = 0
+    torch.eye(6, 9, dtype=torch.float64) * 2.0,  # all singular values repeated
+])
+def test_degenerate_spectra_give_finite_gradients(A):
+    A = A.clone().requires_grad_()
+    U, S, V = ops.rsvd(A, 3)
+    loss = U.sum() + S.sum() + (V**2 * torch.arange(9.0, dtype=torch.float64)[:, None]).sum()
+    (dA,) = torch.autograd.grad(loss, A)
+    assert torch.isfinite(dA).all()
+    (dL,) = torch.autograd.grad(ops.lowrank(A, 3).sum(), A)
+    assert torch.isfinite(dL).all()
+
+
+def test_opcheck():
+    for A in (torch.randn(2, 6, 9), torch.randn(3, 16, 40, requires_grad=True)):
+        torch.library.opcheck(torch.ops.lsef.rsvd.default, (A, 3, 8, 2, 0))
+        torch.library.opcheck(torch.ops.lsef.lowrank.default, (A, 3, 2, 1, 5))
+
+
+def test_torch_compile_fullgraph():
+    fn = torch.compile(lambda A: ops.lowrank(A, 3).square().sum(), fullgraph=True, backend="aot_eager")
+    A = torch.randn(2, 8, 30, requires_grad=True)
+    (got,) = torch.autograd.grad(fn(A), A)
+    (want,) = torch.autograd.grad(ops.lowrank(A, 3).square().sum(), A)
+    torch.testing.assert_close(got, want)
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+
+def test_bad_input():
+    A = torch.randn(2, 6, 9)
+    with pytest.raises(ValueError, match=r"rsvd: k must be in \[1, min\(m, n\)\] = \[1, 6\] .* got 0"):
+        ops.rsvd(A, 0)
+    with pytest.raises(ValueError, match=r"k must be in \[1, min\(m, n\)\] = \[1, 6\] .* got 7"):
+        ops.rsvd(A, 7)
+    with pytest.raises(ValueError, match=r"A must have at least 2 dimensions \(\*, m, n\), got shape \[9\]"):
+        ops.rsvd(torch.randn(9), 1)
+    with pytest.raises(RuntimeError, match="A must be a floating-point tensor, got Long"):
+        ops.rsvd(A.long(), 2)
+    with pytest.raises(ValueError, match="oversample must be >= 0, got -1"):
+        ops.rsvd(A, 2, oversample=-1)
+    with pytest.raises(ValueError, match="n_iter must be >= 0, got -2"):
+        ops.rsvd(A, 2, n_iter=-2)
+    with pytest.raises(ValueError, match=r"lowrank: k must be in"):
+        ops.lowrank(A, 0)
