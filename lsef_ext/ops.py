@@ -13,7 +13,7 @@ from torch import Tensor
 
 Scalar = Union[float, Tensor]
 
-__all__ = ["soft_threshold", "rank_scale", "rank_aware_grad_scale", "rsvd", "lowrank"]
+__all__ = ["soft_threshold", "rank_scale", "rank_aware_grad_scale", "rsvd", "lowrank", "lowrank_sparse"]
 
 
 def _as_tensor(value: Scalar, like: Tensor) -> Tensor:
@@ -324,3 +324,36 @@ torch.library.register_autograd("lsef::rsvd", _rsvd_backward, setup_context=_rsv
 torch.library.register_autograd(
     "lsef::lowrank", _lowrank_backward, setup_context=_lowrank_setup_context
 )
+
+
+# --------------------------------------------------------------------------------------------
+# lowrank_sparse (SPEC §3.5): a composition of the ops above
+# --------------------------------------------------------------------------------------------
+
+
+def lowrank_sparse(X: Tensor, k: int, lam=None, n_steps: Optional[int] = None,
+                   method: str = "rpca"):
+    """Split every ``X (*, m, n)`` into a rank-k part ``L`` and a sparse part ``S``.
+
+    ``method="rpca"`` (default): principal component pursuit, ``min ||L||_* + lam ||S||_1``
+    subject to ``X = L + S``, by the inexact augmented Lagrange multiplier method (Lin, Chen &
+    Ma 2010) with the rank capped at ``k``; ``lam`` defaults to ``1 / sqrt(max(m, n))``
+    (Candes et al. 2011; scale-free), iterations stop when ``||X - L - S||_F / ||X||_F < 1e-7``
+    for every matrix or after ``n_steps`` (default 100). Not differentiable: call it under
+    ``torch.no_grad()`` or use ``method="unrolled"``.
+
+    ``method="unrolled"``: ``n_steps`` (default 3) alternations ``L = lowrank(X - S, k)``,
+    ``S = soft_threshold(X, L, lam)`` from ``S = 0``, differentiable through every step;
+    ``lam`` (a number, per-channel or per-matrix tensor) defaults to the universal threshold
+    ``sigma sqrt(2 log(m n))`` with ``sigma`` the RMS of ``X - lowrank(X, k)`` (no gradient).
+
+    The algorithm is :func:`lsef_ref.rpca.solve` run with this package's kernels.
+    """
+    from lsef_ref.rpca import solve
+
+    if method == "rpca" and torch.is_grad_enabled() and X.requires_grad:
+        raise RuntimeError(
+            "lowrank_sparse(method='rpca') is not differentiable; call it under torch.no_grad() "
+            "or use method='unrolled'"
+        )
+    return solve(X, k, lam, n_steps, method, rsvd, lowrank, soft_threshold)

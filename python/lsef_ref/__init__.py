@@ -13,9 +13,7 @@ from torch import Tensor
 
 Scalar = Union[float, Tensor]
 
-from .rsvd import lowrank, rsvd, truncated_svd
 
-__all__ = ["soft_threshold", "rank_scale", "rank_aware_grad_scale", "rsvd", "lowrank", "truncated_svd"]
 
 
 def soft_threshold(X: Tensor, L: Optional[Tensor], lam: Scalar, hard: bool = False) -> Tensor:
@@ -55,3 +53,10 @@ def rank_aware_grad_scale(x: Tensor, U: Tensor, alpha: Scalar, beta: Scalar) -> 
     """
     d = x - x.detach()
     return x.detach() + rank_scale(d, U, alpha, beta)
+
+
+from .rsvd import lowrank, rsvd, truncated_svd  # noqa: E402  (they use soft_threshold above)
+from .rpca import lowrank_sparse  # noqa: E402
+
+__all__ = ["soft_threshold", "rank_scale", "rank_aware_grad_scale", "rsvd", "lowrank",
+           "truncated_svd", "lowrank_sparse"]
