@@ -38,16 +38,17 @@ void scale(T alpha, T* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= alpha;
 }
 
-// Householder QR of W (p x q, p >= q), destroying W. Q (p x q) gets orthonormal columns spanning
-// range(W) and R (q x q) the upper-triangular factor, W = Q R. A zero column is left alone (its
-// reflector is the identity), so Q stays orthonormal when W is rank-deficient, unlike
-// Cholesky- or Gram-Schmidt-based QR.
+// Householder QR of W (p x q, p >= q), in place: W keeps the reflectors v_j (column j from the
+// diagonal down), vv[j] = v_j . v_j, and R (q x q, optional) gets the upper-triangular factor,
+// W = H_0 ... H_{q-1} [R; 0]. A zero column is left alone (its reflector is the identity, vv = 0),
+// so the Q factor stays orthonormal when W is rank-deficient, unlike Cholesky- or
+// Gram-Schmidt-based QR.
 template <typename T>
-void householder_qr(T* W, int64_t p, int64_t q, T* Q, T* R, std::vector<T>& vv) {
+void householder(T* W, int64_t p, int64_t q, T* R, std::vector<T>& vv) {
   vv.assign(q, T(0));
   std::vector<T> beta(q, T(0));
   for (int64_t j = 0; j < q; ++j) {
-    T* v = W + j * p + j;  // the reflector overwrites column j from the diagonal down
+    T* v = W + j * p + j;
     const int64_t len = p - j;
     const T alpha = std::sqrt(dot(v, v, len));
     if (alpha == T(0)) continue;
@@ -59,25 +60,39 @@ void householder_qr(T* W, int64_t p, int64_t q, T* Q, T* R, std::vector<T>& vv) 
       axpy(-T(2) * dot(v, w, len) / vv[j], v, w, len);
     }
   }
-  if (R != nullptr) {
-    std::fill(R, R + q * q, T(0));
-    for (int64_t c = 0; c < q; ++c) {
-      for (int64_t i = 0; i < c; ++i) R[c * q + i] = W[c * p + i];
-      R[c * q + c] = beta[c];
-    }
+  if (R == nullptr) return;
+  std::fill(R, R + q * q, T(0));
+  for (int64_t c = 0; c < q; ++c) {
+    for (int64_t i = 0; i < c; ++i) R[c * q + i] = W[c * p + i];
+    R[c * q + c] = beta[c];
   }
-  // Q = H_0 H_1 ... H_{q-1} [I; 0], applied from the right-most reflector.
-  std::fill(Q, Q + p * q, T(0));
-  for (int64_t c = 0; c < q; ++c) Q[c * p + c] = T(1);
+}
+
+// C (p x r) = H_0 ... H_{q-1} [X; 0] for the reflectors left in W by householder() and a q x r
+// X (r <= q), without forming Q: the product with Q costs what forming Q would.
+template <typename T>
+void apply_q(const T* W, const std::vector<T>& vv, int64_t p, int64_t q, const T* X, int64_t r,
+             T* C) {
+  std::fill(C, C + p * r, T(0));
+  for (int64_t c = 0; c < r; ++c) std::copy(X + c * q, X + (c + 1) * q, C + c * p);
   for (int64_t j = q - 1; j >= 0; --j) {
     if (vv[j] == T(0)) continue;
     const T* v = W + j * p + j;
     const int64_t len = p - j;
-    for (int64_t c = j; c < q; ++c) {  // columns < j of [I; 0] are zero from row j down
-      T* qc = Q + c * p + j;
-      axpy(-T(2) * dot(v, qc, len) / vv[j], v, qc, len);
+    for (int64_t c = 0; c < r; ++c) {
+      T* col = C + c * p + j;
+      axpy(-T(2) * dot(v, col, len) / vv[j], v, col, len);
     }
   }
+}
+
+// Q (p x q) with orthonormal columns spanning range(W) (W destroyed).
+template <typename T>
+void orthonormalize(T* W, int64_t p, int64_t q, T* Q, std::vector<T>& vv) {
+  householder(W, p, q, static_cast<T*>(nullptr), vv);
+  std::vector<T> eye(q * q, T(0));
+  for (int64_t c = 0; c < q; ++c) eye[c * q + c] = T(1);
+  apply_q(W, vv, p, q, eye.data(), q, Q);
 }
 
 // Replaces the columns of U (p x q, orthonormal where valid[c]) that are not valid by unit
@@ -165,10 +180,10 @@ void matmul(const T* A, const T* B, T* C, int64_t p, int64_t q, int64_t r) {
 // Thin SVD of a tall W (p x q, p >= q, destroyed): W = Uw diag(s) Vw^T, Uw p x q, Vw q x q.
 template <typename T>
 void svd_tall(T* W, int64_t p, int64_t q, T* Uw, T* s, T* Vw) {
-  std::vector<T> Qh(p * q), R(q * q), Ur(q * q), vv;
-  householder_qr(W, p, q, Qh.data(), R.data(), vv);
+  std::vector<T> R(q * q), Ur(q * q), vv;
+  householder(W, p, q, R.data(), vv);
   jacobi_svd(R.data(), q, Ur.data(), s, Vw);
-  matmul(Qh.data(), Ur.data(), Uw, p, q, q);
+  apply_q(W, vv, p, q, Ur.data(), q, Uw);
 }
 
 }  // namespace dense

@@ -96,10 +96,10 @@ __attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) Factors<T> 
     for (int64_t j = i; j < p; ++j) G[i * p + j] = G[j * p + i] = dense::dot(W + i * q, W + j * q, q);
   for (int64_t c = 0; c < l; ++c)
     for (int64_t i = 0; i < p; ++i) Y[c * p + i] = dense::dot(W + i * q, omega_t + c * q, q);
-  dense::householder_qr(Y.data(), p, l, Q.data(), static_cast<T*>(nullptr), vv);
+  dense::orthonormalize(Y.data(), p, l, Q.data(), vv);
   for (int64_t it = 0; it < n_iter; ++it) {
     dense::matmul(G.data(), Q.data(), Y.data(), p, p, l);  // G is symmetric
-    dense::householder_qr(Y.data(), p, l, Q.data(), static_cast<T*>(nullptr), vv);
+    dense::orthonormalize(Y.data(), p, l, Q.data(), vv);
   }
   std::vector<T> Z(q * l, T(0));  // W^T Q
   for (int64_t c = 0; c < l; ++c)
@@ -151,7 +151,7 @@ at::Tensor orthonormalize(const at::Tensor& Y) {
   at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> vv;
     for (int64_t b = b0; b < b1; ++b)
-      dense::householder_qr(y + b * p * l, p, l, q + b * p * l, static_cast<T*>(nullptr), vv);
+      dense::orthonormalize(y + b * p * l, p, l, q + b * p * l, vv);
   });
   return Q.mT();
 }
