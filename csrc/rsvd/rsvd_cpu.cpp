@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -137,8 +138,14 @@ void rsvd_matrix(const T* A, const Shape& sh, int64_t n_iter, const T* omega_t, 
 }
 
 // Matrices whose short side exceeds this take the BLAS path on the randomized branch (the
-// crossover measured in DESIGN.md §6).
-constexpr int64_t kFusedMaxSide = 64;
+// crossover measured in DESIGN.md §6). LSEF_RSVD_FUSED_MAX_SIDE overrides it, to measure.
+int64_t fused_max_side() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("LSEF_RSVD_FUSED_MAX_SIDE");
+    return env != nullptr ? std::atoll(env) : int64_t{64};
+  }();
+  return value;
+}
 
 // Householder-orthonormalises every matrix of Y (B, p, l); returns Q (B, p, l).
 template <typename T>
@@ -201,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A_in, 
         sh.exact() ? std::vector<T>() : test_matrix_transposed<T>(std::max(sh.m, sh.n), sh.l, seed);
     const T* a = A.data_ptr<T>();
     T *u = U.data_ptr<T>(), *s = S.data_ptr<T>(), *v = V.data_ptr<T>();
-    if (!sh.exact() && std::min(sh.m, sh.n) > kFusedMaxSide && sh.batch > 0) {
+    if (!sh.exact() && std::min(sh.m, sh.n) > fused_max_side() && sh.batch > 0) {
       // Non-finite matrices go through as zeros (the factorizations need finite input) and
       // come out as NaN, as on the fused path.
       const at::Tensor A3 = A.reshape({sh.batch, sh.m, sh.n});
