@@ -179,20 +179,27 @@ message(STATUS "lsef_ext: CUDA kernels with nvcc ${CMAKE_CUDA_COMPILER_VERSION} 
 function(lsef_configure_cuda_target target)
   set_target_properties(${target} PROPERTIES
     CUDA_ARCHITECTURES "${LSEF_CUDA_ARCHITECTURES}"
-    CUDA_STANDARD 17
-    CUDA_STANDARD_REQUIRED ON
-    CUDA_EXTENSIONS OFF
     # Not CMake's default static runtime: the kernels must share torch's runtime (its streams,
     # its allocator's memory, its error state), which torch::cudart links as a shared library.
     CUDA_RUNTIME_LIBRARY None)
+  # torch's headers set the language standard (C++20 from torch 2.14 on); TorchConfig records
+  # it on its target without passing it on. It is given to nvcc directly because CMake 3.25
+  # knows no C++20 flag for nvcc (CUDA_STANDARD 20 fails to generate).
+  get_target_property(_std torch CXX_STANDARD)
+  if(NOT _std)
+    set(_std 17)
+  endif()
+  # -O3 comes with CMake's Release flags, and ptxas optimises device code fully unless -G.
+  # -lineinfo lets profilers map machine code to source lines; it does not change the code.
   target_compile_options(${target} PRIVATE
-    # -lineinfo lets profilers map machine code to source lines; it does not change the code.
-    $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -lineinfo $<$<NOT:$<CONFIG:Debug>>:-O3>>)
+    $<$<COMPILE_LANGUAGE:CUDA>:-std=c++${_std} --expt-relaxed-constexpr -lineinfo>)
   target_compile_definitions(${target} PRIVATE
     LSEF_WITH_CUDA
     LSEF_CUDA_VERSION="${CMAKE_CUDA_COMPILER_VERSION}"
     LSEF_CUDA_ARCHS="${LSEF_CUDA_ARCHS_TEXT}")
-  target_include_directories(${target} SYSTEM PRIVATE ${LSEF_CUDA_EXTRA_INCLUDE_DIRS})
+  # Only for nvcc, which searches its own toolkit's headers (-I) before any -isystem folder.
+  target_include_directories(${target} SYSTEM PRIVATE
+    $<$<COMPILE_LANGUAGE:CUDA>:${LSEF_CUDA_EXTRA_INCLUDE_DIRS}>)
   # TORCH_LIBRARIES already brings torch_cuda and c10_cuda.
   target_link_libraries(${target} PRIVATE torch::cudart)
 endfunction()

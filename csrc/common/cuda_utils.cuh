@@ -30,6 +30,12 @@ inline unsigned cuda_grid(int64_t work_items, int64_t items_per_block) {
       std::clamp<int64_t>(ceil_div(work_items, items_per_block), 1, kMaxCudaBlocks));
 }
 
+inline int64_t next_pow2(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
+
 // N consecutive elements moved as one access: 16 bytes when N = kPackElems<T>.
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
