@@ -8,10 +8,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason
 DTYPES = [torch.float32, torch.float64]
 
 
-def requires_cuda_kernels(device: str) -> None:
-    """Skips a CUDA case when this build has no CUDA kernels for the op yet."""
-    if device == "cuda" and "CUDA" not in lsef_ext.build_info()["backends"]:
-        pytest.skip("this build has no CUDA kernels")
+def requires_cuda_kernels(device: str, op: str) -> None:
+    """Skips a CUDA case when this build has no CUDA kernel for lsef::<op>."""
+    if device == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(f"lsef::{op}", "CUDA"):
+        pytest.skip(f"this build has no CUDA kernel for lsef::{op}")
 
 
 @pytest.fixture(autouse=True)

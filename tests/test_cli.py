@@ -28,7 +28,7 @@ def test_bench_quick_writes_json(tmp_path):
     out = lsef("bench", "--quick", "--device", "cpu", "--json", str(path))
     report = json.loads(path.read_text())
     cases = {row["case"] for row in report["rows"]}
-    assert {"soft_threshold fwd, per-channel lam", "rank_scale (256, 16, 512), r = 4"} <= cases
+    assert {"soft_threshold fwd, per-channel lam", "rank_scale (B,16,512) r=4, B=256 cpu/4096 gpu"} <= cases
     for row in report["rows"]:
         assert row["median_ms"] > 0
         assert row["target"] is None  # quick runs do not judge targets

@@ -27,7 +27,7 @@ def coefficient(kind, batch, dtype, device, low, high):
 @pytest.mark.parametrize("coef", ["float", "scalar", "per_matrix"])
 @pytest.mark.parametrize("shared_U", [False, True])
 def test_matches_reference(device, dtype, case, coef, shared_U):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "rank_scale")
     batch, m, n, r = case
     G = torch.randn(*batch, m, n, dtype=dtype, device=device)
     U = orthonormal(() if shared_U else batch, m, r, dtype, device)
@@ -42,7 +42,7 @@ def test_matches_reference(device, dtype, case, coef, shared_U):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_scales_the_two_subspaces(device, dtype):
     """With orthonormal U: U^T G' = alpha U^T G, and (I - UU^T) G' = beta (I - UU^T) G."""
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "rank_scale")
     G = torch.randn(5, 12, 30, dtype=dtype, device=device)
     U = orthonormal((5,), 12, 3, dtype, device)
     out = ops.rank_scale(G, U, 0.25, 4.0)
@@ -54,7 +54,7 @@ def test_scales_the_two_subspaces(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_contiguous(device, dtype):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "rank_scale")
     G = torch.randn(3, 20, 10, dtype=dtype, device=device).mT  # (3, 10, 20)
     U = orthonormal((3,), 10, 2, dtype, device).mT.contiguous().mT  # column-major U
     alpha = torch.rand(6, dtype=dtype, device=device)[::2]
@@ -64,7 +64,7 @@ def test_non_contiguous(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty(device):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "rank_scale")
     for G, U in [(torch.randn(0, 4, 5), torch.randn(0, 4, 2)), (torch.randn(2, 4, 0), torch.randn(2, 4, 2))]:
         out = ops.rank_scale(G.to(device), U.to(device), 0.5, 2.0)
         assert out.shape == G.shape
@@ -74,7 +74,7 @@ def test_empty(device):
 @pytest.mark.parametrize("coef", ["scalar", "per_matrix"])
 @pytest.mark.parametrize("shared_U", [False, True])
 def test_gradcheck(device, coef, shared_U):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "rank_scale")
     batch, m, n, r = (2,), 5, 6, 2
     G = torch.randn(*batch, m, n, dtype=torch.float64, device=device, requires_grad=True)
     U = orthonormal(() if shared_U else batch, m, r, torch.float64, device).requires_grad_()
@@ -85,7 +85,7 @@ def test_gradcheck(device, coef, shared_U):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_matches_reference(device):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "rank_scale")
     G = torch.randn(3, 7, 9, dtype=torch.float64, device=device, requires_grad=True)
     U = orthonormal((3,), 7, 2, torch.float64, device).requires_grad_()
     alpha = torch.rand(3, dtype=torch.float64, device=device, requires_grad=True)
@@ -100,7 +100,7 @@ def test_backward_matches_reference(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(device, requires_grad):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "rank_scale")
     for batch, m, n, r in CASES[:4]:
         for shared_U in (False, True):
             G = torch.randn(*batch, m, n, device=device, requires_grad=requires_grad)
@@ -113,7 +113,7 @@ def test_opcheck(device, requires_grad):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rank_aware_grad_scale(device, dtype):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "rank_scale")
     x = torch.randn(4, 8, 11, dtype=dtype, device=device, requires_grad=True)
     U = orthonormal((4,), 8, 3, dtype, device)
     alpha = torch.rand(4, dtype=dtype, device=device)
@@ -164,7 +164,31 @@ def test_rank_aware_grad_scale_checks_in_forward():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_mixed_devices():
-    requires_cuda_kernels("cuda")
+    requires_cuda_kernels("cuda", "rank_scale")
     G = torch.randn(3, 6, 7, device="cuda")
     with pytest.raises(RuntimeError, match="U must be on the device of G"):
         ops.rank_scale(G, torch.randn(3, 6, 2), 0.5, 2.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_agrees_with_cpu(dtype):
+    requires_cuda_kernels("cuda", "rank_scale")
+    G = torch.randn(6, 48, 200, dtype=dtype)
+    U = orthonormal((6,), 48, 4, dtype, "cpu")
+    alpha = torch.rand(6, dtype=dtype)
+    got = ops.rank_scale(G.cuda(), U.cuda(), alpha.cuda(), 2.0).cpu()
+    torch.testing.assert_close(got, ops.rank_scale(G, U, alpha, 2.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_cuda_low_precision_against_float32(dtype, tol):
+    """Sums run in float32, so the error is the dtype's rounding of inputs and output: a few
+    units of its epsilon (2^-10 float16, 2^-7 bfloat16) relative to the output's scale."""
+    requires_cuda_kernels("cuda", "rank_scale")
+    G = torch.randn(8, 32, 300, device="cuda").to(dtype)
+    U = orthonormal((8,), 32, 4, torch.float32, "cuda").to(dtype)
+    got = ops.rank_scale(G, U, 0.5, 2.0).float()
+    want = lsef_ref.rank_scale(G.float(), U.float(), 0.5, 2.0)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())

@@ -55,7 +55,7 @@ def test_philox_known_answer_and_reference_stream():
 @pytest.mark.parametrize("spectrum", list(SPECTRA))
 @pytest.mark.parametrize("mn", [(8, 40), (40, 8), (12, 12), (70, 90)])
 def test_exact_path_matches_truncated_svd(device, dtype, spectrum, mn):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "rsvd")
     m, n = mn
     sigma = SPECTRA[spectrum](min(m, n))
     A = with_spectrum(3, m, n, sigma, dtype, device)
@@ -83,7 +83,7 @@ def test_exact_path_matches_truncated_svd(device, dtype, spectrum, mn):
 def test_randomized_path_matches_reference(device, dtype, shape):
     """Same algorithm, same test matrix: the kernel equals the reference up to rounding,
     amplified by at most sigma_1 / gap for the singular vectors (Wedin)."""
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "rsvd")
     b, m, n = shape
     sigma = [1.0 / (i + 1) for i in range(min(m, n))]  # relative gaps >= 1/(k+1)^2 among the top k
     A = with_spectrum(b, m, n, sigma, dtype, device)

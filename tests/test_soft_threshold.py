@@ -40,7 +40,7 @@ def make_inputs(shape, dtype, device, with_L=True, requires_grad=False):
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("with_L", [True, False])
 def test_forward_matches_reference(device, dtype, shape, lam_kind, hard, with_L):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "soft_threshold")
     X, L = make_inputs(shape, dtype, device, with_L)
     lam = make_lam(lam_kind, shape, dtype, device)
     # The kernel computes R = X - L and the shrinkage in X's dtype, exactly as the reference.
@@ -52,7 +52,7 @@ def test_forward_matches_reference(device, dtype, shape, lam_kind, hard, with_L)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_contiguous_inputs(device, dtype):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "soft_threshold")
     X = torch.randn(9, 40, dtype=dtype, device=device).mT  # (40, 9), transposed strides
     L = torch.randn(40, 18, dtype=dtype, device=device)[:, ::2]  # sliced columns
     lam = (torch.rand(18, dtype=dtype, device=device) * 0.5)[::2]  # strided per-channel
@@ -65,7 +65,7 @@ def test_non_contiguous_inputs(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0), (0,)])
 def test_empty(device, shape):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "soft_threshold")
     X, L = make_inputs(shape, torch.float32, device, requires_grad=True)
     lam = torch.full(shape[-1:], 0.1, device=device, requires_grad=True)
     S = ops.soft_threshold(X, L, lam)
@@ -81,7 +81,7 @@ def test_empty(device, shape):
 @pytest.mark.parametrize("lam_kind", ["scalar", "channel", "channel_keepdim", "full", "broadcast"])
 @pytest.mark.parametrize("hard", [False, True])
 def test_backward_matches_reference(device, dtype, shape, lam_kind, hard):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "soft_threshold")
     X, L = make_inputs(shape, dtype, device, requires_grad=True)
     lam = make_lam(lam_kind, shape, dtype, device, requires_grad=True)
     G = torch.randn(shape, dtype=dtype, device=device)
@@ -100,7 +100,7 @@ def test_backward_matches_reference(device, dtype, shape, lam_kind, hard):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_only_requested_gradients(device):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "soft_threshold")
     X, L = make_inputs((4, 6), torch.float64, device)
     X.requires_grad_(True)
     lam = torch.full((6,), 0.2, dtype=torch.float64, device=device)
@@ -116,7 +116,7 @@ def test_backward_only_requested_gradients(device):
 @pytest.mark.parametrize("lam_kind", ["scalar", "channel", "full", "broadcast"])
 @pytest.mark.parametrize("with_L", [True, False])
 def test_gradcheck_soft(device, lam_kind, with_L):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "soft_threshold")
     shape = (3, 4, 6)
     X, L = make_inputs(shape, torch.float64, device, with_L, requires_grad=True)
     lam = make_lam(lam_kind, shape, torch.float64, device, requires_grad=True)
@@ -128,7 +128,7 @@ def test_gradcheck_soft(device, lam_kind, with_L):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_hard(device):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "soft_threshold")
     X, L = make_inputs((5, 7), torch.float64, device, requires_grad=True)
     lam = torch.rand(7, dtype=torch.float64, device=device) * 0.5
     assert torch.autograd.gradcheck(lambda X, L: ops.soft_threshold(X, L, lam, True), (X, L))
@@ -147,14 +147,14 @@ def sample_inputs(device, requires_grad):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(device, requires_grad):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "soft_threshold")
     for args in sample_inputs(device, requires_grad):
         torch.library.opcheck(torch.ops.lsef.soft_threshold.default, args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_backward(device):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "soft_threshold")
     X, L = make_inputs((4, 6), torch.float32, device)
     lam = torch.full((6,), 0.2, device=device)
     for mask in ([True, True, True], [True, False, False], [False, False, True]):
@@ -182,7 +182,7 @@ def test_threads_do_not_change_lam_gradient_bits():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hard", [False, True])
 def test_nan_and_inf_follow_reference(device, hard):
-    requires_cuda_kernels(device)
+    requires_cuda_kernels(device, "soft_threshold")
     X = torch.tensor([[float("nan"), 1.0, float("inf"), -float("inf"), 0.05]], device=device)
     lam = torch.tensor([0.1, float("nan"), float("inf"), 0.1, 0.1], device=device)
     got = ops.soft_threshold(X, None, lam, hard)
@@ -245,9 +245,49 @@ def test_negative_lam(lam):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_mixed_devices():
-    requires_cuda_kernels("cuda")
+    requires_cuda_kernels("cuda", "soft_threshold")
     X = torch.randn(4, 6, device="cuda")
     with pytest.raises(RuntimeError, match="L must be on the device of X"):
         ops.soft_threshold(X, torch.randn(4, 6), 0.1)
     with pytest.raises(RuntimeError, match="lam must be on the device of X"):
         ops.soft_threshold(X, None, torch.ones(6))
+
+
+# ---- CUDA against CPU, and the low-precision dtypes ---------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lam_kind", ["scalar", "channel", "full", "broadcast"])
+def test_cuda_agrees_with_cpu(dtype, lam_kind):
+    requires_cuda_kernels("cuda", "soft_threshold")
+    shape = (300, 513)
+    X, L = make_inputs(shape, dtype, "cpu", requires_grad=True)
+    lam = make_lam(lam_kind, shape, dtype, "cpu", requires_grad=True)
+    G = torch.randn(shape, dtype=dtype)
+    cpu = (X, L, lam)
+    cuda = tuple(t.detach().cuda().requires_grad_() for t in cpu)
+    S_cpu, S_cuda = ops.soft_threshold(*cpu), ops.soft_threshold(*cuda)
+    torch.testing.assert_close(S_cuda.cpu(), S_cpu, rtol=0, atol=0)  # same per-element math
+    got = torch.autograd.grad(S_cuda, cuda, G.cuda())
+    want = torch.autograd.grad(S_cpu, cpu, G)
+    for g, w in zip(got[:2], want[:2]):
+        torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0)
+    n = X.numel() // lam.numel()  # lam's gradient: both sum in float64, in different orders
+    tol = {torch.float32: 2e-6 * n**0.5, torch.float64: 1e-12 * n**0.5}[dtype]
+    torch.testing.assert_close(got[2].cpu(), want[2], rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hard", [False, True])
+def test_cuda_low_precision_is_float32_rounded_once(dtype, hard):
+    """float16/bfloat16 are computed in float32: the result is the float32 computation on the
+    same (rounded) inputs, rounded once to the dtype, exactly."""
+    requires_cuda_kernels("cuda", "soft_threshold")
+    shape = (64, 257)
+    X, L = (t.to(dtype) for t in make_inputs(shape, torch.float32, "cuda"))
+    lam = make_lam("channel", shape, torch.float32, "cuda").to(dtype)
+    got = ops.soft_threshold(X, L, lam, hard)
+    want = lsef_ref.soft_threshold(X.float(), L.float(), lam.float(), hard).to(dtype)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <optional>
+#include <tuple>
 
 #include "common/checks.h"
 
@@ -64,6 +65,27 @@ inline Args prepare(const char* op, const at::Tensor& X, const std::optional<at:
   a.lam_expanded = a.mode == LamMode::Full && lam.sizes() != X.sizes();
   a.lam = a.lam_expanded ? lam.expand(X.sizes()).contiguous() : lam.contiguous();
   return a;
+}
+
+using OptionalTensor = std::optional<at::Tensor>;
+
+// The backward's incoming gradient must match X.
+inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& X) {
+  check_same_dtype(op, "grad", grad, "X", X);
+  check_same_device(op, "grad", grad, "X", X);
+  TORCH_CHECK_VALUE(grad.sizes() == X.sizes(), op, ": grad must have the shape of X ", X.sizes(),
+                    ", got ", grad.sizes());
+}
+
+// The backward's return value: lam's gradient summed back to lam's own shape, and None for
+// every gradient not asked for.
+inline std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> pack_grads(
+    const Args& a, const at::Tensor& lam, bool want_X, bool want_L, bool want_lam,
+    const at::Tensor& dX, const at::Tensor& dL, at::Tensor dlam) {
+  if (want_lam && a.lam_expanded) dlam = dlam.sum_to_size(lam.sizes());
+  if (want_lam) dlam = dlam.view(lam.sizes());
+  auto maybe = [](bool want, const at::Tensor& t) { return want ? OptionalTensor(t) : std::nullopt; };
+  return {maybe(want_X, dX), maybe(want_L, dL), maybe(want_lam, dlam)};
 }
 
 // lam must be non-negative. Scalar and per-channel lam are small and checked here; a full-shape

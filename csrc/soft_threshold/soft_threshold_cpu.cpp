@@ -235,18 +235,13 @@ at::Tensor soft_threshold_cpu(const at::Tensor& X, const std::optional<at::Tenso
   return S;
 }
 
-// output_mask = (X, L, lam). Gradients not asked for come back as undefined tensors (None).
-using OptionalTensor = std::optional<at::Tensor>;
-
+// output_mask = (X, L, lam). Gradients not asked for come back as None.
 std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> soft_threshold_backward_cpu(
     const at::Tensor& grad, const at::Tensor& X, const std::optional<at::Tensor>& L,
     const at::Tensor& lam, bool hard, std::array<bool, 3> output_mask) {
   const Args a = prepare(kBackwardOp, X, L, lam);
   check_cpu_inputs(kBackwardOp, a);
-  check_same_dtype(kBackwardOp, "grad", grad, "X", X);
-  check_same_device(kBackwardOp, "grad", grad, "X", X);
-  TORCH_CHECK_VALUE(grad.sizes() == X.sizes(), kBackwardOp, ": grad must have the shape of X ",
-                    X.sizes(), ", got ", grad.sizes());
+  check_grad(kBackwardOp, grad, X);
   const bool want_X = output_mask[0];
   const bool want_L = output_mask[1] && a.L.defined();
   const bool want_lam = output_mask[2];
@@ -261,10 +256,7 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> soft_threshold_backwa
   AT_DISPATCH_FLOATING_TYPES(a.X.scalar_type(), kBackwardOp, [&] {
     backward_kernel<scalar_t>(a, G, hard, want_L, want_lam, out);
   });
-  if (want_lam && a.lam_expanded) out.dlam = out.dlam.sum_to_size(lam.sizes());
-  if (want_lam) out.dlam = out.dlam.view(lam.sizes());
-  auto maybe = [](bool want, const at::Tensor& t) { return want ? OptionalTensor(t) : std::nullopt; };
-  return {maybe(want_X, out.dX), maybe(want_L, out.dL), maybe(want_lam, out.dlam)};
+  return pack_grads(a, lam, want_X, want_L, want_lam, out.dX, out.dL, out.dlam);
 }
 
 }  // namespace

@@ -348,19 +348,14 @@ at::Tensor soft_threshold_cuda(const at::Tensor& X, const std::optional<at::Tens
   return S;
 }
 
-// output_mask = (X, L, lam). Gradients not asked for come back as undefined tensors (None).
-using OptionalTensor = std::optional<at::Tensor>;
-
+// output_mask = (X, L, lam). Gradients not asked for come back as None.
 std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> soft_threshold_backward_cuda(
     const at::Tensor& grad, const at::Tensor& X, const std::optional<at::Tensor>& L,
     const at::Tensor& lam, bool hard, std::array<bool, 3> output_mask) {
   const Args a = prepare(kBackwardOp, X, L, lam);
   const c10::cuda::CUDAGuard guard(a.X.device());
   check_cuda_inputs(kBackwardOp, a, lam);
-  check_same_dtype(kBackwardOp, "grad", grad, "X", X);
-  check_same_device(kBackwardOp, "grad", grad, "X", X);
-  TORCH_CHECK_VALUE(grad.sizes() == X.sizes(), kBackwardOp, ": grad must have the shape of X ",
-                    X.sizes(), ", got ", grad.sizes());
+  check_grad(kBackwardOp, grad, X);
   const bool want_X = output_mask[0];
   const bool want_L = output_mask[1] && a.L.defined();
   const bool want_lam = output_mask[2];
@@ -379,10 +374,7 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> soft_threshold_backwa
       backward_cuda<scalar_t>(a, G, hard, dX, dL, dlam_out);
     });
   }
-  if (want_lam && a.lam_expanded) dlam = dlam.sum_to_size(lam.sizes());
-  if (want_lam) dlam = dlam.view(lam.sizes());
-  auto maybe = [](bool want, const at::Tensor& t) { return want ? OptionalTensor(t) : std::nullopt; };
-  return {maybe(want_X, dX), maybe(want_L, dL), maybe(want_lam, dlam)};
+  return pack_grads(a, lam, want_X, want_L, want_lam, dX, dL, dlam);
 }
 
 }  // namespace
