@@ -6,6 +6,7 @@ All compile logic lives in CMake. Environment variables honoured here:
   CMAKE_ARGS        extra arguments for the CMake configure step (space separated)
   LSEF_CUDA         AUTO / 1 / 0, forwarded to CMake (see CMakeLists.txt)
 """
+import hashlib
 import os
 import shlex
 import subprocess
@@ -27,8 +28,10 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         # A fixed folder in the source tree (not setuptools' temporary one), so a rebuild after
-        # touching one kernel recompiles only that file, editable installs included.
-        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
+        # touching one kernel recompiles only that file, editable installs included. One per
+        # Python environment: CMake's cache remembers the torch it configured against.
+        env = hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]
+        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}-{env}"
         build_dir.mkdir(parents=True, exist_ok=True)
         configure = [
             "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",

@@ -182,17 +182,12 @@ function(lsef_configure_cuda_target target)
     # Not CMake's default static runtime: the kernels must share torch's runtime (its streams,
     # its allocator's memory, its error state), which torch::cudart links as a shared library.
     CUDA_RUNTIME_LIBRARY None)
-  # torch's headers set the language standard (C++20 from torch 2.14 on); TorchConfig records
-  # it on its target without passing it on. It is given to nvcc directly because CMake 3.25
-  # knows no C++20 flag for nvcc (CUDA_STANDARD 20 fails to generate).
-  get_target_property(_std torch CXX_STANDARD)
-  if(NOT _std)
-    set(_std 17)
-  endif()
+  # LSEF_CXX_STANDARD (CMakeLists.txt) is given to nvcc directly because CMake 3.25 knows no
+  # C++20 flag for nvcc (CUDA_STANDARD 20 fails to generate).
   # -O3 comes with CMake's Release flags, and ptxas optimises device code fully unless -G.
   # -lineinfo lets profilers map machine code to source lines; it does not change the code.
   target_compile_options(${target} PRIVATE
-    $<$<COMPILE_LANGUAGE:CUDA>:-std=c++${_std} --expt-relaxed-constexpr -lineinfo>)
+    $<$<COMPILE_LANGUAGE:CUDA>:-std=c++${LSEF_CXX_STANDARD} --expt-relaxed-constexpr -lineinfo>)
   target_compile_definitions(${target} PRIVATE
     LSEF_WITH_CUDA
     LSEF_CUDA_VERSION="${CMAKE_CUDA_COMPILER_VERSION}"
