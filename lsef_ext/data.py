@@ -1,0 +1,299 @@
+"""Data for LSEF: an embedded synthetic data set and a loader for real pre-extracted features.
+
+``SyntheticAffect`` generates clips ``X (T, D)`` the way LSEF models video affect (SPEC §5):
+
+    X = tone_c + nuisance + events_c + noise
+
+* ``tone_c``: a class-specific **low-rank** part. Each class owns one of ``N_TONES`` tone
+  subspaces (``TONE_RANK`` orthonormal directions in feature space); a clip mixes them with
+  coefficients that drift slowly over time (a smooth random walk), so its rank is ``TONE_RANK``.
+* ``nuisance``: a second low-rank part that carries no label (who the subject is, lighting): a
+  random mix of ``NUISANCE_RANK`` directions shared by all classes, constant plus a slow drift.
+* ``events_c``: class-specific **sparse** transients. Each class owns one of ``N_EVENTS`` event
+  patterns, a set of ``EVENT_CHANNELS`` channels with fixed signs; a clip holds one or two
+  events of that pattern, each lasting two frames (an onset frame and a weaker decay frame).
+* ``noise``: i.i.d. Gaussian.
+
+A class is a (tone, event) pair and no two classes share both, while several share one: the
+tone alone or the event alone cannot tell all classes apart (``CLASS_PAIRS``). Valence and
+arousal targets (for regression) are the class's position on Russell's circumplex scaled by the
+clip's event intensity.
+
+Test-time corruptions (``corrupt``): ``frame_drop`` (frames zeroed, as a failed face detection
+leaves them), ``impulse`` (a fraction of entries replaced by large spikes) and ``gaussian``
+(extra i.i.d. noise).
+
+``FeatureFolder`` reads real pre-extracted features (DFEW/FERV39k-style): see its docstring.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "CLASS_NAMES", "CLASS_PAIRS", "CORRUPTIONS", "SyntheticAffect", "FeatureFolder", "corrupt",
+]
+
+CLASS_NAMES = ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")
+N_TONES, TONE_RANK = 4, 2
+N_EVENTS, EVENT_CHANNELS = 3, 6
+NUISANCE_RANK = 3
+# Magnitudes, relative to a feature scale of 1 per entry: the class tone is weak next to the
+# nuisance tone, and an event is a few noise standard deviations high on its channels.
+TONE_GAIN, NUISANCE_GAIN, EVENT_GAIN, NOISE = 0.6, 2.0, 1.2, 0.5
+# (tone, event) of each class: unique pairs, each tone and each event shared by several classes.
+CLASS_PAIRS = ((0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 0), (3, 1))
+# Russell's circumplex, (valence, arousal) per class, in [-1, 1].
+_CIRCUMPLEX = ((0.8, 0.5), (-0.7, -0.4), (0.0, 0.0), (-0.6, 0.8), (0.3, 0.9), (-0.7, 0.3),
+               (-0.6, 0.7))
+CORRUPTIONS = ("frame_drop", "impulse", "gaussian")
+_SPLIT_OFFSETS = {"train": 1, "val": 2, "test": 3}
+
+
+@dataclass(frozen=True)
+class _World:
+    """The fixed prototypes shared by every split of one ``seed``."""
+    tones: Tensor      # (N_TONES, TONE_RANK, D), orthonormal rows per tone
+    events: Tensor     # (N_EVENTS, D), sparse sign patterns
+    nuisance: Tensor   # (NUISANCE_RANK, D), orthonormal rows
+
+
+def _world(D: int, seed: int) -> _World:
+    g = torch.Generator().manual_seed(seed * 7919 + 17)
+    need = N_TONES * TONE_RANK + NUISANCE_RANK
+    if D < need or D < N_EVENTS * EVENT_CHANNELS:
+        raise ValueError(f"SyntheticAffect: D must be >= {max(need, N_EVENTS * EVENT_CHANNELS)}, got {D}")
+    # One orthonormal frame for all tone and nuisance directions: they are mutually orthogonal.
+    Q = torch.linalg.qr(torch.randn(D, need, generator=g, dtype=torch.float64))[0].T
+    tones = Q[: N_TONES * TONE_RANK].reshape(N_TONES, TONE_RANK, D)
+    nuisance = Q[N_TONES * TONE_RANK:]
+    perm = torch.randperm(D, generator=g)
+    events = torch.zeros(N_EVENTS, D, dtype=torch.float64)
+    for e in range(N_EVENTS):  # disjoint channel sets
+        ch = perm[e * EVENT_CHANNELS:(e + 1) * EVENT_CHANNELS]
+        events[e, ch] = torch.where(torch.rand(EVENT_CHANNELS, generator=g) < 0.5, -1.0, 1.0).double()
+    return _World(tones.float(), events.float(), nuisance.float())
+
+
+def _smooth_walk(n: int, T: int, r: int, step: float, g: torch.Generator) -> Tensor:
+    """(n, T, r) random walks started at 0, normalised to unit step std."""
+    return torch.cumsum(torch.randn(n, T, r, generator=g), dim=1) * step
+
+
+def corrupt(x: Tensor, kind: Optional[str], severity: float = 1.0,
+            generator: Optional[torch.Generator] = None) -> Tensor:
+    """A corrupted copy of clips ``x (*, T, D)``.
+
+    ``frame_drop``: each frame zeroed with probability ``0.3·severity``. ``impulse``: a fraction
+    ``0.05·severity`` of entries replaced by ``±4`` (several times the clean features' RMS).
+    ``gaussian``: i.i.d. noise of standard deviation ``0.6·severity`` added. ``None``: a copy.
+    """
+    if kind is None or kind == "clean":
+        return x.clone()
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"corrupt: kind must be one of {CORRUPTIONS} or None, got {kind!r}")
+    if severity < 0:
+        raise ValueError(f"corrupt: severity must be >= 0, got {severity}")
+    g = generator
+    if kind == "frame_drop":
+        keep = torch.rand(*x.shape[:-1], 1, generator=g) >= min(0.3 * severity, 1.0)
+        return x * keep.to(x.dtype)
+    if kind == "impulse":
+        hit = torch.rand(x.shape, generator=g) < min(0.05 * severity, 1.0)
+        sign = torch.where(torch.rand(x.shape, generator=g) < 0.5, -4.0, 4.0).to(x.dtype)
+        return torch.where(hit, sign, x)
+    return x + 0.6 * severity * torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+
+class SyntheticAffect(Dataset):
+    """Seeded synthetic video-affect clips with planted low-rank tone and sparse transients.
+
+    Args:
+        n_clips: number of clips.
+        split: ``"train"``, ``"val"`` or ``"test"``; splits of one ``seed`` share the class
+            prototypes and draw disjoint clips.
+        T, D: frames per clip and feature channels.
+        seed: seeds the prototypes and the clips; equal arguments give identical data.
+        noise: standard deviation of the clean i.i.d. noise.
+        corruption, severity: a test-time corruption applied to every clip (see :func:`corrupt`).
+        task: ``"classification"`` (items are ``(x, label)``) or ``"regression"`` (items are
+            ``(x, [valence, arousal])``).
+
+    Attributes: ``x (N, T, D)``, ``y (N,)`` class indices, ``va (N, 2)``, and the planted parts
+    ``low_rank (N, T, D)`` (tone + nuisance) and ``sparse (N, T, D)`` (events) of the clean clips.
+    """
+
+    num_classes = len(CLASS_NAMES)
+    class_names = CLASS_NAMES
+
+    def __init__(self, n_clips: int = 2048, split: str = "train", T: int = 16, D: int = 64,
+                 seed: int = 0, noise: float = NOISE, corruption: Optional[str] = None,
+                 severity: float = 1.0, task: str = "classification"):
+        if split not in _SPLIT_OFFSETS:
+            raise ValueError(f"SyntheticAffect: split must be one of {tuple(_SPLIT_OFFSETS)}, got {split!r}")
+        if task not in ("classification", "regression"):
+            raise ValueError(f"SyntheticAffect: task must be 'classification' or 'regression', got {task!r}")
+        if n_clips < 1 or T < 4:
+            raise ValueError(f"SyntheticAffect: need n_clips >= 1 and T >= 4, got n_clips={n_clips}, T={T}")
+        self.T, self.D, self.task, self.split = T, D, task, split
+        world = _world(D, seed)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + _SPLIT_OFFSETS[split])
+        N = n_clips
+        y = torch.randint(0, self.num_classes, (N,), generator=g)
+        pairs = torch.tensor(CLASS_PAIRS)
+        tone_id, event_id = pairs[y, 0], pairs[y, 1]
+
+        # Low-rank tone: constant mix (norm ~1.2) plus a slow drift, over the class's subspace.
+        coef = torch.randn(N, 1, TONE_RANK, generator=g)
+        coef = coef / coef.norm(dim=-1, keepdim=True) * TONE_GAIN * (0.8 + 0.4 * torch.rand(N, 1, 1, generator=g))
+        coef = coef * math.sqrt(D / 4) + _smooth_walk(N, T, TONE_RANK, 0.15 * math.sqrt(D / 4), g)
+        tone = torch.einsum("ntr,nrd->ntd", coef, world.tones[tone_id])
+        # Nuisance: same construction over the shared nuisance subspace, larger.
+        ncoef = torch.randn(N, 1, NUISANCE_RANK, generator=g) * NUISANCE_GAIN * math.sqrt(D / 4)
+        ncoef = ncoef + _smooth_walk(N, T, NUISANCE_RANK, 0.15 * math.sqrt(D / 4), g)
+        nuisance = ncoef @ world.nuisance
+        # Sparse events: one or two per clip, an onset frame and a decay frame at half height.
+        amp = EVENT_GAIN * (0.75 + 0.5 * torch.rand(N, generator=g))  # intensity
+        n_ev = 1 + (torch.rand(N, generator=g) < 0.5).long()
+        times = torch.zeros(N, T)
+        t0 = torch.randint(0, T - 1, (N, 2), generator=g)
+        rows = torch.arange(N)
+        for j in range(2):
+            on = (j < n_ev).float()
+            times[rows, t0[:, j]] += on
+            times[rows, t0[:, j] + 1] += 0.5 * on
+        events = (amp[:, None, None] * times[:, :, None]) * world.events[event_id][:, None, :]
+        clean_noise = noise * torch.randn(N, T, D, generator=g)
+
+        self.low_rank = tone + nuisance
+        self.sparse = events
+        x = self.low_rank + self.sparse + clean_noise
+        self.corruption, self.severity = corruption, severity
+        self.x = corrupt(x, corruption, severity, g) if corruption else x
+        self.y = y
+        circ = torch.tensor(_CIRCUMPLEX)
+        intensity = (amp / EVENT_GAIN)[:, None]                 # in [0.75, 1.25)
+        self.va = (circ[y] * intensity).clamp(-1, 1)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i):
+        return self.x[i], (self.y[i] if self.task == "classification" else self.va[i])
+
+    def tensors(self) -> Tuple[Tensor, Tensor]:
+        """All clips and targets at once: ``(x, y)`` or ``(x, va)``."""
+        return self.x, (self.y if self.task == "classification" else self.va)
+
+
+class FeatureFolder(Dataset):
+    """Pre-extracted clip features in a folder (e.g. DFEW or FERV39k features from any backbone).
+
+    Layout::
+
+        root/
+          labels.csv          # header: clip,label,split   or   clip,valence,arousal,split
+          features/<clip>.npy # one float array of shape (T, D) per clip
+
+    ``label`` is a class name or an integer index; ``split`` is ``train``, ``val`` or ``test``.
+    Class names are mapped to indices in the order given by ``classes`` (default: sorted names,
+    or the integers themselves). Clips of different lengths are brought to ``frames`` frames
+    (centre crop, or zero padding at the end); without ``frames`` all clips must share one
+    length.
+
+    Errors name the file and what was expected: a missing ``labels.csv`` or feature file, a
+    missing column, an array that is not 2-D or whose ``D`` differs from the first clip's, an
+    unknown split, or a label not in ``classes``.
+    """
+
+    def __init__(self, root: str, split: str = "train", frames: Optional[int] = None,
+                 classes: Optional[Sequence[str]] = None, task: str = "classification"):
+        if task not in ("classification", "regression"):
+            raise ValueError(f"FeatureFolder: task must be 'classification' or 'regression', got {task!r}")
+        if split not in _SPLIT_OFFSETS:
+            raise ValueError(f"FeatureFolder: split must be one of {tuple(_SPLIT_OFFSETS)}, got {split!r}")
+        csv_path = os.path.join(root, "labels.csv")
+        if not os.path.isfile(csv_path):
+            raise FileNotFoundError(f"FeatureFolder: {csv_path} not found (expected a labels CSV with "
+                                    "columns clip,label,split or clip,valence,arousal,split)")
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+        need = ["clip", "split"] + (["label"] if task == "classification" else ["valence", "arousal"])
+        missing = [c for c in need if c not in columns]
+        if missing:
+            raise ValueError(f"FeatureFolder: {csv_path} lacks column(s) {missing}; it has {columns}")
+        for i, r in enumerate(rows):
+            if r["split"] not in _SPLIT_OFFSETS:
+                raise ValueError(f"FeatureFolder: {csv_path} line {i + 2}: unknown split {r['split']!r} "
+                                 f"(expected one of {tuple(_SPLIT_OFFSETS)})")
+        self.task, self.split, self.frames = task, split, frames
+        if task == "classification":
+            names = [r["label"] for r in rows]
+            if classes is None:
+                classes = (sorted(set(names), key=int) if all(n.lstrip("-").isdigit() for n in names)
+                           else sorted(set(names)))
+            self.class_names = tuple(str(c) for c in classes)
+            index = {c: i for i, c in enumerate(self.class_names)}
+            for i, r in enumerate(rows):
+                if r["label"] not in index:
+                    raise ValueError(f"FeatureFolder: {csv_path} line {i + 2}: label {r['label']!r} "
+                                     f"is not one of the classes {list(self.class_names)}")
+            self.num_classes = len(self.class_names)
+        rows = [r for r in rows if r["split"] == split]
+        if not rows:
+            raise ValueError(f"FeatureFolder: {csv_path} has no clips in split {split!r}")
+        xs, D = [], None
+        for r in rows:
+            path = os.path.join(root, "features", r["clip"] + ".npy")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"FeatureFolder: feature file {path} for clip {r['clip']!r} not found")
+            a = np.load(path)
+            if a.ndim != 2:
+                raise ValueError(f"FeatureFolder: {path} has shape {a.shape}; expected a 2-D (T, D) array")
+            if D is None:
+                D = a.shape[1]
+            elif a.shape[1] != D:
+                raise ValueError(f"FeatureFolder: {path} has D = {a.shape[1]}, but the first clip has D = {D}")
+            xs.append(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)))
+        lengths = {a.shape[0] for a in xs}
+        if frames is None and len(lengths) > 1:
+            raise ValueError(f"FeatureFolder: clips have different lengths {sorted(lengths)}; pass frames=T "
+                             "to crop or pad them to T frames")
+        if frames is not None:
+            xs = [_fit_frames(a, frames) for a in xs]
+        self.x = torch.stack(xs)
+        self.T, self.D = self.x.shape[1:]
+        self.clips = [r["clip"] for r in rows]
+        if task == "classification":
+            self.y = torch.tensor([index[r["label"]] for r in rows])
+        else:
+            try:
+                self.va = torch.tensor([[float(r["valence"]), float(r["arousal"])] for r in rows])
+            except ValueError as e:
+                raise ValueError(f"FeatureFolder: {csv_path}: valence/arousal must be numbers ({e})") from None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i):
+        return self.x[i], (self.y[i] if self.task == "classification" else self.va[i])
+
+    def tensors(self) -> Tuple[Tensor, Tensor]:
+        return self.x, (self.y if self.task == "classification" else self.va)
+
+
+def _fit_frames(a: Tensor, T: int) -> Tensor:
+    if a.shape[0] >= T:
+        start = (a.shape[0] - T) // 2
+        return a[start:start + T]
+    return torch.cat([a, a.new_zeros(T - a.shape[0], a.shape[1])])

@@ -1,0 +1,365 @@
+"""The LSEF modules (SPEC §4): SEM, DDM, CIM and the LSEF classifier/regressor, plus baselines.
+
+Every module works on frame-feature sequences ``X (B, T, D)`` from any backbone. The math of
+each is written out in docs/DESIGN.md §10. Each LSEF module takes ``ops="ext"`` (the compiled
+``torch.ops.lsef`` kernels, the default) or ``ops="ref"`` (the pure-PyTorch references in
+``lsef_ref``): the same model on either, which is how the benchmark compares them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["get_ops", "SEM", "DDM", "CIM", "LSEF", "LSEFOutput", "MeanPoolMLP",
+           "TemporalTransformer", "build_model", "MODEL_NAMES"]
+
+
+def get_ops(name: str) -> SimpleNamespace:
+    """The op set a module computes with: ``"ext"`` (compiled kernels) or ``"ref"`` (lsef_ref)."""
+    if name == "ext":
+        from lsef_ext import ops
+    elif name == "ref":
+        import lsef_ref as ops
+    else:
+        raise ValueError(f"ops must be 'ext' or 'ref', got {name!r}")
+    return SimpleNamespace(name=name, lowrank=ops.lowrank, soft_threshold=ops.soft_threshold,
+                           rsvd=ops.rsvd, rank_scale=ops.rank_scale, lowrank_sparse=ops.lowrank_sparse)
+
+
+def _check_input(module: str, X: Tensor, D: int) -> None:
+    if X.dim() != 3 or X.shape[-1] != D:
+        raise ValueError(f"{module}: expected X of shape (B, T, {D}), got {tuple(X.shape)}")
+    if X.shape[1] < 2:
+        raise ValueError(f"{module}: needs at least 2 frames, got T = {X.shape[1]}")
+
+
+def _inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+@torch.no_grad()
+def robust_scale(R: Tensor) -> Tensor:
+    """Per-matrix noise scale of ``R (B, T, D)``: ``1.4826 · median |R − median R|`` (the MAD,
+    consistent for Gaussian noise, unmoved by a minority of outliers), shape ``(B, 1, 1)``."""
+    flat = R.flatten(1)
+    med = flat.median(1, keepdim=True).values
+    return (1.4826 * (flat - med).abs().median(1).values).clamp_min(1e-6)[:, None, None]
+
+
+class SEM(nn.Module):
+    """Stability Encoding Module.
+
+    The low-rank part is found in the input feature space, where "sparse" still means a few
+    entries (projecting first would smear an outlier over every channel):
+
+    1. ``S0 = lowrank_sparse(X, rank, lam=rpca_lam, n_steps=rpca_steps)`` (robust PCA, a few
+       inexact-ALM iterations, no gradient): where the outliers are. ``rpca_lam`` defaults to
+       ``2 / sqrt(max(T, D))``, twice the noiseless PCP weight, so that dense noise and weak
+       structure stay out of ``S0`` (docs/DESIGN.md §10);
+    2. ``L = lowrank(X − S0, rank)``: the stable part, differentiable in ``X``;
+    3. the learnable projection ``Z_L = L W_p`` (``d_in → d_model``; still rank ≤ ``rank``);
+    4. the tone embedding ``e = GELU(W_e LN([mean_t Z_L, rms_t Z_L]))``: statistics of the
+       stable part that do not depend on the sign or rotation ambiguity of its singular vectors.
+
+    ``rpca_steps=0`` skips step 1 (``L = lowrank(X, rank)``). Returns ``(L, Z_L, tone)``.
+    """
+
+    def __init__(self, d_in: int, d_model: int = 64, rank: int = 4, rpca_steps: int = 3,
+                 rpca_lam: Optional[float] = None, ops: str = "ext"):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"SEM: rank must be >= 1, got {rank}")
+        if rpca_steps < 0:
+            raise ValueError(f"SEM: rpca_steps must be >= 0, got {rpca_steps}")
+        self.d_in, self.d_model, self.rank, self.rpca_steps = d_in, d_model, rank, rpca_steps
+        self.rpca_lam = rpca_lam
+        self.ops = get_ops(ops)
+        self.proj = nn.Linear(d_in, d_model)
+        self.tone = nn.Sequential(nn.LayerNorm(2 * d_model), nn.Linear(2 * d_model, d_model), nn.GELU())
+
+    def decompose(self, X: Tensor) -> Tensor:
+        """The stable part ``L (B, T, d_in)`` of ``X``."""
+        k = min(self.rank, X.shape[1], X.shape[2])
+        if self.rpca_steps:
+            with torch.no_grad():
+                lam = self.rpca_lam if self.rpca_lam is not None else 2.0 / math.sqrt(max(X.shape[1:]))
+                _, S0 = self.ops.lowrank_sparse(X.detach(), k, lam=lam, n_steps=self.rpca_steps)
+            return self.ops.lowrank(X - S0, k)
+        return self.ops.lowrank(X, k)
+
+    def embed(self, L: Tensor) -> Tuple[Tensor, Tensor]:
+        Z = self.proj(L)
+        stats = torch.cat([Z.mean(1), Z.pow(2).mean(1).add(1e-6).sqrt()], dim=-1)
+        return Z, self.tone(stats)
+
+    def forward(self, X: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        _check_input("SEM", X, self.d_in)
+        L = self.decompose(X)
+        Z, tone = self.embed(L)
+        return L, Z, tone
+
+
+class DDM(nn.Module):
+    """Dynamic Decoupling Module.
+
+    ``S = soft_threshold(X, L, lam · σ)``: per-channel learnable thresholds
+    ``lam = softplus(θ) > 0`` in units of ``σ``, the clip's robust noise scale (MAD of
+    ``X − L``, no gradient), so the same ``θ`` serves clips and test conditions of any noise
+    level. ``refine`` unrolled robust-PCA steps ``L ← lowrank(X − S)``,
+    ``S ← soft_threshold(X, L, lam σ)`` follow. The transient encoder reads
+    ``S̃ = c σ tanh(S / (c σ))`` (``c = softplus(φ)`` per channel: one entry can move the
+    encoding only so far, so an isolated outlier cannot pass for an event spread over channels),
+    projects it to ``d_model`` channels (``Z_S``), applies a temporal convolution (kernel 3) and
+    GELU, and pools by max and mean over time.
+
+    Returns ``(L, S, Z_S, transient)``.
+    """
+
+    def __init__(self, d_in: int, d_model: int = 64, rank: int = 4, refine: int = 1,
+                 lam_init: float = 1.0, sat_init: float = 1.5, ops: str = "ext"):
+        super().__init__()
+        if refine < 0:
+            raise ValueError(f"DDM: refine must be >= 0, got {refine}")
+        if lam_init <= 0 or sat_init <= 0:
+            raise ValueError(f"DDM: lam_init and sat_init must be > 0, got {lam_init}, {sat_init}")
+        self.d_in, self.d_model, self.rank, self.refine = d_in, d_model, rank, refine
+        self.ops = get_ops(ops)
+        self.theta = nn.Parameter(torch.full((d_in,), _inverse_softplus(lam_init)))
+        self.phi = nn.Parameter(torch.full((d_in,), _inverse_softplus(sat_init)))
+        self.proj = nn.Linear(d_in, d_model)
+        self.conv = nn.Conv1d(d_model, d_model, kernel_size=3, padding=1)
+        self.out = nn.Linear(2 * d_model, d_model)
+
+    @property
+    def lam(self) -> Tensor:
+        """Per-channel thresholds in units of the clip's noise scale, ``softplus(θ) > 0``."""
+        return F.softplus(self.theta)
+
+    def forward(self, X: Tensor, L: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        _check_input("DDM", X, self.d_in)
+        if L.shape != X.shape:
+            raise ValueError(f"DDM: L must have X's shape {tuple(X.shape)}, got {tuple(L.shape)}")
+        sigma = robust_scale(X - L).to(X.dtype)
+        lam = self.lam.to(X.dtype) * sigma
+        S = self.ops.soft_threshold(X, L, lam)
+        k = min(self.rank, X.shape[1], X.shape[2])
+        for _ in range(self.refine):
+            L = self.ops.lowrank(X - S, k)
+            S = self.ops.soft_threshold(X, L, lam)
+        c = F.softplus(self.phi).to(X.dtype) * sigma
+        Z = self.proj(c * torch.tanh(S / c))
+        h = F.gelu(self.conv(Z.transpose(1, 2)))              # (B, d, T)
+        transient = self.out(torch.cat([h.amax(-1), h.mean(-1)], dim=-1))
+        return L, S, Z, transient
+
+
+class CIM(nn.Module):
+    """Consistency Integration Module.
+
+    At each temporal scale ``s`` in ``scales``, pool the projected stable stream ``Z_L`` by
+    averaging windows of ``s`` frames and the projected sparse stream ``Z_S`` by the
+    signed entry of largest magnitude per window (so short events survive pooling), and fuse
+    them with a learned gate: ``g = sigmoid(W_g [L_s, S_s])``,
+    ``F_s = g ⊙ (L_s W_l) + (1 − g) ⊙ (S_s W_r)``; each scale is summarised as
+    ``h_s = W_o [mean_t F_s, max_t F_s]``. The output is ``mean_s h_s``. Consistency terms (scalars):
+
+    * ``recon``: ``mean (X − L − S)²`` per entry, what the decomposition leaves unexplained;
+    * ``sparsity``: ``mean |S|``;
+    * ``agreement``: ``mean_s mean (h_s − mean_s h_s)²``, agreement across scales.
+
+    Returns ``(fused (B, d_model), terms)``.
+    """
+
+    def __init__(self, d_model: int = 64, scales: Sequence[int] = (1, 2, 4)):
+        super().__init__()
+        if not scales or any(s < 1 for s in scales):
+            raise ValueError(f"CIM: scales must be positive integers, got {tuple(scales)}")
+        self.d_model, self.scales = d_model, tuple(scales)
+        self.gate = nn.Linear(2 * d_model, d_model)
+        self.stable = nn.Linear(d_model, d_model)
+        self.reactive = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(2 * d_model, d_model)
+
+    @staticmethod
+    def _pool(x: Tensor, s: int, signed_max: bool) -> Tensor:
+        if s == 1:
+            return x
+        B, T, d = x.shape
+        n = T // s
+        if n == 0:
+            return x.mean(1, keepdim=True)
+        w = x[:, : n * s].reshape(B, n, s, d)
+        if not signed_max:
+            return w.mean(2)
+        return w.gather(2, w.abs().argmax(2, keepdim=True)).squeeze(2)
+
+    def forward(self, ZL: Tensor, ZS: Tensor) -> Tensor:
+        _check_input("CIM", ZL, self.d_model)
+        hs = []
+        for s in self.scales:
+            Ls, Ss = self._pool(ZL, s, False), self._pool(ZS, s, True)
+            g = torch.sigmoid(self.gate(torch.cat([Ls, Ss], -1)))
+            Fs = g * self.stable(Ls) + (1 - g) * self.reactive(Ss)
+            hs.append(self.out(torch.cat([Fs.mean(1), Fs.amax(1)], -1)))
+        self._scales_out = torch.stack(hs)                        # (n_scales, B, d)
+        return self._scales_out.mean(0)
+
+    def agreement(self) -> Tensor:
+        """The cross-scale agreement term of the last forward."""
+        H = self._scales_out
+        return (H - H.mean(0)).pow(2).mean()
+
+
+@dataclass
+class LSEFOutput:
+    """What :class:`LSEF` returns: the prediction, the decomposition and the consistency terms."""
+    pred: Tensor                       # (B, num_classes) logits or (B, 2) valence/arousal
+    L: Tensor                          # (B, T, d_in) stable part
+    S: Tensor                          # (B, T, d_in) sparse part
+    terms: Dict[str, Tensor] = field(default_factory=dict)
+
+
+class LSEF(nn.Module):
+    """SEM + DDM + CIM + a head: the LSEF model on ``(B, T, d_in)`` feature sequences.
+
+    ``task="classification"`` gives ``num_classes`` logits; ``"regression"`` gives valence and
+    arousal in ``[-1, 1]`` (tanh). The head (LayerNorm, dropout, two layers) reads
+    ``[tone, transient, fused]``.
+
+    Ablations (``use_sem``, ``use_ddm``, ``use_cim``):
+
+    * without SEM, no low-rank part: ``L = 0``, the tone embedding reads the projected ``X``;
+    * without DDM, no sparse decoupling: ``S = X − L`` (no threshold, no refinement, no
+      saturation), projected by a plain linear map, and the transient embedding is 0;
+    * without CIM, ``fused = W [mean_t Z_L, mean_t Z_S]`` (one scale, no gate) and the
+      agreement term is absent.
+
+    ``loss_weights`` weigh (recon, sparsity, agreement) in :meth:`regulariser`.
+    """
+
+    def __init__(self, d_in: int, num_classes: int = 7, d_model: int = 64, rank: int = 4,
+                 rpca_steps: int = 3, rpca_lam: Optional[float] = None, refine: int = 1, scales: Sequence[int] = (1, 2, 4),
+                 task: str = "classification", use_sem: bool = True, use_ddm: bool = True,
+                 use_cim: bool = True, loss_weights: Tuple[float, float, float] = (0.01, 0.01, 0.1),
+                 dropout: float = 0.1, ops: str = "ext"):
+        super().__init__()
+        if task not in ("classification", "regression"):
+            raise ValueError(f"LSEF: task must be 'classification' or 'regression', got {task!r}")
+        self.task, self.d_in, self.d_model = task, d_in, d_model
+        self.use_sem, self.use_ddm, self.use_cim = use_sem, use_ddm, use_cim
+        self.loss_weights = tuple(loss_weights)
+        self.sem = SEM(d_in, d_model, rank, rpca_steps, rpca_lam, ops)
+        if use_ddm:
+            self.ddm = DDM(d_in, d_model, rank, refine, ops=ops)
+        else:
+            self.sparse_proj = nn.Linear(d_in, d_model)
+        if use_cim:
+            self.cim = CIM(d_model, scales)
+        else:
+            self.plain = nn.Linear(2 * d_model, d_model)
+        out = num_classes if task == "classification" else 2
+        self.head = nn.Sequential(nn.LayerNorm(3 * d_model), nn.Dropout(dropout),
+                                  nn.Linear(3 * d_model, d_model), nn.GELU(), nn.Linear(d_model, out))
+
+    def forward(self, X: Tensor) -> LSEFOutput:
+        _check_input("LSEF", X, self.d_in)
+        if self.use_sem:
+            L, ZL, tone = self.sem(X)
+        else:
+            L = torch.zeros_like(X)
+            ZL, tone = self.sem.embed(X)
+        if self.use_ddm:
+            L, S, ZS, transient = self.ddm(X, L)
+            if self.use_sem:   # the stable stream follows the refined L
+                ZL = self.sem.proj(L)
+        else:
+            S = X - L
+            ZS, transient = self.sparse_proj(S), torch.zeros_like(tone)
+        terms = {"recon": (X - L - S).pow(2).mean(), "sparsity": S.abs().mean()}
+        if self.use_cim:
+            fused = self.cim(ZL, ZS)
+            terms["agreement"] = self.cim.agreement()
+        else:
+            fused = self.plain(torch.cat([ZL.mean(1), ZS.mean(1)], -1))
+        pred = self.head(torch.cat([tone, transient, fused], -1))
+        if self.task == "regression":
+            pred = torch.tanh(pred)
+        return LSEFOutput(pred, L, S, terms)
+
+    def regulariser(self, out: LSEFOutput) -> Tensor:
+        """``w_recon·recon + w_sparsity·sparsity + w_agreement·agreement`` of an output."""
+        total = out.pred.new_zeros(())
+        for name, w in zip(("recon", "sparsity", "agreement"), self.loss_weights):
+            if name in out.terms and w:
+                total = total + w * out.terms[name]
+        return total
+
+
+class MeanPoolMLP(nn.Module):
+    """Baseline: LayerNorm, temporal mean-pool, two-layer MLP."""
+
+    def __init__(self, d_in: int, num_classes: int = 7, hidden: int = 192, task: str = "classification",
+                 dropout: float = 0.1):
+        super().__init__()
+        self.d_in, self.task = d_in, task
+        out = num_classes if task == "classification" else 2
+        self.net = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.GELU(),
+                                 nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, out))
+
+    def forward(self, X: Tensor) -> Tensor:
+        _check_input("MeanPoolMLP", X, self.d_in)
+        y = self.net[1:](self.net[0](X).mean(1))
+        return torch.tanh(y) if self.task == "regression" else y
+
+
+class TemporalTransformer(nn.Module):
+    """Baseline: linear embedding + learned positions, a small pre-norm transformer encoder,
+    mean-pool over time, linear head."""
+
+    def __init__(self, d_in: int, num_classes: int = 7, d_model: int = 64, layers: int = 2,
+                 heads: int = 4, max_T: int = 256, task: str = "classification", dropout: float = 0.1):
+        super().__init__()
+        self.d_in, self.task, self.max_T = d_in, task, max_T
+        self.embed = nn.Linear(d_in, d_model)
+        self.pos = nn.Parameter(torch.zeros(max_T, d_model))
+        nn.init.normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout, batch_first=True,
+                                           norm_first=True, activation="gelu")
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes if task == "classification" else 2)
+
+    def forward(self, X: Tensor) -> Tensor:
+        _check_input("TemporalTransformer", X, self.d_in)
+        if X.shape[1] > self.max_T:
+            raise ValueError(f"TemporalTransformer: T = {X.shape[1]} exceeds max_T = {self.max_T}")
+        h = self.encoder(self.embed(X) + self.pos[: X.shape[1]])
+        y = self.head(self.norm(h).mean(1))
+        return torch.tanh(y) if self.task == "regression" else y
+
+
+MODEL_NAMES = ("lsef", "lsef-no-sem", "lsef-no-ddm", "lsef-no-cim", "meanpool-mlp", "transformer")
+
+
+def build_model(name: str, d_in: int, num_classes: int, task: str = "classification",
+                ops: str = "ext", **kw) -> nn.Module:
+    """A model by name (``MODEL_NAMES``); LSEF variants take LSEF's keyword arguments."""
+    if name == "lsef":
+        return LSEF(d_in, num_classes, task=task, ops=ops, **kw)
+    if name.startswith("lsef-no-"):
+        part = name[len("lsef-no-"):]
+        if part not in ("sem", "ddm", "cim"):
+            raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
+        return LSEF(d_in, num_classes, task=task, ops=ops, **{f"use_{part}": False}, **kw)
+    if name == "meanpool-mlp":
+        return MeanPoolMLP(d_in, num_classes, task=task)
+    if name == "transformer":
+        return TemporalTransformer(d_in, num_classes, task=task)
+    raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
