@@ -271,7 +271,7 @@ class Trainer:
             t0, total, n = time.perf_counter(), 0.0, 0
             bar = tqdm(range(0, mine.numel(), cfg.batch_size), leave=False, dynamic_ncols=True,
                        desc=f"{self.desc} epoch {self.epoch + 1}/{cfg.epochs}",
-                       disable=not self.progress or self.rank != 0)
+                       disable=None if self.progress and self.rank == 0 else True)
             self.model.train()
             for i in bar:
                 idx = mine[i:i + cfg.batch_size]

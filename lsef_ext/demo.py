@@ -1,0 +1,183 @@
+"""``lsef demo``: train LSEF and the baselines on the embedded data, test them clean and under
+every corruption, draw figures, and time the ops. Also the experiment runner the ablation script
+(``benchmarks/ablation.py``) uses."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .data import CORRUPTIONS, SyntheticAffect
+from .train import TrainConfig, Trainer, evaluate, load_data
+
+CONDITIONS = ("clean",) + CORRUPTIONS
+DEMO_MODELS = ("lsef", "meanpool-mlp", "transformer")
+LABELS = {"lsef": "LSEF (+RAO)", "meanpool-mlp": "mean-pool MLP", "transformer": "temporal transformer",
+          "lsef-no-sem": "LSEF w/o SEM", "lsef-no-ddm": "LSEF w/o DDM", "lsef-no-cim": "LSEF w/o CIM",
+          "lsef-no-rao": "LSEF w/o RAO"}
+
+
+def run_one(cfg: TrainConfig, progress: bool = True, test_sets=None) -> Dict[str, object]:
+    """Trains ``cfg.model`` and evaluates it clean and under each corruption.
+
+    Returns ``{"metrics": {condition: {"war", "uar"}}, "history", "seconds", "params", "trainer"}``.
+    """
+    train = load_data(cfg, "train")
+    test_sets = test_sets or {c: load_data(cfg, "test", None if c == "clean" else c)[:2] for c in CONDITIONS}
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, train, val=test_sets["clean"], progress=progress,
+                      desc=LABELS.get(cfg.model, cfg.model) + f" seed {cfg.seed}")
+    history = trainer.fit()
+    seconds = time.perf_counter() - t0
+    metrics = {c: evaluate(trainer.net, x, y, cfg.task) for c, (x, y) in test_sets.items()}
+    return {"metrics": metrics, "history": history, "seconds": seconds,
+            "params": sum(p.numel() for p in trainer.net.parameters()), "trainer": trainer}
+
+
+def corrupted_average(metrics: Dict[str, Dict[str, float]], key: str = "war") -> float:
+    return sum(metrics[c][key] for c in CORRUPTIONS) / len(CORRUPTIONS)
+
+
+def results_table(results: Dict[str, Dict[str, object]]) -> str:
+    """A Markdown table: WAR / UAR (%) per model and condition, and the corrupted average."""
+    head = "| model | params | " + " | ".join(f"{c} WAR / UAR" for c in CONDITIONS) + " | corrupted avg WAR / UAR |"
+    lines = [head, "|" + "---|" * (len(CONDITIONS) + 3)]
+    for name, r in results.items():
+        m = r["metrics"]
+        cells = [f"{100 * m[c]['war']:.1f} / {100 * m[c]['uar']:.1f}" for c in CONDITIONS]
+        avg = f"{100 * corrupted_average(m):.1f} / {100 * corrupted_average(m, 'uar'):.1f}"
+        lines.append(f"| {LABELS.get(name, name)} | {r['params']:,} | " + " | ".join(cells) + f" | {avg} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_decomposition(model, clips: Dict[str, torch.Tensor], path: str, channels: int = 48) -> None:
+    """Heatmaps over time of a clip's X and of the L and S the trained LSEF finds in it, for the
+    clean clip and its corrupted versions (one row each)."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(clips), 3, figsize=(11, 2.3 * len(clips)), squeeze=False)
+    model.eval()
+    with torch.no_grad():
+        for row, (name, x) in enumerate(clips.items()):
+            out = model(x[None])
+            parts = {"X (input)": x, "L (stable, low-rank)": out.L[0], "S (transient, sparse)": out.S[0]}
+            vmax = float(x[:, :channels].abs().max())
+            for col, (title, a) in enumerate(parts.items()):
+                ax = axes[row, col]
+                im = ax.imshow(a[:, :channels].T.numpy(), aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax,
+                               interpolation="nearest")
+                ax.set_title(f"{title}" if row == 0 else "", fontsize=9)
+                ax.set_ylabel(f"{name}\nchannel" if col == 0 else "", fontsize=8)
+                ax.set_xlabel("frame" if row == len(clips) - 1 else "", fontsize=8)
+                ax.tick_params(labelsize=7)
+            fig.colorbar(im, ax=axes[row, :].tolist(), fraction=0.02, pad=0.01)
+    fig.suptitle("One test clip and its LSEF decomposition (first channels)", fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_training(results: Dict[str, Dict[str, object]], path: str) -> None:
+    """Training loss and clean validation WAR per epoch, one line per model."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4))
+    for name, r in results.items():
+        h = r["history"]
+        ep = [row["epoch"] for row in h]
+        a.plot(ep, [row["loss"] for row in h], marker="o", ms=3, label=LABELS.get(name, name))
+        b.plot(ep, [100 * row["val_war"] for row in h], marker="o", ms=3, label=LABELS.get(name, name))
+    a.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
+    b.set(xlabel="epoch", ylabel="WAR (%)", title="clean test WAR")
+    b.legend(fontsize=8)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_robustness(results: Dict[str, Dict[str, object]], path: str) -> None:
+    """Grouped bars: WAR per condition, one bar per model."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    n = len(results)
+    width = 0.8 / n
+    for i, (name, r) in enumerate(results.items()):
+        vals = [100 * r["metrics"][c]["war"] for c in CONDITIONS]
+        xs = [j + (i - (n - 1) / 2) * width for j in range(len(CONDITIONS))]
+        bars = ax.bar(xs, vals, width, label=LABELS.get(name, name))
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(CONDITIONS)), [c.replace("_", " ") for c in CONDITIONS])
+    ax.set(ylabel="WAR (%)", title="Accuracy clean and under test-time corruptions", ylim=(0, 105))
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# the demo
+# --------------------------------------------------------------------------------------------
+
+def demo(out: str = "lsef-demo", quick: bool = False, seed: int = 0, device: str = "cpu",
+         bench: bool = True, models: Sequence[str] = DEMO_MODELS) -> Dict[str, object]:
+    """Runs the demo; returns the results and writes figures and ``results.json`` to ``out``."""
+    os.makedirs(out, exist_ok=True)
+    t_start = time.perf_counter()
+    base = TrainConfig(seed=seed, device=device)
+    if quick:
+        base = replace(base, n_train=1024, n_test=512, epochs=8)
+    print(f"lsef demo: SyntheticAffect, {base.n_train} training clips, {base.n_test} test clips per "
+          f"condition, T={base.T}, D={base.D}, 7 classes; {base.epochs} epochs per model on {device}"
+          + (" (--quick)" if quick else ""), flush=True)
+    test_sets = {c: load_data(base, "test", None if c == "clean" else c)[:2] for c in CONDITIONS}
+    results: Dict[str, Dict[str, object]] = {}
+    for name in models:
+        cfg = replace(base, model=name, rao=name.startswith("lsef"))
+        results[name] = run_one(cfg, progress=True, test_sets=test_sets)
+        m = results[name]["metrics"]
+        print(f"  {LABELS.get(name, name):<22} {results[name]['seconds']:5.1f} s   clean WAR "
+              f"{100 * m['clean']['war']:.1f}%   corrupted avg WAR {100 * corrupted_average(m):.1f}%",
+              flush=True)
+
+    print("\nWAR / UAR (%) on the test set, clean and under each corruption "
+          "(models trained on clean clips):\n")
+    print(results_table(results))
+
+    paths = {}
+    if "lsef" in results:
+        net = results["lsef"]["trainer"].net.cpu()
+        i = 0
+        clips = {c: test_sets[c][0][i] for c in CONDITIONS}
+        paths["decomposition"] = os.path.join(out, "decomposition.png")
+        plot_decomposition(net, clips, paths["decomposition"])
+    paths["training"] = os.path.join(out, "training.png")
+    plot_training(results, paths["training"])
+    paths["robustness"] = os.path.join(out, "robustness.png")
+    plot_robustness(results, paths["robustness"])
+    summary = {name: {k: v for k, v in r.items() if k != "trainer"} for name, r in results.items()}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"config": {"quick": quick, "seed": seed, "device": device}, "results": summary}, f, indent=2)
+    print("\nfigures: " + ", ".join(paths.values()) + f"; numbers: {os.path.join(out, 'results.json')}")
+
+    if bench:
+        from . import bench as bench_mod
+        print("\nop speed (lsef_ext kernels vs the lsef_ref references and plain PyTorch"
+              + (", small sizes" if quick else "") + "):\n", flush=True)
+        bench_mod.run(quick=quick, devices=("cpu",))
+    print(f"\nlsef demo finished in {time.perf_counter() - t_start:.0f} s")
+    return {"results": results, "figures": paths}
