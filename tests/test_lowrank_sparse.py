@@ -1,6 +1,7 @@
 """lowrank_sparse (SPEC §3.5): robust PCA recovery of planted problems, and the unrolled form."""
 import pytest
 import torch
+from conftest import DEVICES, requires_cuda_kernels
 
 import lsef_ref
 from lsef_ext import ops
@@ -20,10 +21,18 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def needs_kernels(device):
+    for op in ("rsvd", "soft_threshold"):
+        requires_cuda_kernels(device, op)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_default_call_recovers_planted_problem(seed):
+def test_default_call_recovers_planted_problem(device, seed):
+    needs_kernels(device)
     L0, S0 = planted(seed)
-    L, S = ops.lowrank_sparse(L0 + S0, 4)
+    L, S = ops.lowrank_sparse((L0 + S0).to(device), 4)
+    L, S = L.cpu(), S.cpu()
     assert rel(L, L0) <= 1e-6  # SPEC §3.5
     assert rel(S, S0) <= 1e-6
     assert torch.linalg.matrix_rank(L).item() == 4
@@ -46,10 +55,12 @@ def test_matches_the_published_full_svd_solver():
     assert iters <= 40
 
 
-def test_matches_reference_and_is_batched():
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference_and_is_batched(device):
+    needs_kernels(device)
     pairs = [planted(s, n=60, rank=3) for s in range(3)]
     M = torch.stack([L0 + S0 for L0, S0 in pairs])
-    L, S = ops.lowrank_sparse(M, 3)
+    L, S = (t.cpu() for t in ops.lowrank_sparse(M.to(device), 3))
     Lr, Sr = lsef_ref.lowrank_sparse(M, 3)
     torch.testing.assert_close(L, Lr, rtol=0, atol=1e-9)
     torch.testing.assert_close(S, Sr, rtol=0, atol=1e-9)
@@ -57,13 +68,15 @@ def test_matches_reference_and_is_batched():
         assert rel(L[i], L0) <= 1e-6
 
 
-def test_unrolled_is_differentiable_and_matches_reference():
+@pytest.mark.parametrize("device", DEVICES)
+def test_unrolled_is_differentiable_and_matches_reference(device):
+    needs_kernels(device)
     L0, S0 = planted(0, n=40, rank=2)
-    X = (L0 + S0).requires_grad_()
+    X = (L0 + S0).to(device).requires_grad_()
     L, S = ops.lowrank_sparse(X, 2, lam=0.5, n_steps=3, method="unrolled")
-    Lr, Sr = lsef_ref.lowrank_sparse(X.detach(), 2, lam=0.5, n_steps=3, method="unrolled")
-    torch.testing.assert_close(L, Lr)
-    torch.testing.assert_close(S, Sr)
+    Lr, Sr = lsef_ref.lowrank_sparse(X.detach().cpu(), 2, lam=0.5, n_steps=3, method="unrolled")
+    torch.testing.assert_close(L.cpu(), Lr)
+    torch.testing.assert_close(S.cpu(), Sr)
     (L.square().sum() + S.abs().sum()).backward()
     assert torch.isfinite(X.grad).all() and X.grad.abs().sum() > 0
 

@@ -15,6 +15,17 @@ from lsef_ext import ops
 from lsef_ref.philox import gaussian, philox_words
 
 EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
+# "default": each backend picks its path by shape; "large": the CUDA kernel's large path (cuBLAS
+# products + batched QR/SVD kernels) forced for every shape, so both CUDA paths see every case.
+PATHS = ["default", "large"]
+
+
+def select_path(device, path, monkeypatch):
+    requires_cuda_kernels(device, "rsvd")
+    if path == "large":
+        if device != "cuda":
+            pytest.skip("the path is chosen per call only on CUDA")
+        monkeypatch.setenv("LSEF_RSVD_CUDA_FUSED_MAX_SIDE", "0")
 
 
 def with_spectrum(batch, m, n, sigma, dtype, device="cpu"):
@@ -50,12 +61,13 @@ def test_philox_known_answer_and_reference_stream():
                                    rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("spectrum", list(SPECTRA))
 @pytest.mark.parametrize("mn", [(8, 40), (40, 8), (12, 12), (70, 90)])
-def test_exact_path_matches_truncated_svd(device, dtype, spectrum, mn):
-    requires_cuda_kernels(device, "rsvd")
+def test_exact_path_matches_truncated_svd(device, dtype, spectrum, mn, path, monkeypatch):
+    select_path(device, path, monkeypatch)
     m, n = mn
     sigma = SPECTRA[spectrum](min(m, n))
     A = with_spectrum(3, m, n, sigma, dtype, device)
@@ -77,13 +89,14 @@ def test_exact_path_matches_truncated_svd(device, dtype, spectrum, mn):
         torch.testing.assert_close(L.double().cpu(), want, rtol=0, atol=tol * (1 + full[0].item() / gap))
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(4, 16, 512), (3, 32, 200), (2, 200, 32), (2, 100, 130)])
-def test_randomized_path_matches_reference(device, dtype, shape):
+@pytest.mark.parametrize("shape", [(4, 16, 512), (3, 32, 200), (2, 200, 32), (2, 100, 130), (2, 64, 64)])
+def test_randomized_path_matches_reference(device, dtype, shape, path, monkeypatch):
     """Same algorithm, same test matrix: the kernel equals the reference up to rounding,
     amplified by at most sigma_1 / gap for the singular vectors (Wedin)."""
-    requires_cuda_kernels(device, "rsvd")
+    select_path(device, path, monkeypatch)
     b, m, n = shape
     sigma = [1.0 / (i + 1) for i in range(min(m, n))]  # relative gaps >= 1/(k+1)^2 among the top k
     A = with_spectrum(b, m, n, sigma, dtype, device)
@@ -96,13 +109,15 @@ def test_randomized_path_matches_reference(device, dtype, shape):
         torch.testing.assert_close(g.cpu(), w, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 16, 512), (2, 200, 300)])
-def test_randomized_recovers_low_rank_exactly(dtype, shape):
+def test_randomized_recovers_low_rank_exactly(device, dtype, shape):
     """rank(A) <= l: the range finder captures range(A), so the result is the truncated SVD."""
+    requires_cuda_kernels(device, "rsvd")
     b, m, n = shape
     A = with_spectrum(b, m, n, [4.0, 3.0, 2.0, 1.0], dtype)
-    U, S, V = ops.rsvd(A, 4)
+    U, S, V = (t.cpu() for t in ops.rsvd(A.to(device), 4))
     Ue, Se, Ve = lsef_ref.truncated_svd(A.double(), 4)
     tol = backward_error_bound(A)
     torch.testing.assert_close(S.double(), Se, rtol=0, atol=tol)
@@ -118,44 +133,137 @@ def test_randomized_singular_values_never_exceed_the_true_ones():
     assert (S <= true * (1 + 1e-12)).all()
 
 
-@pytest.mark.parametrize("shape", [(5, 16, 512), (3, 200, 300)])  # fused and BLAS paths
-def test_reproducible_and_batch_independent(shape):
-    A = torch.randn(shape)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(5, 16, 512), (3, 200, 300)])  # fused and BLAS/large paths
+def test_reproducible_and_batch_independent(device, shape):
+    requires_cuda_kernels(device, "rsvd")
+    A = torch.randn(shape, device=device)
     first = ops.rsvd(A, 6, seed=123)
     again = ops.rsvd(A, 6, seed=123)
     for a, b in zip(first, again):
         assert torch.equal(a, b)
+    # The CUDA large path's products are cuBLAS GEMMs over the whole batch, whose kernel (and so
+    # summation order) may change with the batch size: there rsvd(A)[i] equals rsvd(A[i]) to
+    # rounding, not bit for bit (docs/DESIGN.md §10). Everywhere else, bit for bit.
+    bitwise = device == "cpu" or min(shape[1:]) <= 64
     for i in range(shape[0]):
         for a, b in zip(first, ops.rsvd(A[i], 6, seed=123)):
-            assert torch.equal(a[i], b)
+            if bitwise:
+                assert torch.equal(a[i], b)
+            else:
+                torch.testing.assert_close(a[i], b, rtol=0, atol=1e-3)
     other = ops.rsvd(A, 6, seed=124)[1]
     assert not torch.equal(first[1], other)  # the seed matters on the randomized path
 
 
-def test_non_contiguous_and_empty():
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_and_empty(device):
+    requires_cuda_kernels(device, "rsvd")
     A = torch.randn(3, 40, 12, dtype=torch.float64).mT  # (3, 12, 40), transposed strides
-    for a, b in zip(ops.rsvd(A, 3), lsef_ref.rsvd(A, 3)):
-        torch.testing.assert_close(a, b)
-    U, S, V = ops.rsvd(torch.randn(0, 6, 9), 2)
+    for a, b in zip(ops.rsvd(A.to(device), 3), lsef_ref.rsvd(A, 3)):
+        torch.testing.assert_close(a.cpu(), b)
+    U, S, V = ops.rsvd(torch.randn(0, 6, 9, device=device), 2)
     assert U.shape == (0, 6, 2) and S.shape == (0, 2) and V.shape == (0, 9, 2)
 
 
-def test_zero_matrix():
-    U, S, V = ops.rsvd(torch.zeros(2, 6, 9, dtype=torch.float64), 3)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_matrix(device, path, monkeypatch):
+    select_path(device, path, monkeypatch)
+    U, S, V = (t.cpu() for t in ops.rsvd(torch.zeros(2, 6, 9, dtype=torch.float64, device=device), 3))
     assert torch.equal(S, torch.zeros_like(S))
     eye = torch.eye(3, dtype=torch.float64)
     torch.testing.assert_close(U.mT @ U, eye.expand(2, 3, 3))
     torch.testing.assert_close(V.mT @ V, eye.expand(2, 3, 3))
 
 
-@pytest.mark.parametrize("shape", [(4, 16, 512), (4, 100, 130)])  # fused and BLAS paths
-def test_nan_input_gives_nan_for_that_matrix_only(shape):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("oversample", [8, 200])  # randomized, exact
+@pytest.mark.parametrize("shape", [(4, 16, 512), (4, 100, 130)])  # fused and BLAS/large paths
+def test_nan_input_gives_nan_for_that_matrix_only(device, oversample, shape):
+    requires_cuda_kernels(device, "rsvd")
     A = torch.randn(shape)
     A[1, 3, 5] = float("nan")
     A[2, 0, 0] = float("inf")
-    U, S, V = ops.rsvd(A, 3)
+    U, S, V = (t.cpu() for t in ops.rsvd(A.to(device), 3, oversample))
     for t in (U, S, V):
         assert t[1:3].isnan().all() and not t[0].isnan().any() and not t[3:].isnan().any()
+
+
+# ---- CUDA against the CPU kernel ------------------------------------------------------------
+
+
+def _requires_cuda():
+    requires_cuda_kernels("cuda", "rsvd")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 16, 512), (8, 300, 16), (4, 32, 768), (3, 100, 130), (5, 12, 12),
+                                   (2, 64, 2000), (2, 1, 50)])
+def test_cuda_agrees_with_cpu_kernel(shape, dtype, path, monkeypatch):
+    """One matrix, both backends: one algorithm on one test matrix, so they differ by rounding
+    (amplified by sigma_1 / gap for the vectors), on the randomized and the exact path."""
+    _requires_cuda()
+    select_path("cuda", path, monkeypatch)
+    b, m, n = shape
+    p = min(m, n)
+    sigma = [1.0 / (i + 1) for i in range(p)]
+    A = with_spectrum(b, m, n, sigma, dtype)
+    k = min(4, p)
+    gap = sigma[k - 1] - sigma[k] if k < p else sigma[-1]
+    tol = backward_error_bound(A) / gap * 10
+    for oversample in (8, p):
+        for g, c in zip(ops.rsvd(A.cuda(), k, oversample), ops.rsvd(A, k, oversample)):
+            torch.testing.assert_close(g.cpu(), c, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_cuda_draws_the_cpu_test_matrix(path, monkeypatch):
+    """With no power iteration and a slowly decaying spectrum the result depends on the test
+    matrix itself: CUDA must match the CPU to float64 rounding, while another seed does not."""
+    _requires_cuda()
+    select_path("cuda", path, monkeypatch)
+    A = with_spectrum(4, 16, 400, [1.0 / (i + 1) ** 0.5 for i in range(16)], torch.float64)
+    for seed in (0, 7, 2**40 + 3):
+        got = ops.rsvd(A.cuda(), 4, 4, 0, seed)[1].cpu()
+        want = ops.rsvd(A, 4, 4, 0, seed)[1]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+        other = ops.rsvd(A, 4, 4, 0, seed + 1)[1]
+        assert (other - want).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(6, 16, 300), (3, 80, 20)])
+def test_half_inputs_are_computed_in_float32(shape, dtype, path, monkeypatch):
+    """float16/bfloat16 in, same dtype out: the float32 computation on the same values, each
+    result rounded once (so equal to rounding the float32 call's results)."""
+    _requires_cuda()
+    select_path("cuda", path, monkeypatch)
+    A = torch.randn(shape, device="cuda").to(dtype)
+    got = ops.rsvd(A, 4)
+    want = ops.rsvd(A.float(), 4)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        assert torch.equal(g, w.to(dtype))
+    L = ops.lowrank(A, 4)
+    assert L.dtype == dtype and torch.isfinite(L).all()
+
+
+def test_cuda_large_inputs_and_non_finite_on_the_fused_path_with_global_scratch():
+    """q so long that the fused kernel's work arrays exceed shared memory (global scratch)."""
+    _requires_cuda()
+    A = with_spectrum(3, 8, 40000, [1.0 / (i + 1) for i in range(8)], torch.float64)
+    A[1, 0, 0] = float("nan")
+    got = ops.rsvd(A.cuda(), 2, 2)
+    want = ops.rsvd(A, 2, 2)
+    for g, w in zip(got, want):
+        assert g[1].isnan().all()
+        gap = 1 / 2 - 1 / 3
+        torch.testing.assert_close(g.cpu()[0::2], w[0::2], rtol=0, atol=backward_error_bound(A[0::2]) / gap * 10)
 
 
 # ---- gradients ---------------------------------------------------------------------------
@@ -165,24 +273,32 @@ def rank_k(m, n, k, dtype=torch.float64):
     return (torch.randn(m, k, dtype=dtype) @ torch.randn(k, n, dtype=dtype)).requires_grad_()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mnk", [(5, 7, 5), (7, 5, 5), (6, 9, 3), (9, 6, 2)])
-def test_gradcheck_rsvd(mnk):
+def test_gradcheck_rsvd(device, mnk):
     """Forward exact (l = min(m, n)) and derivative exact (k = min(m, n) or rank(A) = k)."""
+    requires_cuda_kernels(device, "rsvd")
     m, n, k = mnk
-    A = rank_k(m, n, k) if k < min(m, n) else torch.randn(m, n, dtype=torch.float64, requires_grad=True)
+    A = rank_k(m, n, k) if k < min(m, n) else torch.randn(m, n, dtype=torch.float64)
+    A = A.detach().to(device).requires_grad_()
     assert torch.autograd.gradcheck(lambda A: ops.rsvd(A, k, oversample=min(m, n)), (A,))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mnk", [(5, 7, 5), (6, 9, 3), (9, 6, 2)])
-def test_gradcheck_lowrank(mnk):
+def test_gradcheck_lowrank(device, mnk):
+    requires_cuda_kernels(device, "rsvd")
     m, n, k = mnk
-    A = rank_k(m, n, k) if k < min(m, n) else torch.randn(m, n, dtype=torch.float64, requires_grad=True)
+    A = rank_k(m, n, k) if k < min(m, n) else torch.randn(m, n, dtype=torch.float64)
+    A = A.detach().to(device).requires_grad_()
     assert torch.autograd.gradcheck(lambda A: ops.lowrank(A, k, oversample=min(m, n)), (A,))
 
 
-def test_lowrank_backward_is_the_tangent_projection():
-    A = torch.randn(3, 16, 100, dtype=torch.float64, requires_grad=True)
-    G = torch.randn(3, 16, 100, dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_backward_is_the_tangent_projection(device):
+    requires_cuda_kernels(device, "rsvd")
+    A = torch.randn(3, 16, 100, dtype=torch.float64, device=device, requires_grad=True)
+    G = torch.randn(3, 16, 100, dtype=torch.float64, device=device)
     (dA,) = torch.autograd.grad(ops.lowrank(A, 4), A, G)
     U, _, V = ops.rsvd(A.detach(), 4)
     PU, PV = U @ U.mT, V @ V.mT
@@ -194,18 +310,23 @@ def test_lowrank_backward_is_the_tangent_projection():
     torch.ones(6, 9, dtype=torch.float64),  # rank 1: sigma_2.. = 0
     torch.eye(6, 9, dtype=torch.float64) * 2.0,  # all singular values repeated
 ])
-def test_degenerate_spectra_give_finite_gradients(A):
-    A = A.clone().requires_grad_()
+@pytest.mark.parametrize("device", DEVICES)
+def test_degenerate_spectra_give_finite_gradients(A, device):
+    requires_cuda_kernels(device, "rsvd")
+    A = A.clone().to(device).requires_grad_()
     U, S, V = ops.rsvd(A, 3)
-    loss = U.sum() + S.sum() + (V**2 * torch.arange(9.0, dtype=torch.float64)[:, None]).sum()
+    weights = torch.arange(9.0, dtype=torch.float64, device=device)[:, None]
+    loss = U.sum() + S.sum() + (V**2 * weights).sum()
     (dA,) = torch.autograd.grad(loss, A)
     assert torch.isfinite(dA).all()
     (dL,) = torch.autograd.grad(ops.lowrank(A, 3).sum(), A)
     assert torch.isfinite(dL).all()
 
 
-def test_opcheck():
-    for A in (torch.randn(2, 6, 9), torch.randn(3, 16, 40, requires_grad=True)):
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    requires_cuda_kernels(device, "rsvd")
+    for A in (torch.randn(2, 6, 9, device=device), torch.randn(3, 16, 40, device=device, requires_grad=True)):
         torch.library.opcheck(torch.ops.lsef.rsvd.default, (A, 3, 8, 2, 0))
         torch.library.opcheck(torch.ops.lsef.lowrank.default, (A, 3, 2, 1, 5))
 

@@ -1,0 +1,331 @@
+// rsvd: CUDA kernels (float32, float64, and float16, bfloat16 computed in float32). The
+// per-matrix algorithm is rsvd_block.cuh (the block-parallel form of the CPU kernel); this file
+// launches it. docs/DESIGN.md §10.
+//
+// * Fused path (short side p <= 64, the video case T x D): ONE launch for the whole forward.
+//   One thread block per matrix does the sketch and Gram matrix in one pass over W, the power
+//   iterations on the p x p Gram matrix with Householder re-orthonormalisation, Z = W^T Q in a
+//   second pass over W, the Householder QR and one-sided Jacobi SVD of Z, the sign convention,
+//   and writes U, S, V once. Work arrays are in shared memory when they fit, else in a global
+//   scratch slice per block (same code).
+// * Large path (p > 64): the products W Omega, W^T Q, W Q_z, Q^T W through ATen (cuBLAS), each
+//   orthonormalisation one launch for the whole batch (a block per matrix), and one launch for
+//   the tail (QR + Jacobi of Z, signs, outputs).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include "common/cuda_utils.cuh"
+#include "common/philox.h"
+#include "rsvd/rsvd_args.h"
+#include "rsvd/rsvd_block.cuh"
+
+namespace lsef {
+namespace rsvd {
+namespace {
+
+constexpr const char* kOp = "rsvd";
+using block::kThreads;
+
+struct CudaCtx {
+  int tid, lane, warp;
+  __device__ CudaCtx() : tid(threadIdx.x), lane(threadIdx.x & 31), warp(threadIdx.x >> 5) {}
+  __device__ void sync() { __syncthreads(); }
+  __device__ bool sync_or(bool v) { return __syncthreads_or(v) != 0; }
+  __device__ void syncwarp() { __syncwarp(); }
+  template <typename V>
+  __device__ V shfl_xor(V v, int mask) {
+    return __shfl_xor_sync(0xffffffffu, v, mask);
+  }
+};
+
+// The block's arena: dynamic shared memory, or its slice of a global scratch buffer.
+template <typename A>
+__device__ __forceinline__ A* block_arena(A* scratch, int64_t elems) {
+  extern __shared__ __align__(16) unsigned char lsef_rsvd_smem[];
+  return scratch != nullptr ? scratch + blockIdx.x * elems : reinterpret_cast<A*>(lsef_rsvd_smem);
+}
+
+template <typename T, typename A>
+struct FusedParams {
+  const T* in;
+  T *U, *S, *V;
+  const A* omega_t;  // l x q row-major; null on the exact path
+  A* scratch;        // null: the arena is in shared memory
+  int64_t batch, m, n, q, arena;
+  int p, l, k, n_iter;
+  bool wide;
+  block::FusedLayout F;
+};
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) fused_kernel(FusedParams<T, A> P) {
+  A* arena = block_arena(P.scratch, P.arena);
+  CudaCtx ctx;
+  for (int64_t b = blockIdx.x; b < P.batch; b += gridDim.x) {
+    const block::Wide<T> W{P.in + b * P.m * P.n, P.wide ? P.n : 1, P.wide ? 1 : P.n, P.p, P.q};
+    const block::Out<T> out{P.U + b * P.m * P.k, P.S + b * P.k, P.V + b * P.n * P.k, P.m, P.n};
+    block::fused_matrix<CudaCtx, T, A>(ctx, W, P.l, P.k, P.n_iter, P.omega_t, arena, P.F, out,
+                                       P.wide);
+    ctx.sync();  // the next matrix reuses the arena
+  }
+}
+
+// Y (batch of rows x l, column-major) -> Q with orthonormal columns spanning range(Y).
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    orth_kernel(A* Y, A* Q, int64_t batch, int64_t rows, int l, A* scratch, int64_t arena_elems) {
+  A* arena = block_arena(scratch, arena_elems);
+  CudaCtx ctx;
+  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
+    block::orthonormalize(ctx, Y + b * rows * l, rows, l, Q + b * rows * l, arena, arena + l);
+    ctx.sync();
+  }
+}
+
+template <typename T, typename A>
+struct TailParams {
+  A* Z;               // batch of q x l, column-major (destroyed)
+  const A* Q;         // batch of p x l, column-major; null on the exact path
+  const bool* finite;  // per matrix
+  T *U, *S, *V;
+  A* scratch;
+  int64_t batch, m, n, p, q, arena;
+  int l, k;
+  bool wide;
+  block::TailLayout L;
+};
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) tail_kernel(TailParams<T, A> P) {
+  A* arena = block_arena(P.scratch, P.arena);
+  CudaCtx ctx;
+  for (int64_t b = blockIdx.x; b < P.batch; b += gridDim.x) {
+    const block::Out<T> out{P.U + b * P.m * P.k, P.S + b * P.k, P.V + b * P.n * P.k, P.m, P.n};
+    if (!P.finite[b]) {
+      block::write_nan<CudaCtx, T, A>(ctx, out, P.k);
+    } else {
+      const A* Q = P.Q == nullptr ? nullptr : P.Q + b * P.p * P.l;
+      block::tail<CudaCtx, T, A>(ctx, P.Z + b * P.q * P.l, P.q, P.l, Q, P.p, P.k, arena, P.L,
+                                 out, P.wide);
+    }
+    ctx.sync();
+  }
+}
+
+// Where a kernel's per-block arena of `elems` elements goes, and the grid: shared memory when
+// it fits the device's opt-in limit (one block per matrix), else a global scratch slice per
+// block, with a grid of a few blocks per multiprocessor looping over the batch.
+template <typename A>
+struct ArenaPlan {
+  unsigned grid = 1;
+  size_t shared_bytes = 0;
+  at::Tensor scratch;
+  A* scratch_ptr() const { return scratch.defined() ? scratch.data_ptr<A>() : nullptr; }
+};
+
+template <typename A, typename Kernel>
+ArenaPlan<A> plan_arena(Kernel kernel, int64_t batch, int64_t elems, const at::Tensor& like) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const size_t bytes = static_cast<size_t>(elems) * sizeof(A);
+  ArenaPlan<A> plan;
+  if (bytes <= prop->sharedMemPerBlockOptin) {
+    plan.shared_bytes = bytes;
+    plan.grid = static_cast<unsigned>(std::min<int64_t>(batch, int64_t{1} << 30));
+    if (bytes > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(bytes)));
+    }
+  } else {
+    plan.grid = static_cast<unsigned>(std::min<int64_t>(batch, 2 * prop->multiProcessorCount));
+    plan.scratch = at::empty({int64_t{plan.grid} * elems}, like.options().dtype(c10::CppTypeToScalarType<A>::value));
+  }
+  return plan;
+}
+
+// Omega^T (l x q, row-major) on the device, drawn on the host by the code the CPU kernel uses
+// (so both backends use the same bits) and cached per (device, q, l, seed, dtype): after the
+// first call with a shape and seed, the fused forward is a single launch. Entries are never
+// evicted (a kernel on another stream may still read one); past kMaxCached, matrices are drawn
+// per call instead. The map is leaked on purpose: no CUDA frees after the driver shuts down.
+constexpr size_t kMaxCached = 64;
+
+at::Tensor test_matrix(int64_t q, int64_t l, int64_t seed, at::ScalarType dtype, at::Device device) {
+  using Key = std::tuple<int, int64_t, int64_t, int64_t, int>;
+  static std::mutex mutex;
+  static auto* cache = new std::map<Key, at::Tensor>();
+  const Key key{device.index(), q, l, seed, static_cast<int>(dtype)};
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = cache->find(key);
+    if (it != cache->end()) return it->second;
+  }
+  at::Tensor host = at::empty({l, q}, at::TensorOptions().dtype(at::kDouble));
+  double* h = host.data_ptr<double>();
+  for (int64_t j = 0; j < q; ++j)
+    for (int64_t c = 0; c < l; ++c) h[c * q + j] = philox::normal(j * l + c, static_cast<uint64_t>(seed));
+  // Rounded to the dtype on the host, as static_cast<T>(normal) on the CPU; a blocking copy, so
+  // the entry is complete before any stream reads it.
+  at::Tensor dev = host.to(dtype).to(device);
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cache->size() < kMaxCached) cache->emplace(key, dev);
+  return dev;
+}
+
+// Matrices whose short side exceeds this take the large path. LSEF_RSVD_CUDA_FUSED_MAX_SIDE
+// (read at every call, clamped to [0, 64]) overrides it, to measure the crossover or to force
+// the large path in tests.
+int64_t fused_max_side() {
+  const char* env = std::getenv("LSEF_RSVD_CUDA_FUSED_MAX_SIDE");
+  const int64_t v = env != nullptr ? std::atoll(env) : int64_t{block::kFusedMaxSide};
+  return std::clamp<int64_t>(v, 0, block::kFusedMaxSide);
+}
+
+struct Outputs {
+  at::Tensor U, S, V;
+};
+
+template <typename T, typename A>
+void fused(const at::Tensor& A_in, const Shape& sh, int64_t n_iter, const at::Tensor& omega,
+           Outputs& o) {
+  const int64_t p = std::min(sh.m, sh.n), q = std::max(sh.m, sh.n);
+  FusedParams<T, A> P;
+  P.in = A_in.data_ptr<T>();
+  P.U = o.U.data_ptr<T>();
+  P.S = o.S.data_ptr<T>();
+  P.V = o.V.data_ptr<T>();
+  P.omega_t = omega.defined() ? omega.data_ptr<A>() : nullptr;
+  P.batch = sh.batch;
+  P.m = sh.m;
+  P.n = sh.n;
+  P.q = q;
+  P.p = static_cast<int>(p);
+  P.l = static_cast<int>(sh.l);
+  P.k = static_cast<int>(sh.k);
+  P.n_iter = static_cast<int>(std::min<int64_t>(n_iter, 1 << 30));
+  P.wide = sh.m <= sh.n;
+  P.F = block::fused_layout(p, q, sh.l, sh.k, sh.exact());
+  P.arena = P.F.total;
+  const ArenaPlan<A> plan = plan_arena<A>(fused_kernel<T, A>, sh.batch, P.arena, A_in);
+  P.scratch = plan.scratch_ptr();
+  fused_kernel<T, A><<<plan.grid, kThreads, plan.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(P);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Householder-orthonormalises every matrix of Y (B, rows, l); returns Q (B, rows, l), a view of
+// a column-major buffer.
+template <typename A>
+at::Tensor orthonormalize(const at::Tensor& Y) {
+  const int64_t batch = Y.size(0), rows = Y.size(1), l = Y.size(2);
+  at::Tensor Yc = Y.mT().contiguous();  // (B, l, rows): column-major rows x l per matrix
+  at::Tensor Q = at::empty_like(Yc);
+  const ArenaPlan<A> plan = plan_arena<A>(orth_kernel<A>, batch, 2 * l, Yc);
+  orth_kernel<A><<<plan.grid, kThreads, plan.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(
+      Yc.data_ptr<A>(), Q.data_ptr<A>(), batch, rows, static_cast<int>(l), plan.scratch_ptr(), 2 * l);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return Q.mT();
+}
+
+template <typename T, typename A>
+void large(const at::Tensor& A_in, const Shape& sh, int64_t n_iter, const at::Tensor& omega,
+           Outputs& o) {
+  const int64_t p = std::min(sh.m, sh.n), q = std::max(sh.m, sh.n);
+  const bool wide = sh.m <= sh.n;
+  const at::ScalarType acc = c10::CppTypeToScalarType<A>::value;
+  const at::Tensor A3 = A_in.reshape({sh.batch, sh.m, sh.n}).to(acc);
+  // Non-finite matrices go through as zeros (the factorizations need finite input) and come
+  // out as NaN, as on the fused path and the CPU.
+  const at::Tensor finite = at::isfinite(A3).flatten(1).all(1).contiguous();
+  const at::Tensor clean = at::where(finite.view({-1, 1, 1}), A3, at::zeros({}, A3.options()));
+  const at::Tensor W = wide ? clean : clean.mT();  // (B, p, q)
+  at::Tensor Z, Q;
+  int64_t l = sh.l;
+  if (sh.exact()) {
+    Z = W.contiguous();  // (B, p, q) row-major = W^T column-major; `clean` is ours to destroy
+    l = p;
+  } else {
+    const at::Tensor omega_q = omega.mT();  // q x l
+    Q = orthonormalize<A>(at::matmul(W, omega_q));
+    for (int64_t it = 0; it < n_iter; ++it) {
+      const at::Tensor Qz = orthonormalize<A>(at::matmul(W.mT(), Q));
+      Q = orthonormalize<A>(at::matmul(W, Qz));
+    }
+    Z = at::matmul(Q.mT(), W).contiguous();  // (B, l, q): Z = W^T Q column-major
+    Q = Q.mT().contiguous();                   // (B, l, p): Q column-major (a no-op copy)
+  }
+  TailParams<T, A> P;
+  P.Z = Z.data_ptr<A>();
+  P.Q = Q.defined() ? Q.data_ptr<A>() : nullptr;
+  P.finite = finite.data_ptr<bool>();
+  P.U = o.U.data_ptr<T>();
+  P.S = o.S.data_ptr<T>();
+  P.V = o.V.data_ptr<T>();
+  P.batch = sh.batch;
+  P.m = sh.m;
+  P.n = sh.n;
+  P.p = p;
+  P.q = q;
+  P.l = static_cast<int>(l);
+  P.k = static_cast<int>(sh.k);
+  P.wide = wide;
+  P.L = block::tail_layout(p, q, l, sh.k, 0);
+  P.arena = P.L.total;
+  const ArenaPlan<A> plan = plan_arena<A>(tail_kernel<T, A>, sh.batch, P.arena, Z);
+  P.scratch = plan.scratch_ptr();
+  tail_kernel<T, A><<<plan.grid, kThreads, plan.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(P);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A_in, int64_t k,
+                                                         int64_t oversample, int64_t n_iter,
+                                                         int64_t seed) {
+  const Shape sh = check(kOp, A_in, k, oversample, n_iter);
+  check_cuda_dtype(kOp, "A", A_in);
+  const c10::cuda::CUDAGuard guard(A_in.device());
+  const at::Tensor A = A_in.contiguous();
+  auto batch_shape = A.sizes().slice(0, A.dim() - 2).vec();
+  auto with = [&](std::initializer_list<int64_t> tail) {
+    auto s = batch_shape;
+    s.insert(s.end(), tail);
+    return at::empty(s, A.options());
+  };
+  Outputs o{with({sh.m, k}), with({k}), with({sh.n, k})};
+  if (sh.batch == 0) return {o.U, o.S, o.V};
+  const int64_t p = std::min(sh.m, sh.n), q = std::max(sh.m, sh.n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), kOp, [&] {
+    using T = scalar_t;
+    using Acc = at::opmath_type<T>;
+    const at::Tensor omega =
+        sh.exact() ? at::Tensor()
+                   : test_matrix(q, sh.l, seed, c10::CppTypeToScalarType<Acc>::value, A.device());
+    if (p <= fused_max_side()) {
+      fused<T, Acc>(A, sh, n_iter, omega, o);
+    } else {
+      large<T, Acc>(A, sh, n_iter, omega, o);
+    }
+  });
+  return {o.U, o.S, o.V};
+}
+
+}  // namespace
+}  // namespace rsvd
+}  // namespace lsef
+
+TORCH_LIBRARY_IMPL(lsef, CUDA, m) { m.impl("rsvd", &lsef::rsvd::rsvd_cuda); }
