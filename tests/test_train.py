@@ -1,0 +1,301 @@
+"""lsef_ext.train: metrics, the Trainer (loss goes down, files, resume), and DDP with gloo."""
+import json
+import csv
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lsef_ext.nn import LSEF
+from lsef_ext.train import (TrainConfig, Trainer, ccc, distributed_env, evaluate, load_data, predict, uar,
+                            war)
+
+SMALL = dict(n_train=256, n_test=64, T=8, D=24, d_model=16, rank=3, batch_size=32, lr=3e-3)
+
+
+def config(**kw):
+    return TrainConfig(**{**SMALL, **kw})
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------
+
+def test_war_and_uar_hand_computed():
+    y = torch.tensor([0, 0, 0, 0, 0, 0, 1, 2])
+    pred = torch.tensor([0, 0, 0, 0, 0, 0, 0, 2])       # class 1 never recalled
+    assert war(pred, y) == pytest.approx(7 / 8)
+    assert uar(pred, y) == pytest.approx((1 + 0 + 1) / 3)
+    # always predicting the majority class: high WAR, UAR = 1/3
+    maj = torch.zeros(8, dtype=torch.long)
+    assert war(maj, y) == pytest.approx(6 / 8) and uar(maj, y) == pytest.approx(1 / 3)
+    # logits are argmaxed; classes absent from y do not count in UAR
+    logits = torch.nn.functional.one_hot(pred, 5).float()
+    assert war(logits, y) == pytest.approx(7 / 8)
+    assert uar(logits, y) == pytest.approx(2 / 3)
+    assert uar(pred, y, num_classes=5) == pytest.approx(2 / 3)
+    # balanced and perfect
+    assert war(y, y) == 1.0 and uar(y, y) == 1.0
+    assert math.isnan(war(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)))
+
+
+def test_ccc_hand_computed():
+    x = torch.tensor([[1.0, 2.0], [2.0, 0.0], [3.0, 1.0], [4.0, 5.0]])
+    torch.testing.assert_close(ccc(x, x), torch.ones(2))
+    torch.testing.assert_close(ccc(-x + 2 * x.mean(0), x), -torch.ones(2))   # negated about the mean
+    neg = ccc(-x, x)
+    assert (neg < 0).all() and (neg >= -1).all()
+    shifted = ccc(x + 1.0, x)
+    assert (shifted < 1).all() and (shifted > 0.5).all()
+    # column 0: mean 2.5, population var 1.25; shifted by 1: 2*1.25 / (2*1.25 + 1) = 2.5 / 3.5
+    assert float(shifted[0]) == pytest.approx(2.5 / 3.5, rel=1e-6)
+    # scaling hurts CCC (unlike Pearson correlation)
+    assert float(ccc(2 * x, x)[0]) == pytest.approx(2 * 2 * 1.25 / (4 * 1.25 + 1.25 + 2.5 ** 2), rel=1e-6)
+
+
+def test_predict_and_evaluate():
+    torch.manual_seed(0)
+    model = LSEF(24, 7, d_model=16, rank=3)
+    model.train()
+    x, y, _ = load_data(config(n_test=40), "test")
+    p = predict(model, x, batch_size=16)
+    assert p.shape == (40, 7) and model.training           # mode restored
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(p, model(x).pred, rtol=1e-5, atol=1e-5)
+    m = evaluate(model, x, y)
+    assert set(m) == {"war", "uar"}
+    assert m["war"] == pytest.approx(war(p, y))
+    reg = LSEF(24, 7, d_model=16, rank=3, task="regression")
+    xr, va, _ = load_data(config(task="regression", n_test=40), "test")
+    mr = evaluate(reg, xr, va, task="regression")
+    assert set(mr) == {"ccc_valence", "ccc_arousal"} and all(-1 <= v <= 1 for v in mr.values())
+
+
+def test_distributed_env(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert distributed_env() == (0, 1, 0)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed_env() == (3, 4, 1)
+
+
+def test_load_data_feature_folder(tmp_path):
+    import numpy as np
+    (tmp_path / "features").mkdir()
+    with open(tmp_path / "labels.csv", "w") as f:
+        f.write("clip,label,split\n")
+        for i in range(6):
+            f.write(f"c{i},{'ab'[i % 2]},{'train' if i < 4 else 'test'}\n")
+            np.save(tmp_path / "features" / f"c{i}.npy", np.random.rand(10 + i, 5))
+    x, y, nc = load_data(config(data=str(tmp_path), T=8), "train")
+    assert x.shape == (4, 8, 5) and y.tolist() == [0, 1, 0, 1] and nc == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------
+
+def test_trainer_lowers_loss_and_writes_files(tmp_path):
+    cfg = config(epochs=3, out=str(tmp_path / "run"), lr=5e-3)
+    tr = Trainer(cfg, load_data(cfg, "train"), val=load_data(cfg, "test")[:2], progress=False)
+    before = state(tr.net)
+    hist = tr.fit()
+    assert [r["epoch"] for r in hist] == [1, 2, 3]
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert all(math.isfinite(r["loss"]) for r in hist)
+    assert {"val_war", "val_uar", "seconds"} <= set(hist[0])
+    assert any(not torch.equal(before[k], v) for k, v in tr.net.state_dict().items())
+    out = tmp_path / "run"
+    assert (out / "checkpoint.pt").is_file() and not (out / "checkpoint.pt.tmp").exists()
+    meta = json.loads((out / "metrics.json").read_text())
+    assert meta["config"]["epochs"] == 3 and len(meta["history"]) == 3
+    assert meta["history"][-1]["loss"] == pytest.approx(hist[-1]["loss"])
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and float(rows[2]["loss"]) == pytest.approx(hist[2]["loss"])
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] == 3 and set(ck) >= {"model", "optimizer", "scheduler", "rng", "history"}
+    for k, v in tr.net.state_dict().items():
+        assert torch.equal(ck["model"][k], v)
+
+
+def test_trainer_regression_and_baseline_no_rao():
+    cfg = config(epochs=2, task="regression", n_train=128)
+    tr = Trainer(cfg, load_data(cfg, "train"), val=load_data(cfg, "test")[:2], progress=False)
+    hist = tr.fit()
+    assert {"val_ccc_valence", "val_ccc_arousal"} <= set(hist[-1])
+    cfg = config(epochs=3, model="meanpool-mlp", rao=False, lr=1e-2)
+    tr = Trainer(cfg, load_data(cfg, "train"), progress=False)
+    assert isinstance(tr.opt, torch.optim.AdamW)
+    hist = tr.fit()
+    assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_after(tr, epoch):
+    save = tr.save
+
+    def crashing_save():
+        save()
+        if tr.epoch == epoch:
+            raise _Crash
+
+    tr.save = crashing_save
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
+    cfg = config(epochs=3, out=str(tmp_path / "full"))
+    data = load_data(cfg, "train")
+    full = Trainer(cfg, data, progress=False)
+    full.fit()
+
+    cut = config(epochs=3, out=str(tmp_path / "cut"))
+    tr = Trainer(cut, data, progress=False)
+    _crash_after(tr, 2)
+    with pytest.raises(_Crash):
+        tr.fit()
+    torch.manual_seed(12345)                    # the resumed run must not depend on global RNG
+    again = Trainer(config(epochs=3, out=str(tmp_path / "cut"), resume=True), data, progress=False)
+    assert again.epoch == 2 and len(again.history) == 2
+    hist = again.fit()
+    assert [r["epoch"] for r in hist] == [1, 2, 3]
+    for k, v in full.net.state_dict().items():
+        assert torch.equal(again.net.state_dict()[k], v), k
+    assert hist[2]["loss"] == full.history[2]["loss"]
+
+
+def test_resume_extends_a_finished_run(tmp_path):
+    # "train 2 epochs, then resume with epochs=3": continues at epoch 3 with 3 history rows.
+    # Its weights are NOT those of an uninterrupted 3-epoch run, by construction: the cosine
+    # schedule spans cfg.epochs, so the first run annealed to lr 0 over 2 epochs and the resumed
+    # one jumps back to lr·0.25 for the third (asserted below, so a change is noticed).
+    data = load_data(config(), "train")
+    full = Trainer(config(epochs=3), data, progress=False)
+    full.fit()
+    first = Trainer(config(epochs=2, out=str(tmp_path)), data, progress=False)
+    first.fit()
+    more = Trainer(config(epochs=3, out=str(tmp_path), resume=True), data, progress=False)
+    assert more.epoch == 2
+    lrs = []
+    step = more.train_step
+    more.train_step = lambda xb, tb: (lrs.append(more.opt.optimizer.param_groups[0]["lr"]), step(xb, tb))[1]
+    hist = more.fit()
+    # the first step uses the lr the first run ended with (0), the rest the 3-epoch cosine
+    spe = more.steps_per_epoch
+    assert len(lrs) == spe and lrs[0] == pytest.approx(0.0, abs=1e-12)
+    expect = [SMALL["lr"] * 0.5 * (1 + math.cos(math.pi * s / (3 * spe))) for s in range(2 * spe + 1, 3 * spe)]
+    assert lrs[1:] == pytest.approx(expect)
+    assert [r["epoch"] for r in hist] == [1, 2, 3]
+    assert hist[:2] == first.history
+    assert len(json.loads((tmp_path / "metrics.json").read_text())["history"]) == 3
+    diff = max(float((v - full.net.state_dict()[k]).abs().max()) for k, v in more.net.state_dict().items())
+    assert diff > 0
+    # a finished run resumed with the same epochs does nothing more
+    done = Trainer(config(epochs=3, out=str(tmp_path), resume=True), data, progress=False)
+    assert done.fit() == hist
+
+
+def test_resume_errors(tmp_path):
+    data = load_data(config(), "train")
+    with pytest.raises(FileNotFoundError, match="resume: no checkpoint at"):
+        Trainer(config(out=str(tmp_path / "none"), resume=True), data, progress=False)
+    with pytest.raises(FileNotFoundError, match="resume: no checkpoint at None"):
+        Trainer(config(resume=True), data, progress=False)
+    Trainer(config(epochs=1, n_train=64, out=str(tmp_path)), data, progress=False).fit()
+    with pytest.raises(ValueError, match=r"resume: checkpoint .* has rank=3, this run has rank=2"):
+        Trainer(config(rank=2, out=str(tmp_path), resume=True), data, progress=False)
+    with pytest.raises(ValueError, match="has model='lsef', this run has model='lsef-no-cim'"):
+        Trainer(config(model="lsef-no-cim", out=str(tmp_path), resume=True), data, progress=False)
+    with pytest.raises(ValueError, match="has rao=True, this run has rao=False"):
+        Trainer(config(rao=False, out=str(tmp_path), resume=True), data, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# DistributedDataParallel (gloo, 2 CPU processes under torchrun)
+# ---------------------------------------------------------------------------------------------
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    from lsef_ext.train import TrainConfig, Trainer, load_data
+    out, n_train = sys.argv[1], int(sys.argv[2])
+    cfg = TrainConfig(n_train=n_train, n_test=32, T=8, D=24, d_model=16, rank=3, batch_size=32,
+                      epochs=2, lr=3e-3, out=os.path.join(out, "run"))
+    tr = Trainer(cfg, load_data(cfg, "train"), progress=False)
+    init = {k: v.clone() for k, v in tr.net.state_dict().items()}
+    hist = tr.fit()
+    rank = int(os.environ["RANK"])
+    torch.save(tr.net.state_dict(), os.path.join(out, f"params{rank}.pt"))
+    changed = any(not torch.equal(init[k], v) for k, v in tr.net.state_dict().items())
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"world": tr.world, "distributed": tr.distributed, "ddp": type(tr.model).__name__,
+                   "steps_per_epoch": tr.steps_per_epoch, "changed": changed, "history": hist}, f)
+""")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(tmp_path, n_train, timeout):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path),
+           str(n_train)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_ddp_two_cpu_processes_agree(tmp_path):
+    proc = _torchrun(tmp_path, 256, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    info = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for i in info:
+        assert i["world"] == 2 and i["distributed"] and i["ddp"] == "DistributedDataParallel"
+        assert i["steps_per_epoch"] == 4            # 256 clips / (32 per batch * 2 ranks)
+        assert i["changed"] and len(i["history"]) == 2
+    p0 = torch.load(tmp_path / "params0.pt")
+    p1 = torch.load(tmp_path / "params1.pt")
+    assert p0.keys() == p1.keys()
+    for k in p0:
+        assert torch.equal(p0[k], p1[k]), k
+    # rank 0 wrote the checkpoint (of the unwrapped model) and the metrics; rank 1 wrote nothing
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ck["epoch"] == 2
+    for k in p0:
+        assert torch.equal(ck["model"][k], p0[k])
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Trainer.fit under DDP: each rank takes perm[rank*per_rank:(rank+1)*per_rank] with "
+    "per_rank = steps_per_epoch*batch_size, so when n_train is not a multiple of "
+    "batch_size*world_size the last rank gets fewer batches (n=200, batch 32, 2 ranks: rank 0 "
+    "takes 4 steps per epoch, rank 1 takes 3); the DDP all-reduces then pair different steps and "
+    "rank 0 dies with 'Connection closed by peer' when rank 1 exits (or hangs)"))
+def test_ddp_uneven_shards(tmp_path):
+    proc = _torchrun(tmp_path, 200, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    p0 = torch.load(tmp_path / "params0.pt")
+    p1 = torch.load(tmp_path / "params1.pt")
+    for k in p0:
+        assert torch.equal(p0[k], p1[k]), k
