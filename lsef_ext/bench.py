@@ -389,3 +389,38 @@ def _target_text(target: Optional[float], speedup: float) -> str:
 def write_json(report: Dict[str, object], path: str) -> None:
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
+
+
+@case("LSEF training, 10 steps (32, 16, 512): fwd+bwd+RAO", devices=("cpu",))
+def _lsef_training_step(device, quick):
+    """One optimisation step of the LSEF classifier (SEM + DDM + CIM + head, cross-entropy plus
+    the consistency terms, RAO around AdamW), the same model and weights on the compiled ops and
+    on the lsef_ref references. A timed call is 10 steps, so it holds one of RAO's subspace
+    refreshes (every 10 steps by default) in its proportion."""
+    from lsef_ext.nn import LSEF
+    from lsef_ext.optim import RAO
+
+    batch, T, D = (8, 16, 128) if quick else (32, 16, 512)
+    X = torch.randn(batch, T, D, device=device)
+    y = torch.randint(0, 7, (batch,), device=device)
+    torch.manual_seed(0)
+    ext_model = LSEF(D, ops="ext").to(device)
+    ref_model = LSEF(D, ops="ref").to(device)
+    ref_model.load_state_dict(ext_model.state_dict())
+
+    def stepper(model, ops_name):
+        opt = RAO(torch.optim.AdamW(model.parameters(), lr=1e-4), ops=ops_name)
+
+        def steps():
+            for _ in range(10):
+                out = model(X)
+                loss = torch.nn.functional.cross_entropy(out.pred, y) + model.regulariser(out)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return steps
+
+    return Setup(
+        variants={EXT: stepper(ext_model, "ext"), "reference": stepper(ref_model, "ref")},
+        targets={"reference": 2.0},
+    )

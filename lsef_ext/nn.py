@@ -256,7 +256,8 @@ class LSEF(nn.Module):
         self.loss_weights = tuple(loss_weights)
         self.sem = SEM(d_in, d_model, rank, rpca_steps, rpca_lam, ops)
         if use_ddm:
-            self.ddm = DDM(d_in, d_model, rank, refine, ops=ops)
+            # Without SEM there is no low-rank part, so DDM must not rebuild one by refinement.
+            self.ddm = DDM(d_in, d_model, rank, refine if use_sem else 0, ops=ops)
         else:
             self.sparse_proj = nn.Linear(d_in, d_model)
         if use_cim:

@@ -77,10 +77,20 @@ class RAO(torch.optim.Optimizer):
         self._ops = get_ops(ops)
         self._step = 0
         self._rao: Dict[Tensor, Dict[str, Any]] = {}
-        # Not Optimizer.__init__: the wrapped optimizer owns the groups and its state.
-        self.defaults = optimizer.defaults
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
+        # Not Optimizer.__init__: the wrapped optimizer owns the groups and its state (the
+        # properties below read them from it, also after its load_state_dict replaces them).
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    @property
+    def state(self):
+        return self.optimizer.state
 
     def __repr__(self) -> str:
         return (f"RAO(rank={self.rank}, update_every={self.update_every}, momentum={self.momentum}, "

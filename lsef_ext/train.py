@@ -86,7 +86,8 @@ class TrainConfig:
     ops: str = "ext"
     out: Optional[str] = None           # folder for checkpoint.pt, metrics.csv, metrics.json
     resume: bool = False
-    extra: Dict[str, object] = field(default_factory=dict)
+    extra: Dict[str, object] = field(default_factory=dict)          # more LSEF keyword arguments
+    rao_options: Dict[str, object] = field(default_factory=dict)    # more RAO keyword arguments
 
 
 def load_data(cfg: TrainConfig, split: str, corruption: Optional[str] = None,
@@ -183,7 +184,7 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         inner = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.opt = RAO(inner, rank=cfg.rank, ops=cfg.ops) if cfg.rao else inner
+        self.opt = RAO(inner, rank=cfg.rank, ops=cfg.ops, **cfg.rao_options) if cfg.rao else inner
         self.steps_per_epoch = math.ceil(self.x.shape[0] / (cfg.batch_size * self.world))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             inner, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / max(cfg.epochs * self.steps_per_epoch, 1), 1.0))))
@@ -266,8 +267,15 @@ class Trainer:
             torch.randperm(self.x.shape[0], generator=g)
         while self.epoch < cfg.epochs:
             perm = torch.randperm(self.x.shape[0], generator=g)
-            per_rank = self.steps_per_epoch * cfg.batch_size
-            mine = perm[self.rank * per_rank:(self.rank + 1) * per_rank] if self.distributed else perm
+            if self.distributed:
+                # Every rank takes the same number of steps (DDP all-reduces in every backward):
+                # the permutation is wrapped around to world * steps * batch indices, as
+                # DistributedSampler pads, and each rank takes a contiguous share.
+                per_rank = self.steps_per_epoch * cfg.batch_size
+                perm = perm[torch.arange(self.world * per_rank) % perm.numel()]
+                mine = perm[self.rank * per_rank:(self.rank + 1) * per_rank]
+            else:
+                mine = perm
             t0, total, n = time.perf_counter(), 0.0, 0
             bar = tqdm(range(0, mine.numel(), cfg.batch_size), leave=False, dynamic_ncols=True,
                        desc=f"{self.desc} epoch {self.epoch + 1}/{cfg.epochs}",

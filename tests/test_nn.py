@@ -141,10 +141,6 @@ def test_no_sem_without_refinement_has_no_low_rank_part():
     assert torch.count_nonzero(out.L) == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "LSEF docstring: 'without SEM, no low-rank part: L = 0', but with the default refine=1 "
-    "DDM re-estimates L = lowrank(X - S, rank) from L = 0, so lsef-no-sem still has a "
-    "low-rank part (and its stable stream ZL stays the projected X, not the refined L)"))
 def test_no_sem_has_no_low_rank_part_default_refine():
     torch.manual_seed(0)
     m = build_model("lsef-no-sem", D, 7, d_model=DM, rank=K)

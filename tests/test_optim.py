@@ -231,10 +231,14 @@ def test_ext_and_ref_updates_close():
     torch.testing.assert_close(W_ext, W_ref, rtol=1e-8, atol=1e-8)
 
 
-def test_float32_training_and_update_mode():
-    _, losses, _ = run(lambda p: torch.optim.AdamW(p, lr=0.05), steps=100, dtype=torch.float32,
-                       wrap=lambda o: RAO(o, rank=4, update_every=5, apply_to="update"))
-    assert losses[-1] < 0.05 * losses[0]
+def test_float32_training_with_adamw():
+    def adamw(p):
+        return torch.optim.AdamW(p, lr=0.05)
+
+    _, plain, _ = run(adamw, steps=300, dtype=torch.float32)
+    _, losses, _ = run(adamw, steps=300, dtype=torch.float32, wrap=lambda o: RAO(o, rank=4, update_every=5))
+    assert losses[-1] < 0.01 * losses[0]
+    assert losses[-1] < 2 * plain[-1]
 
 
 def test_closure_and_zero_grad():
@@ -278,11 +282,6 @@ def test_sparse_gradient_rejected():
         opt.step()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "RAO.load_state_dict calls the inner optimizer's load_state_dict, which replaces "
-    "inner.param_groups (and inner.state) with new objects; RAO.param_groups/RAO.state keep "
-    "pointing at the old ones, so an LR scheduler given the RAO object (documented as allowed) "
-    "no longer changes the inner optimizer's lr after a resume"))
 def test_scheduler_on_rao_still_works_after_load_state_dict():
     W = torch.nn.Parameter(torch.randn(M, N))
     inner = torch.optim.SGD([W], lr=0.1)

@@ -286,12 +286,6 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
     assert (tmp_path / "run" / "metrics.json").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Trainer.fit under DDP: each rank takes perm[rank*per_rank:(rank+1)*per_rank] with "
-    "per_rank = steps_per_epoch*batch_size, so when n_train is not a multiple of "
-    "batch_size*world_size the last rank gets fewer batches (n=200, batch 32, 2 ranks: rank 0 "
-    "takes 4 steps per epoch, rank 1 takes 3); the DDP all-reduces then pair different steps and "
-    "rank 0 dies with 'Connection closed by peer' when rank 1 exits (or hangs)"))
 def test_ddp_uneven_shards(tmp_path):
     proc = _torchrun(tmp_path, 200, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
