@@ -45,7 +45,9 @@ def rpca_ialm(X: Tensor, k: Optional[int], lam: Optional[float] = None,
     solution's rank is capped at k); with ``k=None`` it is the plain full-SVD solver.
     Returns (L, S, iterations)."""
     lam = pcp_lambda(X) if lam is None else lam
-    norm_two = torch.linalg.matrix_norm(X, ord=2, keepdim=True)
+    # The spectral norm from the solver's own SVD (its top singular value): a full SVD only to
+    # scale the start would cost more than a few iterations.
+    norm_two = svd(X, 1)[1][..., :1, None]
     norm_inf = X.abs().amax(dim=(-2, -1), keepdim=True) / lam
     Y = X / torch.maximum(norm_two, norm_inf)
     mu = 1.25 / norm_two
