@@ -46,6 +46,8 @@ def main() -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--out", default=os.path.join("docs", "RESULTS.md"))
     p.add_argument("--json", default=os.path.join("benchmarks", "ablation.json"))
+    p.add_argument("--block", default="ablation",
+                   help="name of the marked block of --out to replace (e.g. 'rao' for a seed study)")
     args = p.parse_args()
 
     base = TrainConfig(epochs=args.epochs)
@@ -87,17 +89,19 @@ def main() -> int:
     print("\n" + table)
     print(f"\n{time.perf_counter() - t0:.0f} s in all")
 
-    block = (f"<!-- ablation:begin -->\nProduced by `python benchmarks/ablation.py` on {stamp}, commit "
+    begin, end = f"<!-- {args.block}:begin -->", f"<!-- {args.block}:end -->"
+    command = " ".join(["python", "benchmarks/ablation.py"] + sys.argv[1:])
+    block = (f"{begin}\nProduced by `{command}` on {stamp}, commit "
              f"`{commit}`, torch {torch.__version__}, {torch.get_num_threads()} threads: SyntheticAffect "
              f"(seed {base.data_seed}), {base.n_train} training clips, {base.n_test} test clips per condition, "
              f"T = {base.T}, D = {base.D}, {base.epochs} epochs, seeds {args.seeds} (initialisation and batch "
              f"order). WAR / UAR in %, mean ± sample std over seeds; models trained on clean clips only.\n\n"
-             f"{table}\n<!-- ablation:end -->")
+             f"{table}\n{end}")
     if os.path.exists(args.out):
         text = open(args.out).read()
-        if "<!-- ablation:begin -->" in text:
-            pre, rest = text.split("<!-- ablation:begin -->", 1)
-            post = rest.split("<!-- ablation:end -->", 1)[1]
+        if begin in text:
+            pre, rest = text.split(begin, 1)
+            post = rest.split(end, 1)[1]
             text = pre + block + post
         else:
             text = text.rstrip() + "\n\n" + block + "\n"
