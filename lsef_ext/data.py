@@ -113,7 +113,24 @@ def corrupt(x: Tensor, kind: Optional[str], severity: float = 1.0,
     return x + 0.6 * severity * torch.randn(x.shape, generator=g, dtype=x.dtype)
 
 
-class SyntheticAffect(Dataset):
+class _Clips(Dataset):
+    """Clips ``x (N, T, D)`` with class labels ``y`` or valence/arousal ``va``, per ``task``."""
+
+    x: Tensor
+    task: str
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i):
+        return self.x[i], (self.y[i] if self.task == "classification" else self.va[i])
+
+    def tensors(self) -> Tuple[Tensor, Tensor]:
+        """All clips and targets at once: ``(x, y)`` or ``(x, va)``."""
+        return self.x, (self.y if self.task == "classification" else self.va)
+
+
+class SyntheticAffect(_Clips):
     """Seeded synthetic video-affect clips with planted low-rank tone and sparse transients.
 
     Args:
@@ -183,18 +200,9 @@ class SyntheticAffect(Dataset):
         intensity = (amp / EVENT_GAIN)[:, None]                 # in [0.75, 1.25)
         self.va = (circ[y] * intensity).clamp(-1, 1)
 
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def __getitem__(self, i):
-        return self.x[i], (self.y[i] if self.task == "classification" else self.va[i])
-
-    def tensors(self) -> Tuple[Tensor, Tensor]:
-        """All clips and targets at once: ``(x, y)`` or ``(x, va)``."""
-        return self.x, (self.y if self.task == "classification" else self.va)
 
 
-class FeatureFolder(Dataset):
+class FeatureFolder(_Clips):
     """Pre-extracted clip features in a folder (e.g. DFEW or FERV39k features from any backbone).
 
     Layout::
@@ -282,14 +290,6 @@ class FeatureFolder(Dataset):
             except ValueError as e:
                 raise ValueError(f"FeatureFolder: {csv_path}: valence/arousal must be numbers ({e})") from None
 
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def __getitem__(self, i):
-        return self.x[i], (self.y[i] if self.task == "classification" else self.va[i])
-
-    def tensors(self) -> Tuple[Tensor, Tensor]:
-        return self.x, (self.y if self.task == "classification" else self.va)
 
 
 def _fit_frames(a: Tensor, T: int) -> Tensor:

@@ -2,8 +2,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <initializer_list>
+#include <tuple>
 
 #include "common/checks.h"
 
@@ -27,6 +30,18 @@ inline Shape check(const char* op, const at::Tensor& A, int64_t k, int64_t overs
   Shape s{1, m, n, k, std::min(k + oversample, mn)};
   for (int64_t d = 0; d < A.dim() - 2; ++d) s.batch *= A.size(d);
   return s;
+}
+
+// The uninitialised outputs U (*, m, k), S (*, k), V (*, n, k), with A's batch shape and options.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_outputs(const at::Tensor& A,
+                                                                    const Shape& sh) {
+  const auto batch = A.sizes().slice(0, A.dim() - 2).vec();
+  auto with = [&](std::initializer_list<int64_t> tail) {
+    auto s = batch;
+    s.insert(s.end(), tail);
+    return at::empty(s, A.options());
+  };
+  return {with({sh.m, sh.k}), with({sh.k}), with({sh.n, sh.k})};
 }
 
 }  // namespace rsvd

@@ -92,6 +92,15 @@ LSEF_BLOCK_FN void warp_argmax(Ctx& ctx, A& val, int& idx) {
 // v_j from the diagonal down, vv[j] = v_j . v_j (0 for a zero column: identity reflector, so Q
 // stays orthonormal for rank-deficient W), beta[j] = R_jj. Warp 0 forms each reflector; the
 // warps then update the trailing columns, one column per warp at a time.
+// w <- (I - 2 v vᵀ / vv) w over len entries, by one warp (every lane returns the same w).
+template <class Ctx, typename A>
+LSEF_BLOCK_FN void reflect_warp(Ctx& ctx, const A* v, A vv, int64_t len, A* w) {
+  A d = 0;
+  for (int64_t i = ctx.lane; i < len; i += 32) d += v[i] * w[i];
+  const A f = -A(2) * warp_sum(ctx, d) / vv;
+  for (int64_t i = ctx.lane; i < len; i += 32) w[i] += f * v[i];
+}
+
 template <class Ctx, typename A>
 LSEF_BLOCK_FN void householder(Ctx& ctx, A* W, int64_t n, int c, A* vv, A* beta) {
   using std::sqrt;
@@ -123,13 +132,8 @@ LSEF_BLOCK_FN void householder(Ctx& ctx, A* W, int64_t n, int c, A* vv, A* beta)
     ctx.sync();
     const A vvj = vv[j];
     if (vvj != A(0)) {
-      for (int col = j + 1 + ctx.warp; col < c; col += kWarps) {
-        A* w = W + col * n + j;
-        A d = 0;
-        for (int64_t i = ctx.lane; i < len; i += 32) d += v[i] * w[i];
-        const A f = -A(2) * warp_sum(ctx, d) / vvj;
-        for (int64_t i = ctx.lane; i < len; i += 32) w[i] += f * v[i];
-      }
+      for (int col = j + 1 + ctx.warp; col < c; col += kWarps)
+        reflect_warp(ctx, v, vvj, len, W + col * n + j);
     }
     ctx.sync();
   }
@@ -153,13 +157,8 @@ LSEF_BLOCK_FN void apply_q(Ctx& ctx, const A* W, const A* vv, int64_t n, int c, 
     if (vvj == A(0)) continue;
     const A* v = W + j * n + j;
     const int64_t len = n - j;
-    for (int col = ctx.warp; col < r; col += kWarps) {
-      A* w = C + col * n + j;
-      A d = 0;
-      for (int64_t i = ctx.lane; i < len; i += 32) d += v[i] * w[i];
-      const A f = -A(2) * warp_sum(ctx, d) / vvj;
-      for (int64_t i = ctx.lane; i < len; i += 32) w[i] += f * v[i];
-    }
+    for (int col = ctx.warp; col < r; col += kWarps)
+      reflect_warp(ctx, v, vvj, len, C + col * n + j);
     ctx.sync();
   }
 }

@@ -195,13 +195,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A_in, 
   const Shape sh = check(kOp, A_in, k, oversample, n_iter);
   check_cpu_dtype(kOp, "A", A_in);
   const at::Tensor A = A_in.contiguous();
-  auto batch_shape = A.sizes().slice(0, A.dim() - 2).vec();
-  auto with = [&](std::initializer_list<int64_t> tail) {
-    auto s = batch_shape;
-    s.insert(s.end(), tail);
-    return at::empty(s, A.options());
-  };
-  at::Tensor U = with({sh.m, k}), S = with({k}), V = with({sh.n, k});
+  at::Tensor U, S, V;
+  std::tie(U, S, V) = empty_outputs(A, sh);
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), kOp, [&] {
     using T = scalar_t;
     const std::vector<T> omega_t =

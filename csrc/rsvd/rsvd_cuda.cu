@@ -300,13 +300,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A_in,
   check_cuda_dtype(kOp, "A", A_in);
   const c10::cuda::CUDAGuard guard(A_in.device());
   const at::Tensor A = A_in.contiguous();
-  auto batch_shape = A.sizes().slice(0, A.dim() - 2).vec();
-  auto with = [&](std::initializer_list<int64_t> tail) {
-    auto s = batch_shape;
-    s.insert(s.end(), tail);
-    return at::empty(s, A.options());
-  };
-  Outputs o{with({sh.m, k}), with({k}), with({sh.n, k})};
+  Outputs o;
+  std::tie(o.U, o.S, o.V) = empty_outputs(A, sh);
   if (sh.batch == 0) return {o.U, o.S, o.V};
   const int64_t p = std::min(sh.m, sh.n), q = std::max(sh.m, sh.n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), kOp, [&] {
