@@ -7,11 +7,11 @@ import json
 import os
 import time
 from dataclasses import replace
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 
-from .data import CORRUPTIONS, SyntheticAffect
+from .data import CORRUPTIONS
 from .train import TrainConfig, Trainer, evaluate, load_data
 
 CONDITIONS = ("clean",) + CORRUPTIONS

@@ -6,7 +6,6 @@ per-class recalls), and CCC (Lin's concordance correlation coefficient) for vale
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
