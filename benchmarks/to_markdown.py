@@ -11,7 +11,9 @@ def table(report: dict, commit: str = "") -> str:
     m = report["machine"]
     bw = ", ".join(f"{d} {v:.1f} GB/s" for d, v in report["copy_bandwidth_GBps"].items())
     lines = [
-        f"Measured with `lsef bench` on {m['date']}: {m['processor']}, {m['threads']} threads, torch "
+        f"Measured with `lsef bench` on {m['date']}: "
+        + (f"{m['gpu']}, " if m.get("gpu") and any(r["device"] == "cuda" for r in report["rows"]) else "")
+        + f"{m['processor']}, {m['threads']} threads, torch "
         f"{m['torch']}, copy bandwidth {bw}" + (f", commit `{commit}`" if commit else "") + ". Speedup = "
         "the variant's median time / lsef_ext's, both measured in the same run (median of ≥ 15 calls "
         "and ≥ 1 s after 5 warm-up calls).",

@@ -238,7 +238,7 @@ for _shape, _k, _targets, _device in [
         ((64, 32, 768), 8, {"torch.svd_lowrank": 3.0}, "cpu"),
         ((8, 512, 512), 16, {"torch.svd_lowrank": 1.0}, "cpu"),
         ((1024, 16, 512), 4, {"torch.svd_lowrank": 10.0, "torch.linalg.svd (exact)": 20.0}, "cuda"),
-        ((256, 32, 768), 8, {"torch.svd_lowrank": 5.0}, "cuda"),
+        ((256, 64, 1024), 8, {"torch.svd_lowrank": 5.0}, "cuda"),
         ((16, 1024, 1024), 32, {"torch.svd_lowrank": 1.0}, "cuda")]:
     _register_rsvd_case(_shape, _k, _targets, _device)
 
@@ -332,7 +332,11 @@ def run(quick: bool = False, name_filter: str = "", devices=("cpu", "cuda"),
     report: Dict[str, object] = {"machine": machine_description(), "quick": quick, "rows": []}
     bandwidth: Dict[str, float] = {}
     for device in sorted({c.device for c in selected}):
-        bandwidth[device] = copy_bandwidth(device, 1 << (20 if quick else 24))
+        # Buffers well past the last-level cache: 64 MiB on the CPU; 1 GiB on a GPU. On an H200
+        # a 64 MiB copy lasts about 40 us, of which the per-call launch and synchronisation of
+        # this host-side timer are a large share: it reported 3.1 TB/s where a soft_threshold
+        # pass over 3 GiB moved 3.8 TB/s (2026-11-26).
+        bandwidth[device] = copy_bandwidth(device, 1 << (20 if quick else 28 if device == "cuda" else 24))
     report["copy_bandwidth_GBps"] = {d: b / 1e9 for d, b in bandwidth.items()}
 
     header = (f"{'case':<48} {'dev':<4} {'variant':<30} {'median ms':>10} {'speedup':>8} "
@@ -391,7 +395,7 @@ def write_json(report: Dict[str, object], path: str) -> None:
         json.dump(report, f, indent=2)
 
 
-@case("LSEF training, 10 steps (32, 16, 512): fwd+bwd+RAO", devices=("cpu",))
+@case("LSEF training, 10 steps (32, 16, 512): fwd+bwd+RAO", devices=("cpu", "cuda"))
 def _lsef_training_step(device, quick):
     """One optimisation step of the LSEF classifier (SEM + DDM + CIM + head, cross-entropy plus
     the consistency terms, RAO around AdamW), the same model and weights on the compiled ops and
@@ -422,5 +426,6 @@ def _lsef_training_step(device, quick):
 
     return Setup(
         variants={EXT: stepper(ext_model, "ext"), "reference": stepper(ref_model, "ref")},
-        targets={"reference": 2.0},
+        # CUDA: the issue asks only that the compiled ops beat the references (ratio > 1).
+        targets={"reference": 2.0 if device == "cpu" else 1.0},
     )
