@@ -7,7 +7,9 @@ import lsef_ref
 from lsef_ext import ops
 
 # (batch, m, n, r); m = 300 makes the CPU kernel split each matrix into several column tiles.
-CASES = [((), 5, 7, 2), ((3,), 6, 7, 1), ((2, 3), 16, 40, 3), ((2,), 300, 50, 4), ((4,), 8, 9, 0)]
+# r = 9 and r = 20 take the CUDA kernel's narrow path with 16 registers and its wide path.
+CASES = [((), 5, 7, 2), ((3,), 6, 7, 1), ((2, 3), 16, 40, 3), ((2,), 300, 50, 4), ((4,), 8, 9, 0),
+         ((2,), 24, 33, 9), ((2,), 40, 33, 20)]
 
 
 def orthonormal(batch, m, r, dtype, device):

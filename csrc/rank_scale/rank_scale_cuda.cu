@@ -1,9 +1,12 @@
-// rank_scale: CUDA kernel (float32, float64, and float16, bfloat16 summed in float32).
-// As on the CPU the op is taken column tile by column tile: G'[:, tile] needs only G[:, tile]
-// and C[:, tile] = U^T G[:, tile]. A block takes one matrix and a tile of W <= 32 adjacent
-// columns (one warp spans a row of the tile, so every access to G is coalesced), computes the
-// tile's C into shared memory, then writes the tile of G' in the same launch. G is read from
-// memory once; its second read, for G', finds the tile in cache.
+// rank_scale: CUDA kernels (float32, float64, and float16, bfloat16 summed in float32).
+// G'[:, j] needs only G[:, j] and C[:, j] = U^T G[:, j], so the op is taken column by column.
+//  * Narrow path (r <= kNarrowMaxRank, the optimiser's case): one thread per column. It sums
+//    the column's r coefficients in registers over the m rows, then writes the column of G'.
+//    Consecutive threads take consecutive columns, so every row access of a warp is coalesced;
+//    no shared memory and no barriers. G is read from memory once; the second read of the
+//    same column by the same thread finds it in cache.
+//  * Wide path (any r): a block takes one matrix and a tile of W <= 32 adjacent columns,
+//    computes the tile's C into shared memory in rounds of rows, then writes the tile of G'.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -105,6 +108,48 @@ __global__ void __launch_bounds__(kCudaThreads) rank_scale_kernel(Problem<T> p) 
   }
 }
 
+// Ranks up to this take the narrow path (R = 4, 8 or 16 coefficients in registers).
+constexpr int64_t kNarrowMaxRank = 16;
+
+// Thread t takes column t % n of matrix t / n (grid-stride over batch * n columns).
+template <typename T, int R>
+__global__ void __launch_bounds__(kCudaThreads) rank_scale_narrow_kernel(Problem<T> p,
+                                                                         int64_t columns) {
+  using A = at::opmath_type<T>;
+  const int r = static_cast<int>(p.r);  // <= R
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < columns;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = t / p.n;
+    const T* g = p.G + b * p.m * p.n + t % p.n;
+    T* o = p.out + b * p.m * p.n + t % p.n;
+    const T* u = p.U + b * p.U_step;
+    A c[R];
+#pragma unroll
+    for (int k = 0; k < R; ++k) c[k] = 0;
+#pragma unroll 4
+    for (int64_t i = 0; i < p.m; ++i) {
+      const A gv = static_cast<A>(g[i * p.n]);
+      const T* ui = u + i * p.r;
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        if (k < r) c[k] += static_cast<A>(ui[k]) * gv;
+      }
+    }
+    const A beta = static_cast<A>(p.beta[b * p.beta_step]);
+    const A delta = static_cast<A>(p.alpha[b * p.alpha_step]) - beta;
+#pragma unroll 4
+    for (int64_t i = 0; i < p.m; ++i) {
+      const T* ui = u + i * p.r;
+      A v = 0;
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        if (k < r) v += static_cast<A>(ui[k]) * c[k];
+      }
+      o[i * p.n] = static_cast<T>(beta * static_cast<A>(g[i * p.n]) + delta * v);
+    }
+  }
+}
+
 template <typename T>
 void rank_scale_cuda_kernel(const Args& a, at::Tensor& out) {
   const int64_t W = std::min<int64_t>(kMaxTileWidth, next_pow2(a.n));
@@ -122,8 +167,21 @@ void rank_scale_cuda_kernel(const Args& a, at::Tensor& out) {
   p.beta_step = a.beta.numel() == 1 ? 0 : 1;
   p.tiles_per_matrix = ceil_div(a.n, W);
   p.tiles = a.batch * p.tiles_per_matrix;
-  const dim3 block(static_cast<unsigned>(W), static_cast<unsigned>(kCudaThreads / W));
-  rank_scale_kernel<T><<<cuda_grid(p.tiles, 1), block, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (a.r <= kNarrowMaxRank) {
+    const int64_t columns = a.batch * a.n;
+    const unsigned grid = cuda_grid(columns, kCudaThreads);
+    if (a.r <= 4) {
+      rank_scale_narrow_kernel<T, 4><<<grid, kCudaThreads, 0, stream>>>(p, columns);
+    } else if (a.r <= 8) {
+      rank_scale_narrow_kernel<T, 8><<<grid, kCudaThreads, 0, stream>>>(p, columns);
+    } else {
+      rank_scale_narrow_kernel<T, 16><<<grid, kCudaThreads, 0, stream>>>(p, columns);
+    }
+  } else {
+    const dim3 block(static_cast<unsigned>(W), static_cast<unsigned>(kCudaThreads / W));
+    rank_scale_kernel<T><<<cuda_grid(p.tiles, 1), block, 0, stream>>>(p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
