@@ -133,6 +133,7 @@ def _check_rank_scale(G: Tensor, U: Tensor, alpha: Tensor, beta: Tensor) -> None
     torch._check(G.dim() >= 2, lambda: f"{op}: G must have at least 2 dimensions (*, m, n)")
     torch._check(U.dim() >= 2, lambda: f"{op}: U must have at least 2 dimensions (*, m, r)")
     torch._check(U.dtype == G.dtype, lambda: f"{op}: U must have the dtype of G ({G.dtype})")
+    torch._check(U.device == G.device, lambda: f"{op}: U must be on the device of G ({G.device})")
     torch._check(
         U.shape[-2] == G.shape[-2], lambda: f"{op}: U must have G.size(-2) = {G.shape[-2]} rows"
     )
@@ -142,6 +143,7 @@ def _check_rank_scale(G: Tensor, U: Tensor, alpha: Tensor, beta: Tensor) -> None
         lambda: f"{op}: U must have G's batch shape {list(G.shape[:-2])} or be 2-D",
     )
     for name, c in (("alpha", alpha), ("beta", beta)):
+        torch._check(c.device == G.device, lambda: f"{op}: {name} must be on the device of G ({G.device})")
         torch._check(
             c.numel() == 1 or c.shape == G.shape[:-2],
             lambda: f"{op}: {name} must be a scalar or have G's batch shape {list(G.shape[:-2])}",
@@ -182,7 +184,10 @@ def _rank_scale_backward(ctx, grad):
         if need_beta:
             dbeta = _reduce_to((grad * G).sum(dim=(-2, -1)) - inside, beta)
         if need_U:
-            delta = (alpha - beta).reshape(alpha.shape if alpha.numel() == 1 else (*alpha.shape, 1, 1))
+            # alpha and beta are each one value or one per matrix (in any mix): their difference
+            # is one value, or one per matrix broadcast over each matrix's (m, r) gradient.
+            delta = alpha - beta
+            delta = delta.reshape(()) if delta.numel() == 1 else delta.reshape(*G.shape[:-2], 1, 1)
             dU = delta * (grad @ C.mT + G @ D.mT)
             if U.dim() == 2 and dU.dim() > 2:
                 dU = dU.sum(dim=tuple(range(dU.dim() - 2)))

@@ -29,6 +29,7 @@ the reasoning and the ablation that measures it.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -76,6 +77,7 @@ class RAO(torch.optim.Optimizer):
         self.strength, self.alpha_max, self.min_size = strength, alpha_max, min_size
         self._ops = get_ops(ops)
         self._step = 0
+        self.nonfinite_skips = 0  # gradients left unscaled because they held NaN or Inf
         self._rao: Dict[Tensor, Dict[str, Any]] = {}
         # Not Optimizer.__init__: the wrapped optimizer owns the groups and its state (the
         # properties below read them from it, also after its load_state_dict replaces them).
@@ -112,6 +114,16 @@ class RAO(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError("RAO: sparse gradients are not supported")
             G = p.grad.reshape(p.shape[0], -1)
+            g2 = float(G.pow(2).sum())
+            if not math.isfinite(g2):
+                # Left as it is, and RAO's state untouched: one bad batch must not poison the
+                # moving average M (and through it every later step).
+                self.nonfinite_skips += 1
+                warnings.warn(f"RAO: non-finite gradient for a parameter of shape {tuple(p.shape)} "
+                              f"at step {self._step}; it is passed on unscaled and RAO's state for "
+                              f"it is unchanged ({self.nonfinite_skips} such gradients so far)",
+                              RuntimeWarning, stacklevel=3)
+                continue
             st = self._rao.get(p)
             if st is None:
                 st = self._rao[p] = {"M": torch.zeros_like(G), "U": None, "rho": 0.0, "alpha": 1.0,
@@ -124,8 +136,7 @@ class RAO(torch.optim.Optimizer):
             U = st["U"]
             if U is None:
                 continue
-            g2 = float(G.pow(2).sum())
-            if not math.isfinite(g2) or g2 == 0.0:
+            if g2 == 0.0:
                 continue
             rho = float((U.T @ G).pow(2).sum()) / g2
             st["rho"] = mu * st["rho"] + (1 - mu) * rho

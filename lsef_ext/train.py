@@ -212,7 +212,19 @@ class Trainer:
         path = self._ckpt_path()
         if path is None or not os.path.isfile(path):
             raise FileNotFoundError(f"resume: no checkpoint at {path} (pass --out of an earlier run)")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        # weights_only: a checkpoint is data (tensors, numbers, strings, lists and dicts), and
+        # unpickling anything else could run code from the file.
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ValueError(f"resume: cannot read checkpoint {path} ({type(e).__name__}: {first}); "
+                             "it is damaged, or it was not written by lsef train") from e
+        missing = {"config", "epoch", "history", "model", "optimizer", "scheduler", "rng"} - (
+            set(state) if isinstance(state, dict) else set())
+        if missing:
+            raise ValueError(f"resume: {path} is not a checkpoint of lsef train (missing "
+                             f"{', '.join(sorted(missing))})")
         saved = state["config"]
         for key in ("model", "task", "d_model", "rank", "rao"):
             if saved.get(key) != getattr(self.cfg, key):
@@ -228,13 +240,19 @@ class Trainer:
         if not self.cfg.out or self.rank != 0 or not self.history:
             return
         os.makedirs(self.cfg.out, exist_ok=True)
-        with open(os.path.join(self.cfg.out, "metrics.json"), "w") as f:
+        # Each file is written beside its final name and then renamed over it: a run killed
+        # mid-write leaves the previous complete file, never a truncated one.
+        path = os.path.join(self.cfg.out, "metrics.json")
+        with open(path + ".tmp", "w") as f:
             json.dump({"config": asdict(self.cfg), "history": self.history}, f, indent=2)
+        os.replace(path + ".tmp", path)
         keys = list(self.history[0])
-        with open(os.path.join(self.cfg.out, "metrics.csv"), "w", newline="") as f:
+        path = os.path.join(self.cfg.out, "metrics.csv")
+        with open(path + ".tmp", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(self.history)
+        os.replace(path + ".tmp", path)
 
     # -- the loop ---------------------------------------------------------------------------
     def _loss(self, out, t: Tensor) -> Tensor:

@@ -105,3 +105,26 @@ def test_bad_input():
         ops.lowrank_sparse(X.requires_grad_(), 2)
     with pytest.raises(ValueError, match=r"k must be in \[1, min\(m, n\)\]"):
         ops.lowrank_sparse(torch.randn(10, 12), 11)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("impl", ["ext", "ref"])
+def test_rpca_zero_matrix_gives_zero_parts(device, dtype, impl):
+    """An all-zero matrix (a clip whose frames were all dropped) splits into L = S = 0; its zero
+    norms once made the solver's start 0/0 and every output NaN. In a batch it leaves the other
+    matrices' results as they are alone."""
+    needs_kernels(device)
+    fn = ops.lowrank_sparse if impl == "ext" else lsef_ref.lowrank_sparse
+    zero = torch.zeros(16, 24, dtype=dtype, device=device)
+    L, S = fn(zero, 4)
+    assert torch.equal(L, zero) and torch.equal(S, zero)
+    L0, S0 = planted(3, n=24, dtype=dtype)
+    M = (L0 + S0)[:16].to(device)
+    L_alone, S_alone = fn(M, 4)
+    L_b, S_b = fn(torch.stack([zero, M]), 4)
+    assert torch.equal(L_b[0], zero) and torch.equal(S_b[0], zero)
+    # To rounding: batched and single SVDs may sum in another order, and the solver iterates.
+    atol = 32 * torch.finfo(dtype).eps * M.abs().max().item()
+    torch.testing.assert_close(L_b[1], L_alone, rtol=0, atol=atol)
+    torch.testing.assert_close(S_b[1], S_alone, rtol=0, atol=atol)

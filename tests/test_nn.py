@@ -179,6 +179,29 @@ def test_gradients_reach_every_parameter(task):
         assert p.grad.abs().sum() > 0, f"{name} gets an identically zero gradient"
 
 
+@pytest.mark.parametrize("ops", ["ext", "ref"])
+def test_all_zero_clip_gives_finite_prediction_and_training_step(ops):
+    """A clip whose frames were all dropped (all zeros) in a batch: finite outputs, finite
+    gradients, and one RAO step leaves every parameter finite (robust PCA of a zero matrix
+    was once NaN and turned every parameter NaN)."""
+    from lsef_ext.optim import RAO
+
+    torch.manual_seed(0)
+    model = small_lsef(ops=ops)
+    X = clips()
+    X[1] = 0.0
+    out = model(X)
+    for t in (out.pred, out.L, out.S, *out.terms.values()):
+        assert torch.isfinite(t).all()
+    opt = RAO(torch.optim.AdamW(model.parameters(), lr=1e-3), ops=ops, update_every=1)
+    (F.cross_entropy(out.pred, torch.arange(B) % 7) + model.regulariser(out)).backward()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+    opt.step()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+
+
 def test_ddm_thresholds_positive():
     ddm = DDM(D, DM, rank=K, lam_init=0.7)
     torch.testing.assert_close(ddm.lam, torch.full((D,), 0.7))

@@ -293,3 +293,39 @@ def test_scheduler_on_rao_still_works_after_load_state_dict():
     opt.step()
     sched.step()
     assert inner.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_nonfinite_gradient_leaves_state_untouched_and_warns():
+    """A NaN or Inf gradient is passed on unscaled, RAO's moving average and statistics stay as
+    they were, and a warning says so; the next finite gradient is scaled as if it had not
+    happened."""
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(M, N, dtype=torch.float64))
+    opt = RAO(torch.optim.SGD([W], lr=0.0), update_every=2)
+    grads = [torch.randn(M, N, dtype=torch.float64) for _ in range(3)]
+    for G in grads[:2]:
+        W.grad = G.clone()
+        opt.step()
+    before = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt._rao[W].items()}
+    for bad in (float("nan"), float("inf")):
+        W.grad = grads[2].clone()
+        W.grad[3, 4] = bad
+        with pytest.warns(RuntimeWarning, match=r"RAO: non-finite gradient for a parameter of shape \(32, 24\)"):
+            opt.scale_gradients()
+        for k, v in opt._rao[W].items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, before[k]), k
+            else:
+                assert v == before[k], k
+    assert opt.nonfinite_skips == 2
+    # The same finite gradient now gives what an optimizer that never saw the bad ones gives.
+    W2 = torch.nn.Parameter(W.detach().clone())
+    clean = RAO(torch.optim.SGD([W2], lr=0.0), update_every=2)
+    for G in grads[:2]:
+        W2.grad = G.clone()
+        clean.step()
+    W.grad, W2.grad = grads[2].clone(), grads[2].clone()
+    opt.scale_gradients()
+    clean.scale_gradients()
+    assert torch.isfinite(W.grad).all()
+    assert torch.equal(W.grad, W2.grad)

@@ -194,3 +194,43 @@ def test_cuda_low_precision_against_float32(dtype, tol):
     got = ops.rank_scale(G, U, 0.5, 2.0).float()
     want = lsef_ref.rank_scale(G.float(), U.float(), 0.5, 2.0)
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shared_U", [False, True])
+@pytest.mark.parametrize("alpha_kind,beta_kind", [("float", "per_matrix"), ("per_matrix", "float"),
+                                                  ("scalar", "per_matrix"), ("per_matrix", "scalar")])
+def test_gradcheck_mixed_coefficients(device, shared_U, alpha_kind, beta_kind):
+    """One coefficient a number or 0-d tensor, the other one per matrix: the U gradient once
+    failed with "shape '[]' is invalid for input of size 3"."""
+    requires_cuda_kernels(device, "rank_scale")
+    batch, m, n, r = (3,), 5, 6, 2
+    G = torch.randn(*batch, m, n, dtype=torch.float64, device=device, requires_grad=True)
+    U = orthonormal(() if shared_U else batch, m, r, torch.float64, device).requires_grad_()
+    alpha = coefficient(alpha_kind, batch, torch.float64, device, 0.1, 0.9)
+    beta = coefficient(beta_kind, batch, torch.float64, device, 1.0, 3.0)
+    inputs = [G, U] + [c.requires_grad_() for c in (alpha, beta) if isinstance(c, torch.Tensor)]
+
+    def fn(G, U, *tensors):  # the tensor coefficients in order, the numbers as they are
+        rest = iter(tensors)
+        a = next(rest) if isinstance(alpha, torch.Tensor) else alpha
+        b = next(rest) if isinstance(beta, torch.Tensor) else beta
+        return ops.rank_scale(G, U, a, b)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    # The same gradients as the reference.
+    out = ops.rank_scale(G, U, alpha, beta)
+    want = lsef_ref.rank_scale(G, U, alpha, beta)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(want, inputs, g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_fake_kernel_checks_devices():
+    """A meta U with a CPU G: the dispatcher picks the fake kernel, which must refuse rather
+    than return an uninitialised CPU tensor."""
+    G = torch.randn(3, 6, 7)
+    with pytest.raises(RuntimeError, match=r"rank_scale: U must be on the device of G \(cpu\)"):
+        ops.rank_scale(G, torch.randn(3, 6, 2, device="meta"), 0.5, 2.0)
+    with pytest.raises(RuntimeError, match=r"rank_scale: alpha must be on the device of G \(cpu\)"):
+        ops.rank_scale(G, torch.randn(3, 6, 2), torch.rand(3, device="meta"), 2.0)

@@ -125,7 +125,7 @@ def test_trainer_lowers_loss_and_writes_files(tmp_path):
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and float(rows[2]["loss"]) == pytest.approx(hist[2]["loss"])
-    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)  # plain data: no code to unpickle
     assert ck["epoch"] == 3 and set(ck) >= {"model", "optimizer", "scheduler", "rng", "history"}
     for k, v in tr.net.state_dict().items():
         assert torch.equal(ck["model"][k], v)
@@ -223,6 +223,66 @@ def test_resume_errors(tmp_path):
         Trainer(config(model="lsef-no-cim", out=str(tmp_path), resume=True), data, progress=False)
     with pytest.raises(ValueError, match="has rao=True, this run has rao=False"):
         Trainer(config(rao=False, out=str(tmp_path), resume=True), data, progress=False)
+
+
+class _OpensAFile:
+    """Unpickled by a permissive loader, this calls open(path, "w"): code run from the file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_runs_no_code_from_the_checkpoint(tmp_path):
+    data = load_data(config(), "train")
+    marker = tmp_path / "code-ran"
+    torch.save({"config": _OpensAFile(str(marker)), "epoch": 0}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"resume: cannot read checkpoint .*checkpoint\.pt \(UnpicklingError"):
+        Trainer(config(out=str(tmp_path), resume=True), data, progress=False)
+    assert not marker.exists()
+
+
+def test_resume_names_a_damaged_or_foreign_checkpoint(tmp_path):
+    data = load_data(config(), "train")
+    Trainer(config(epochs=1, n_train=64, out=str(tmp_path)), data, progress=False).fit()
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:1000])  # cut off, as by a full disk
+    with pytest.raises(ValueError, match=r"resume: cannot read checkpoint .*checkpoint\.pt .*damaged"):
+        Trainer(config(out=str(tmp_path), resume=True), data, progress=False)
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match=r"checkpoint\.pt is not a checkpoint of lsef train \(missing config, "):
+        Trainer(config(out=str(tmp_path), resume=True), data, progress=False)
+
+
+def test_metrics_files_are_replaced_whole(tmp_path, monkeypatch):
+    """A write that dies half-way leaves the previous metrics files complete."""
+    cfg = config(epochs=1, n_train=64, out=str(tmp_path))
+    tr = Trainer(cfg, load_data(cfg, "train"), progress=False)
+    tr.fit()
+    json_before = (tmp_path / "metrics.json").read_text()
+    csv_before = (tmp_path / "metrics.csv").read_text()
+    tr.history.append(dict(tr.history[0], epoch=2))
+
+    def dies(obj, f, **kw):
+        f.write('{"config": ')
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lsef_ext.train.json.dump", dies)
+    with pytest.raises(OSError, match="disk full"):
+        tr.write_metrics()
+    assert (tmp_path / "metrics.json").read_text() == json_before
+    monkeypatch.undo()
+
+    def dies_too(self, rows):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lsef_ext.train.csv.DictWriter.writerows", dies_too)
+    with pytest.raises(OSError, match="disk full"):
+        tr.write_metrics()
+    assert (tmp_path / "metrics.csv").read_text() == csv_before
+    json.loads((tmp_path / "metrics.json").read_text())  # the new one, complete
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,13 +47,17 @@ def rpca_ialm(X: Tensor, k: Optional[int], lam: Optional[float] = None,
     lam = pcp_lambda(X) if lam is None else lam
     # The spectral norm from the solver's own SVD (its top singular value): a full SVD only to
     # scale the start would cost more than a few iterations.
+    # An all-zero matrix (a dropped clip) has L = S = 0; its zero norms are replaced by 1 so
+    # that no 0/0 enters (Y stays 0, and it stops after one iteration).
     norm_two = svd(X, 1)[1][..., :1, None]
+    norm_two = torch.where(norm_two > 0, norm_two, torch.ones_like(norm_two))
     norm_inf = X.abs().amax(dim=(-2, -1), keepdim=True) / lam
     Y = X / torch.maximum(norm_two, norm_inf)
     mu = 1.25 / norm_two
     mu_max = mu * 1e7
     rho = 1.5
     x_norm = torch.linalg.matrix_norm(X, keepdim=True)
+    x_norm = torch.where(x_norm > 0, x_norm, torch.ones_like(x_norm))
     S = torch.zeros_like(X)
     L = torch.zeros_like(X)
     full_k = min(X.shape[-2:])
