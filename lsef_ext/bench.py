@@ -243,6 +243,24 @@ for _shape, _k, _targets, _device in [
     _register_rsvd_case(_shape, _k, _targets, _device)
 
 
+@case("rsvd exact path, rank 7 of (300, 300), k = 7", devices=("cpu",))
+def _rsvd_rank_deficient(device, quick):
+    """The exact path on a rank-deficient square matrix: 293 of the 300 columns of U and V come
+    from the orthonormal completion (it once restarted its search for every column: O(n^4))."""
+    n = 64 if quick else 300
+    g = torch.Generator().manual_seed(0)
+    A = (torch.randn(1, n, 7, generator=g) @ torch.randn(1, 7, n, generator=g)).to(device)
+    U, S, V = ops.rsvd(A, 7, oversample=n)
+    err = (U.mT @ U - torch.eye(7, device=device)).abs().max().item()
+    return Setup(
+        variants={
+            EXT: lambda: ops.rsvd(A, 7, oversample=n),
+            "torch.linalg.svd (exact)": lambda: torch.linalg.svd(A, full_matrices=False),
+        },
+        notes={EXT: f"max |U^T U - I| {err:.1e}"},
+    )
+
+
 @case("lowrank fwd+bwd (1024, 16, 512), k = 4", devices=("cuda",))
 @case("lowrank fwd+bwd (256, 16, 512), k = 4", devices=("cpu",))
 def _lowrank_backward(device, quick):

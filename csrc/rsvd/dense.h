@@ -100,9 +100,13 @@ void orthonormalize(T* W, int64_t p, int64_t q, T* Q, std::vector<T>& vv) {
 template <typename T>
 void complete_orthonormal(T* U, int64_t p, int64_t q, std::vector<char>& valid) {
   std::vector<T> cand(p);
+  // The search over e_0, e_1, ... goes on where the last column's ended: a basis vector found
+  // too close to the span once stays so as columns are added, so going back to e_0 for every
+  // missing column (O(p^4) for a rank-deficient square matrix) would only repeat rejections.
+  int64_t e = 0;
   for (int64_t c = 0; c < q; ++c) {
     if (valid[c]) continue;
-    for (int64_t e = 0; e < p; ++e) {
+    for (; e < p; ++e) {
       std::fill(cand.begin(), cand.end(), T(0));
       cand[e] = T(1);
       for (int pass = 0; pass < 2; ++pass)
@@ -112,6 +116,7 @@ void complete_orthonormal(T* U, int64_t p, int64_t q, std::vector<char>& valid) 
       if (norm > T(0.5)) {
         for (int64_t i = 0; i < p; ++i) U[c * p + i] = cand[i] / norm;
         valid[c] = 1;
+        ++e;
         break;
       }
     }

@@ -240,15 +240,17 @@ LSEF_BLOCK_FN void jacobi(Ctx& ctx, A* X, A* V, int c) {
 }
 
 // Warp 0 replaces the columns of U (n x c) with valid[col] == 0 by unit vectors orthogonal to
-// all others (Gram-Schmidt, twice, on standard basis vectors), as dense::complete_orthonormal.
+// all others (Gram-Schmidt, twice, on standard basis vectors), as dense::complete_orthonormal,
+// whose search likewise goes on from where the last column's ended.
 // cand: n scratch values. Each lane touches only rows lane, lane + 32, ...
 template <class Ctx, typename A>
 LSEF_BLOCK_FN void complete_orthonormal(Ctx& ctx, A* U, int n, int c, A* valid, A* cand) {
   using std::sqrt;
   if (ctx.warp == 0) {
+    int e = 0;  // the same in every lane: each lane runs the same loop
     for (int col = 0; col < c; ++col) {
       if (valid[col] != A(0)) continue;
-      for (int e = 0; e < n; ++e) {
+      for (; e < n; ++e) {
         for (int i = ctx.lane; i < n; i += 32) cand[i] = A(i == e ? 1 : 0);
         for (int pass = 0; pass < 2; ++pass) {
           for (int o = 0; o < c; ++o) {
@@ -268,6 +270,7 @@ LSEF_BLOCK_FN void complete_orthonormal(Ctx& ctx, A* U, int n, int c, A* valid, 
           ctx.syncwarp();
           if (ctx.lane == 0) valid[col] = A(1);
           ctx.syncwarp();
+          ++e;
           break;
         }
       }
