@@ -44,8 +44,9 @@ def soft_threshold(X: Tensor, L: Optional[Tensor], lam: Scalar, hard: bool = Fal
         hard: hard instead of soft thresholding (``lam`` then gets a zero gradient).
 
     Returns:
-        ``S``, contiguous, of ``X``'s shape and dtype. NaN in ``X``, ``L`` or ``lam`` gives
-        NaN in the matching outputs; nothing else is affected.
+        ``S``, contiguous, of ``X``'s shape and dtype. NaN in ``X`` or ``L`` gives NaN in the
+        matching outputs, and so does NaN in ``lam`` when soft; when hard, an entry whose
+        ``lam`` is NaN is 0 (the test ``|R| > lam`` is false). Nothing else is affected.
     """
     return torch.ops.lsef.soft_threshold.default(X, L, _as_tensor(lam, X), hard)
 

@@ -189,6 +189,9 @@ def test_nan_and_inf_follow_reference(device, hard):
     want = lsef_ref.soft_threshold(X, None, lam, hard)
     torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
     assert got[0, 4] == 0  # a finite entry beside NaNs is untouched by them
+    # A NaN lam at a finite entry (1.0): NaN when soft; when hard the test |R| > NaN is false,
+    # so the entry is dropped (0), as the docstring says.
+    assert (got[0, 1] == 0) if hard else bool(got[0, 1].isnan())
 
 
 def test_torch_compile_fullgraph_matches_eager():
