@@ -178,6 +178,41 @@ def test_zero_matrix(device, path, monkeypatch):
     torch.testing.assert_close(V.mT @ V, eye.expand(2, 3, 3))
 
 
+def tiny_tail_matrix(dtype):
+    """4 x 4, singular values 1 and three tiny ones (1e-21 ... 1e-23 in float32, 1e-160 ... in
+    float64) that are normal numbers but whose squares are not: rows and columns of a scaled
+    identity, permuted."""
+    tiny = [1e-21, 3e-22, 1e-23] if dtype == torch.float32 else [1e-160, 3e-161, 1e-162]
+    return torch.diag(torch.tensor([1.0] + tiny, dtype=torch.float64)).to(dtype)[[2, 0, 3, 1]][:, [1, 3, 0, 2]]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,k,oversample", [((300, 4, 4), 4, 0), ((40, 6, 9), 3, 0), ((40, 6, 9), 2, 2),
+                                                ((20, 40, 70), 4, 70)])
+def test_rank_one_input_keeps_orthonormal_factors(device, dtype, path, shape, k, oversample, monkeypatch):
+    """Rank 1 (a row repeated): the trailing columns the QRs see are rounding noise, down to
+    1e-23 in float32, whose squared norms underflowed and left U or V off orthonormal by up to
+    0.33 (and a matrix with tiny singular values, by construction). Orthonormal to a few units
+    of the dtype's epsilon on every path, exact and randomized."""
+    select_path(device, path, monkeypatch)
+    b, m, n = shape
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(b, 1, n, generator=g, dtype=dtype).expand(b, m, n).to(device)
+    U, S, V = (t.cpu() for t in ops.rsvd(A, k, oversample=oversample, n_iter=0))
+    eye = torch.eye(k, dtype=dtype)
+    bound = 10 * max(m, n) * torch.finfo(dtype).eps
+    assert (U.mT @ U - eye).abs().max() <= bound
+    assert (V.mT @ V - eye).abs().max() <= bound
+    torch.testing.assert_close(S[:, 0], A[:, 0].cpu().norm(dim=-1) * m ** 0.5)
+    if shape[1:] == (4, 4):
+        U, S, V = (t.cpu() for t in ops.rsvd(tiny_tail_matrix(dtype)[None].to(device), 4, 0, 0))
+        assert (U.mT @ U - eye).abs().max() <= bound
+        assert (V.mT @ V - eye).abs().max() <= bound
+        assert S[0, 0] == 1
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("oversample", [8, 200])  # randomized, exact
 @pytest.mark.parametrize("shape", [(4, 16, 512), (4, 100, 130)])  # fused and BLAS/large paths

@@ -15,7 +15,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from test_rsvd import backward_error_bound, with_spectrum
+from test_rsvd import backward_error_bound, tiny_tail_matrix, with_spectrum
 
 import lsef_ref
 from lsef_ext import ops
@@ -97,6 +97,23 @@ def test_rank_deficient_zero_and_repeated(emulator, tmp_path, path):
     Uc, Sc, Vc = ops.rsvd(A[:1], k, oversample=4)
     torch.testing.assert_close(U[0, :, :2], Uc[0, :, :2], rtol=0, atol=1e-12)
     torch.testing.assert_close(V[0, :, :2], Vc[0, :, :2], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", [FUSED, LARGE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_one_input_keeps_orthonormal_factors(emulator, tmp_path, path, dtype):
+    """As test_rsvd.test_rank_one_input_keeps_orthonormal_factors, for the block code: the QR of
+    columns of tiny entries (1e-21 in float32) must rescale them, not square them to subnormals."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.cat([tiny_tail_matrix(dtype)[None],
+                   torch.randn(7, 1, 4, generator=g, dtype=dtype).expand(7, 4, 4)])
+    for k, oversample in ((4, 0), (2, 1)):  # exact; randomized (l = 3 < 4)
+        U, S, V = emulate(emulator, tmp_path, path, A, k, oversample, n_iter=0)
+        eye = torch.eye(k, dtype=dtype)
+        bound = 40 * torch.finfo(dtype).eps
+        assert (U.mT @ U - eye).abs().max() <= bound
+        assert (V.mT @ V - eye).abs().max() <= bound
+        torch.testing.assert_close(S[1:, 0], A[1:, 0].norm(dim=-1) * 2)
 
 
 @pytest.mark.parametrize("path", [FUSED, LARGE])

@@ -38,11 +38,43 @@ void scale(T alpha, T* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= alpha;
 }
 
+template <typename T>
+T max_abs(const T* x, int64_t n) {
+  T m = 0;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::abs(x[i]));
+  return m;
+}
+
+// Whether a norm computed as sqrt(x . x) can be trusted: within 2^(+-max_exponent / 3)
+// (2^(+-42) in float32, 2^(+-341) in float64) no square that matters underflowed and none
+// overflowed. Outside it (a column of rounding noise at 1e-23 in float32, or huge entries) the
+// routines below rescale by the largest magnitude first; inside it they compute exactly what
+// the plain formulas do, at no extra cost.
+template <typename T>
+bool squares_are_safe(T norm) {
+  const int e = std::numeric_limits<T>::max_exponent / 3;
+  return norm >= std::ldexp(T(1), -e) && norm <= std::ldexp(T(1), e);
+}
+
+// sqrt(x . x) for a vector whose largest magnitude m is outside squares_are_safe.
+template <typename T>
+T scaled_norm(const T* x, int64_t n, T m) {
+  T s = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T t = x[i] / m;
+    s += t * t;
+  }
+  return m * std::sqrt(s);
+}
+
 // Householder QR of W (p x q, p >= q), in place: W keeps the reflectors v_j (column j from the
 // diagonal down), vv[j] = v_j . v_j, and R (q x q, optional) gets the upper-triangular factor,
 // W = H_0 ... H_{q-1} [R; 0]. A zero column is left alone (its reflector is the identity, vv = 0),
 // so the Q factor stays orthonormal when W is rank-deficient, unlike Cholesky- or
-// Gram-Schmidt-based QR.
+// Gram-Schmidt-based QR. A column outside squares_are_safe has its norm taken with rescaling and
+// its reflector scaled to unit length, so vv (and each product with v) stays a normal number:
+// the reflector is then still orthogonal to working precision (it was not, for float32 columns
+// of rounding noise: vv underflowed).
 template <typename T>
 void householder(T* W, int64_t p, int64_t q, T* R, std::vector<T>& vv) {
   vv.assign(q, T(0));
@@ -50,10 +82,19 @@ void householder(T* W, int64_t p, int64_t q, T* R, std::vector<T>& vv) {
   for (int64_t j = 0; j < q; ++j) {
     T* v = W + j * p + j;
     const int64_t len = p - j;
-    const T alpha = std::sqrt(dot(v, v, len));
+    T alpha = std::sqrt(dot(v, v, len));
+    const bool safe = squares_are_safe(alpha);
+    if (!safe) {
+      const T m = max_abs(v, len);
+      alpha = m == T(0) ? T(0) : scaled_norm(v, len, m);
+    }
     if (alpha == T(0)) continue;
     beta[j] = v[0] >= T(0) ? -alpha : alpha;
     v[0] -= beta[j];
+    if (!safe) {
+      const T nv = scaled_norm(v, len, max_abs(v, len));
+      for (int64_t i = 0; i < len; ++i) v[i] /= nv;
+    }
     vv[j] = dot(v, v, len);
     for (int64_t c = j + 1; c < q; ++c) {
       T* w = W + c * p + j;

@@ -60,6 +60,19 @@ struct Eps<double> {
   static constexpr double value = 2.220446049250313e-16;
 };
 
+// The range of norms within which sqrt(sum of squares) can be trusted (no square that matters
+// underflowed, none overflowed), as dense::squares_are_safe: 2^(+-max_exponent / 3).
+template <typename A>
+struct SafeRange;
+template <>
+struct SafeRange<float> {
+  static constexpr float lo = 0x1p-42f, hi = 0x1p42f;
+};
+template <>
+struct SafeRange<double> {
+  static constexpr double lo = 0x1p-341, hi = 0x1p341;
+};
+
 template <typename A>
 LSEF_BLOCK_HD A quiet_nan() {
   return static_cast<A>(NAN);
@@ -70,6 +83,15 @@ LSEF_BLOCK_HD A quiet_nan() {
 template <class Ctx, typename A>
 LSEF_BLOCK_FN A warp_sum(Ctx& ctx, A v) {
   for (int m = 16; m > 0; m >>= 1) v += ctx.shfl_xor(v, m);
+  return v;
+}
+
+template <class Ctx, typename A>
+LSEF_BLOCK_FN A warp_max(Ctx& ctx, A v) {
+  for (int m = 16; m > 0; m >>= 1) {
+    const A o = ctx.shfl_xor(v, m);
+    v = o > v ? o : v;
+  }
   return v;
 }
 
@@ -90,8 +112,10 @@ LSEF_BLOCK_FN void warp_argmax(Ctx& ctx, A& val, int& idx) {
 
 // Householder QR of W (n x c, n >= c) in place, as dense::householder: W keeps the reflectors
 // v_j from the diagonal down, vv[j] = v_j . v_j (0 for a zero column: identity reflector, so Q
-// stays orthonormal for rank-deficient W), beta[j] = R_jj. Warp 0 forms each reflector; the
-// warps then update the trailing columns, one column per warp at a time.
+// stays orthonormal for rank-deficient W), beta[j] = R_jj. A column whose norm is outside
+// SafeRange has its norm taken again with rescaling and its reflector scaled to unit length, as
+// on the CPU. Warp 0 forms each reflector; the warps then update the trailing columns, one
+// column per warp at a time.
 // w <- (I - 2 v vᵀ / vv) w over len entries, by one warp (every lane returns the same w).
 template <class Ctx, typename A>
 LSEF_BLOCK_FN void reflect_warp(Ctx& ctx, const A* v, A vv, int64_t len, A* w) {
@@ -103,6 +127,7 @@ LSEF_BLOCK_FN void reflect_warp(Ctx& ctx, const A* v, A vv, int64_t len, A* w) {
 
 template <class Ctx, typename A>
 LSEF_BLOCK_FN void householder(Ctx& ctx, A* W, int64_t n, int c, A* vv, A* beta) {
+  using std::fabs;
   using std::sqrt;
   for (int j = 0; j < c; ++j) {
     A* v = W + j * n + j;
@@ -110,19 +135,55 @@ LSEF_BLOCK_FN void householder(Ctx& ctx, A* W, int64_t n, int c, A* vv, A* beta)
     if (ctx.warp == 0) {
       A ss = 0;
       for (int64_t i = ctx.lane; i < len; i += 32) ss += v[i] * v[i];
-      const A alpha = sqrt(warp_sum(ctx, ss));
+      A alpha = sqrt(warp_sum(ctx, ss));
+      const bool safe = alpha >= SafeRange<A>::lo && alpha <= SafeRange<A>::hi;
+      if (!safe) {  // again, scaled by the largest magnitude
+        A m = 0;
+        for (int64_t i = ctx.lane; i < len; i += 32) m = fabs(v[i]) > m ? fabs(v[i]) : m;
+        m = warp_max(ctx, m);
+        ss = 0;
+        if (m != A(0)) {  // m is the same in every lane
+          for (int64_t i = ctx.lane; i < len; i += 32) {
+            const A x = v[i] / m;
+            ss += x * x;
+          }
+        }
+        const A scaled = warp_sum(ctx, ss);
+        alpha = m == A(0) ? A(0) : m * sqrt(scaled);
+      }
       A b = 0, nv = 0;
       if (alpha != A(0)) {
         b = v[0] >= A(0) ? -alpha : alpha;
         const A v0 = v[0] - b;
-        ss = 0;
-        for (int64_t i = ctx.lane; i < len; i += 32) {
-          const A x = i == 0 ? v0 : v[i];
-          ss += x * x;
+        if (!safe) {  // v scaled to unit length: nv and the products with v stay normal
+          A mv = 0;
+          for (int64_t i = ctx.lane; i < len; i += 32) {
+            const A x = fabs(i == 0 ? v0 : v[i]);
+            mv = x > mv ? x : mv;
+          }
+          mv = warp_max(ctx, mv);
+          ss = 0;
+          for (int64_t i = ctx.lane; i < len; i += 32) {
+            const A x = (i == 0 ? v0 : v[i]) / mv;
+            ss += x * x;
+          }
+          const A norm = mv * sqrt(warp_sum(ctx, ss));
+          ctx.syncwarp();  // every lane has read v[0]
+          for (int64_t i = ctx.lane; i < len; i += 32) v[i] = (i == 0 ? v0 : v[i]) / norm;
+          ctx.syncwarp();
+          ss = 0;
+          for (int64_t i = ctx.lane; i < len; i += 32) ss += v[i] * v[i];
+          nv = warp_sum(ctx, ss);
+        } else {
+          ss = 0;
+          for (int64_t i = ctx.lane; i < len; i += 32) {
+            const A x = i == 0 ? v0 : v[i];
+            ss += x * x;
+          }
+          nv = warp_sum(ctx, ss);
+          ctx.syncwarp();  // every lane has read v[0]
+          if (ctx.lane == 0) v[0] = v0;
         }
-        nv = warp_sum(ctx, ss);
-        ctx.syncwarp();  // every lane has read v[0]
-        if (ctx.lane == 0) v[0] = v0;
       }
       if (ctx.lane == 0) {
         vv[j] = nv;
