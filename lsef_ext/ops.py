@@ -6,6 +6,7 @@ autograd formula (``register_autograd``) whose backward calls compiled ops too.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -16,11 +17,14 @@ Scalar = Union[float, Tensor]
 __all__ = ["soft_threshold", "rank_scale", "rank_aware_grad_scale", "rsvd", "lowrank", "lowrank_sparse"]
 
 
-def _as_tensor(value: Scalar, like: Tensor) -> Tensor:
+def _as_tensor(value: Scalar, like: Tensor, op: str, name: str) -> Tensor:
     """Python numbers become 0-d tensors of ``like``'s dtype and device; tensors pass through
-    unchanged (the op checks their dtype and device)."""
+    unchanged (the op checks their dtype and device); anything else is a TypeError naming the
+    argument."""
     if isinstance(value, Tensor):
         return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a number or a tensor, got {type(value).__name__}")
     return torch.tensor(value, dtype=like.dtype, device=like.device)
 
 
@@ -48,7 +52,7 @@ def soft_threshold(X: Tensor, L: Optional[Tensor], lam: Scalar, hard: bool = Fal
         matching outputs, and so does NaN in ``lam`` when soft; when hard, an entry whose
         ``lam`` is NaN is 0 (the test ``|R| > lam`` is false). Nothing else is affected.
     """
-    return torch.ops.lsef.soft_threshold.default(X, L, _as_tensor(lam, X), hard)
+    return torch.ops.lsef.soft_threshold.default(X, L, _as_tensor(lam, X, "soft_threshold", "lam"), hard)
 
 
 def _broadcastable(shape: Sequence[int], target: Sequence[int]) -> bool:
@@ -126,29 +130,42 @@ def rank_scale(G: Tensor, U: Tensor, alpha: Scalar, beta: Scalar) -> Tensor:
         ``G'`` of ``G``'s shape, contiguous. Gradients flow to ``G``, ``U``, ``alpha`` and
         ``beta``.
     """
-    return torch.ops.lsef.rank_scale.default(G, U, _as_tensor(alpha, G), _as_tensor(beta, G))
+    return torch.ops.lsef.rank_scale.default(G, U, _as_tensor(alpha, G, "rank_scale", "alpha"),
+                                             _as_tensor(beta, G, "rank_scale", "beta"))
 
 
-def _check_rank_scale(G: Tensor, U: Tensor, alpha: Tensor, beta: Tensor) -> None:
-    op = "rank_scale"
-    torch._check(G.dim() >= 2, lambda: f"{op}: G must have at least 2 dimensions (*, m, n)")
-    torch._check(U.dim() >= 2, lambda: f"{op}: U must have at least 2 dimensions (*, m, r)")
-    torch._check(U.dtype == G.dtype, lambda: f"{op}: U must have the dtype of G ({G.dtype})")
-    torch._check(U.device == G.device, lambda: f"{op}: U must be on the device of G ({G.device})")
-    torch._check(
-        U.shape[-2] == G.shape[-2], lambda: f"{op}: U must have G.size(-2) = {G.shape[-2]} rows"
-    )
-    torch._check(U.shape[-1] <= U.shape[-2], lambda: f"{op}: U must have r <= m columns")
-    torch._check(
-        U.dim() == 2 or U.shape[:-2] == G.shape[:-2],
-        lambda: f"{op}: U must have G's batch shape {list(G.shape[:-2])} or be 2-D",
-    )
+def _check_rank_scale(G: Tensor, U: Tensor, alpha: Tensor, beta: Tensor, op: str = "rank_scale",
+                      g: str = "G") -> None:
+    """The kernels' argument checks, with their messages and exception types (shapes:
+    ValueError; dtypes and devices: RuntimeError), for the fake kernel and for
+    rank_aware_grad_scale (``op``, with ``g`` naming its first argument). Plain Python, so that
+    torch.compile traces them."""
+    batch = list(G.shape[:-2])
+    if G.dim() < 2:
+        raise ValueError(f"{op}: {g} must have at least 2 dimensions (*, m, n), got shape {list(G.shape)}")
+    if U.dim() < 2:
+        raise ValueError(f"{op}: U must have at least 2 dimensions (*, m, r), got shape {list(U.shape)}")
+    if U.dtype != G.dtype:
+        raise RuntimeError(f"{op}: U must have the dtype of {g} ({G.dtype}), got {U.dtype}")
+    if U.device != G.device:
+        raise RuntimeError(f"{op}: U must be on the device of {g} ({G.device}), got {U.device}")
+    if U.shape[-2] != G.shape[-2]:
+        raise ValueError(f"{op}: U must have {g}.size(-2) = {G.shape[-2]} rows (U is (*, m, r)), "
+                         f"got shape {list(U.shape)}")
+    if U.shape[-1] > U.shape[-2]:
+        raise ValueError(f"{op}: U has {U.shape[-1]} columns but only {U.shape[-2]} rows; "
+                         "orthonormal columns need r <= m")
+    if U.dim() != 2 and list(U.shape[:-2]) != batch:
+        raise ValueError(f"{op}: U must have {g}'s batch shape {batch} or be 2-D (one U for all), "
+                         f"got shape {list(U.shape)}")
     for name, c in (("alpha", alpha), ("beta", beta)):
-        torch._check(c.device == G.device, lambda: f"{op}: {name} must be on the device of G ({G.device})")
-        torch._check(
-            c.numel() == 1 or c.shape == G.shape[:-2],
-            lambda: f"{op}: {name} must be a scalar or have G's batch shape {list(G.shape[:-2])}",
-        )
+        if c.dtype != G.dtype:
+            raise RuntimeError(f"{op}: {name} must have the dtype of {g} ({G.dtype}), got {c.dtype}")
+        if c.device != G.device:
+            raise RuntimeError(f"{op}: {name} must be on the device of {g} ({G.device}), got {c.device}")
+        if c.numel() != 1 and list(c.shape) != batch:
+            raise ValueError(f"{op}: {name} must be a scalar or have {g}'s batch shape {batch}, "
+                             f"got shape {list(c.shape)}")
 
 
 @torch.library.register_fake("lsef::rank_scale")
@@ -224,8 +241,9 @@ def rank_aware_grad_scale(x: Tensor, U: Tensor, alpha: Scalar, beta: Scalar) -> 
     Shapes as in :func:`rank_scale`, with ``x`` in place of ``G``; they are checked here, in
     the forward, rather than when the gradient arrives.
     """
-    alpha, beta = _as_tensor(alpha, x), _as_tensor(beta, x)
-    _check_rank_scale(x, U, alpha, beta)
+    op = "rank_aware_grad_scale"
+    alpha, beta = _as_tensor(alpha, x, op, "alpha"), _as_tensor(beta, x, op, "beta")
+    _check_rank_scale(x, U, alpha, beta, op, "x")
     return _RankAwareGradScale.apply(x, U, alpha, beta)
 
 

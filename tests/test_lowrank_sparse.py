@@ -128,3 +128,26 @@ def test_rpca_zero_matrix_gives_zero_parts(device, dtype, impl):
     atol = 32 * torch.finfo(dtype).eps * M.abs().max().item()
     torch.testing.assert_close(L_b[1], L_alone, rtol=0, atol=atol)
     torch.testing.assert_close(S_b[1], S_alone, rtol=0, atol=atol)
+
+
+def test_torch_compile_fullgraph_unrolled_and_rpca():
+    """The unrolled method traces whole and matches eager; rpca's data-dependent stopping test
+    does not trace under fullgraph (README says so) and compiles with a graph break without it."""
+    X = torch.randn(2, 12, 20, requires_grad=True)
+    lam = torch.full((20,), 0.2, requires_grad=True)
+
+    def unrolled(X, lam):
+        L, S = ops.lowrank_sparse(X, 3, lam=lam, method="unrolled")
+        return L.square().sum() + S.abs().sum()
+
+    eager = torch.autograd.grad(unrolled(X, lam), (X, lam))
+    compiled = torch.autograd.grad(torch.compile(unrolled, fullgraph=True, backend="aot_eager")(X, lam), (X, lam))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
+    rpca = lambda X: ops.lowrank_sparse(X, 3)  # noqa: E731
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="Data-dependent branching"):
+        torch.compile(rpca, fullgraph=True, backend="aot_eager")(X.detach())
+    torch._dynamo.reset()
+    for a, b in zip(torch.compile(rpca, backend="aot_eager")(X.detach()), rpca(X.detach())):
+        torch.testing.assert_close(a, b)

@@ -202,6 +202,24 @@ def test_all_zero_clip_gives_finite_prediction_and_training_step(ops):
         assert torch.isfinite(p).all(), name
 
 
+def test_lsef_without_rpca_compiles_fullgraph():
+    """With rpca_steps=0 (no robust PCA, whose stopping test depends on the data) the whole
+    model traces under torch.compile(fullgraph=True), gradients included."""
+    torch.manual_seed(0)
+    model = small_lsef(rpca_steps=0, dropout=0.0)  # no dropout: eager and compiled draw apart
+    X = clips()
+
+    def loss(X):
+        out = model(X)
+        return F.cross_entropy(out.pred, torch.arange(B) % 7) + model.regulariser(out)
+
+    eager = torch.autograd.grad(loss(X), list(model.parameters()))
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(X),
+                                   list(model.parameters()))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
+
+
 def test_ddm_thresholds_positive():
     ddm = DDM(D, DM, rank=K, lam_init=0.7)
     torch.testing.assert_close(ddm.lam, torch.full((D,), 0.7))

@@ -160,8 +160,37 @@ def test_bad_dtypes():
 
 
 def test_rank_aware_grad_scale_checks_in_forward():
-    with pytest.raises(RuntimeError, match=r"U must have G.size\(-2\) = 6 rows"):
-        ops.rank_aware_grad_scale(torch.randn(3, 6, 7, requires_grad=True), torch.randn(3, 5, 2), 0.5, 2.0)
+    """Checked when called, with messages that name rank_aware_grad_scale and its argument x."""
+    x = torch.randn(3, 6, 7, requires_grad=True)
+    with pytest.raises(ValueError, match=r"rank_aware_grad_scale: U must have x.size\(-2\) = 6 rows"):
+        ops.rank_aware_grad_scale(x, torch.randn(3, 5, 2), 0.5, 2.0)
+    with pytest.raises(RuntimeError, match=r"rank_aware_grad_scale: U must have the dtype of x"):
+        ops.rank_aware_grad_scale(x, torch.randn(3, 6, 2, dtype=torch.float64), 0.5, 2.0)
+    with pytest.raises(ValueError, match=r"rank_aware_grad_scale: alpha must be a scalar or have x's batch shape \[3\]"):
+        ops.rank_aware_grad_scale(x, torch.randn(3, 6, 2), torch.rand(2), 2.0)
+    with pytest.raises(TypeError, match="rank_aware_grad_scale: beta must be a number or a tensor, got str"):
+        ops.rank_aware_grad_scale(x, torch.randn(3, 6, 2), 0.5, "2.0")
+
+
+def test_coefficients_that_are_not_numbers():
+    G, U = torch.randn(3, 6, 7), torch.randn(3, 6, 2)
+    with pytest.raises(TypeError, match="rank_scale: alpha must be a number or a tensor, got NoneType"):
+        ops.rank_scale(G, U, None, 2.0)
+    with pytest.raises(TypeError, match="rank_scale: beta must be a number or a tensor, got bool"):
+        ops.rank_scale(G, U, 0.5, True)
+    import numpy as np
+    torch.testing.assert_close(ops.rank_scale(G, U, np.float32(0.5), 2), ops.rank_scale(G, U, 0.5, 2.0))
+
+
+def test_rank_aware_grad_scale_compiles_fullgraph():
+    def fn(x, U):
+        return (ops.rank_aware_grad_scale(x, U, 0.5, 2.0) * x).sum()
+
+    x = torch.randn(3, 6, 7, requires_grad=True)
+    U = orthonormal((3,), 6, 2, torch.float32, "cpu")
+    (eager,) = torch.autograd.grad(fn(x, U), x)
+    (compiled,) = torch.autograd.grad(torch.compile(fn, fullgraph=True, backend="aot_eager")(x, U), x)
+    torch.testing.assert_close(compiled, eager)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

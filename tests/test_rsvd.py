@@ -373,6 +373,9 @@ def test_torch_compile_fullgraph():
     (got,) = torch.autograd.grad(fn(A), A)
     (want,) = torch.autograd.grad(ops.lowrank(A, 3).square().sum(), A)
     torch.testing.assert_close(got, want)
+    factors = torch.compile(lambda A: ops.rsvd(A, 3), fullgraph=True, backend="aot_eager")(A.detach())
+    for a, b in zip(factors, ops.rsvd(A.detach(), 3)):
+        torch.testing.assert_close(a, b)
 
 
 # ---- bad input ---------------------------------------------------------------------------

@@ -220,6 +220,13 @@ def test_bad_lam_shape():
         ops.soft_threshold(X, None, torch.ones(1, 4, 6))
 
 
+def test_lam_that_is_not_a_number():
+    X = torch.randn(4, 6)
+    for lam, kind in ((None, "NoneType"), ("0.1", "str"), ([0.1], "list")):
+        with pytest.raises(TypeError, match=f"soft_threshold: lam must be a number or a tensor, got {kind}"):
+            ops.soft_threshold(X, None, lam)
+
+
 def test_bad_L():
     X = torch.randn(4, 6)
     with pytest.raises(ValueError, match=r"L must have the shape of X \[4, 6\], got \[4, 5\]"):
