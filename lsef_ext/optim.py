@@ -115,7 +115,7 @@ class RAO(torch.optim.Optimizer):
                 raise RuntimeError("RAO: sparse gradients are not supported")
             G = p.grad.reshape(p.shape[0], -1)
             g2 = float(G.pow(2).sum())
-            if not math.isfinite(g2):
+            if not math.isfinite(g2) and not bool(torch.isfinite(G).all()):
                 # Left as it is, and RAO's state untouched: one bad batch must not poison the
                 # moving average M (and through it every later step).
                 self.nonfinite_skips += 1
@@ -136,7 +136,7 @@ class RAO(torch.optim.Optimizer):
             U = st["U"]
             if U is None:
                 continue
-            if g2 == 0.0:
+            if g2 == 0.0 or not math.isfinite(g2):  # zero, or finite but its square overflows
                 continue
             rho = float((U.T @ G).pow(2).sum()) / g2
             st["rho"] = mu * st["rho"] + (1 - mu) * rho

@@ -329,3 +329,18 @@ def test_nonfinite_gradient_leaves_state_untouched_and_warns():
     clean.scale_gradients()
     assert torch.isfinite(W.grad).all()
     assert torch.equal(W.grad, W2.grad)
+
+
+def test_huge_finite_gradient_is_not_called_non_finite():
+    """A finite gradient whose squared norm overflows float32 is not reported as non-finite:
+    the moving average takes it, and the gradient passes through unscaled."""
+    W = torch.nn.Parameter(torch.zeros(M, N))
+    opt = RAO(torch.optim.SGD([W], lr=0.0), update_every=1)
+    W.grad = torch.full((M, N), 1e20)
+    import warnings as w
+    with w.catch_warnings():
+        w.simplefilter("error")
+        opt.scale_gradients()
+    assert opt.nonfinite_skips == 0
+    assert torch.equal(W.grad, torch.full((M, N), 1e20))
+    assert torch.isfinite(opt._rao[W]["M"]).all() and opt._rao[W]["M"].abs().max() > 0
