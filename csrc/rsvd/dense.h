@@ -56,9 +56,12 @@ bool squares_are_safe(T norm) {
   return norm >= std::ldexp(T(1), -e) && norm <= std::ldexp(T(1), e);
 }
 
-// sqrt(x . x) for a vector whose largest magnitude m is outside squares_are_safe.
+// sqrt(x . x) computed on x scaled by its largest magnitude, so that no square under- or
+// overflows (for vectors whose plain norm is outside squares_are_safe).
 template <typename T>
-T scaled_norm(const T* x, int64_t n, T m) {
+T scaled_norm(const T* x, int64_t n) {
+  const T m = max_abs(x, n);
+  if (m == T(0)) return T(0);
   T s = 0;
   for (int64_t i = 0; i < n; ++i) {
     const T t = x[i] / m;
@@ -84,15 +87,12 @@ void householder(T* W, int64_t p, int64_t q, T* R, std::vector<T>& vv) {
     const int64_t len = p - j;
     T alpha = std::sqrt(dot(v, v, len));
     const bool safe = squares_are_safe(alpha);
-    if (!safe) {
-      const T m = max_abs(v, len);
-      alpha = m == T(0) ? T(0) : scaled_norm(v, len, m);
-    }
+    if (!safe) alpha = scaled_norm(v, len);
     if (alpha == T(0)) continue;
     beta[j] = v[0] >= T(0) ? -alpha : alpha;
     v[0] -= beta[j];
     if (!safe) {
-      const T nv = scaled_norm(v, len, max_abs(v, len));
+      const T nv = scaled_norm(v, len);
       for (int64_t i = 0; i < len; ++i) v[i] /= nv;
     }
     vv[j] = dot(v, v, len);

@@ -95,6 +95,30 @@ LSEF_BLOCK_FN A warp_max(Ctx& ctx, A v) {
   return v;
 }
 
+// The norm of v[0, len) with v[0] read as v0, by one warp (every lane gets the same value):
+// scaled by the largest magnitude first, so that no square under- or overflows (for columns
+// whose plain norm is outside SafeRange), as dense::scaled_norm.
+template <class Ctx, typename A>
+LSEF_BLOCK_FN A warp_scaled_norm(Ctx& ctx, const A* v, int64_t len, A v0) {
+  using std::fabs;
+  using std::sqrt;
+  A m = 0;
+  for (int64_t i = ctx.lane; i < len; i += 32) {
+    const A x = fabs(i == 0 ? v0 : v[i]);
+    m = x > m ? x : m;
+  }
+  m = warp_max(ctx, m);
+  A ss = 0;
+  if (m != A(0)) {  // m is the same in every lane
+    for (int64_t i = ctx.lane; i < len; i += 32) {
+      const A x = (i == 0 ? v0 : v[i]) / m;
+      ss += x * x;
+    }
+  }
+  const A s = warp_sum(ctx, ss);
+  return m == A(0) ? A(0) : m * sqrt(s);
+}
+
 // The largest |x| of a warp and its index, the smallest index on ties.
 template <class Ctx, typename A>
 LSEF_BLOCK_FN void warp_argmax(Ctx& ctx, A& val, int& idx) {
@@ -127,7 +151,6 @@ LSEF_BLOCK_FN void reflect_warp(Ctx& ctx, const A* v, A vv, int64_t len, A* w) {
 
 template <class Ctx, typename A>
 LSEF_BLOCK_FN void householder(Ctx& ctx, A* W, int64_t n, int c, A* vv, A* beta) {
-  using std::fabs;
   using std::sqrt;
   for (int j = 0; j < c; ++j) {
     A* v = W + j * n + j;
@@ -137,37 +160,13 @@ LSEF_BLOCK_FN void householder(Ctx& ctx, A* W, int64_t n, int c, A* vv, A* beta)
       for (int64_t i = ctx.lane; i < len; i += 32) ss += v[i] * v[i];
       A alpha = sqrt(warp_sum(ctx, ss));
       const bool safe = alpha >= SafeRange<A>::lo && alpha <= SafeRange<A>::hi;
-      if (!safe) {  // again, scaled by the largest magnitude
-        A m = 0;
-        for (int64_t i = ctx.lane; i < len; i += 32) m = fabs(v[i]) > m ? fabs(v[i]) : m;
-        m = warp_max(ctx, m);
-        ss = 0;
-        if (m != A(0)) {  // m is the same in every lane
-          for (int64_t i = ctx.lane; i < len; i += 32) {
-            const A x = v[i] / m;
-            ss += x * x;
-          }
-        }
-        const A scaled = warp_sum(ctx, ss);
-        alpha = m == A(0) ? A(0) : m * sqrt(scaled);
-      }
+      if (!safe) alpha = warp_scaled_norm(ctx, v, len, v[0]);
       A b = 0, nv = 0;
       if (alpha != A(0)) {
         b = v[0] >= A(0) ? -alpha : alpha;
         const A v0 = v[0] - b;
         if (!safe) {  // v scaled to unit length: nv and the products with v stay normal
-          A mv = 0;
-          for (int64_t i = ctx.lane; i < len; i += 32) {
-            const A x = fabs(i == 0 ? v0 : v[i]);
-            mv = x > mv ? x : mv;
-          }
-          mv = warp_max(ctx, mv);
-          ss = 0;
-          for (int64_t i = ctx.lane; i < len; i += 32) {
-            const A x = (i == 0 ? v0 : v[i]) / mv;
-            ss += x * x;
-          }
-          const A norm = mv * sqrt(warp_sum(ctx, ss));
+          const A norm = warp_scaled_norm(ctx, v, len, v0);
           ctx.syncwarp();  // every lane has read v[0]
           for (int64_t i = ctx.lane; i < len; i += 32) v[i] = (i == 0 ? v0 : v[i]) / norm;
           ctx.syncwarp();
