@@ -213,6 +213,32 @@ def test_cuda_agrees_with_cpu(dtype):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("r", [4, 8, 13])
+@pytest.mark.parametrize("n", [64, 66, 63])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_cuda_narrow_column_groups(dtype, r, n, offset):
+    """The narrow path reads V adjacent columns as one access where n % V == 0 and G is
+    aligned, else one column per thread (offset 1 misaligns G; n = 66 divides by 2 but not 4,
+    n = 63 by neither). Every group of columns, and the scalar fallback, gives the same
+    numbers: the sums run in the same order, so the two launches agree exactly."""
+    requires_cuda_kernels("cuda", "rank_scale")
+    batch, m = 5, 24
+    flat = torch.randn(batch * m * n + offset, device="cuda").to(dtype)
+    G = flat[offset:].view(batch, m, n)
+    U = orthonormal((batch,), m, r, torch.float32, "cuda").to(dtype)
+    got = ops.rank_scale(G, U, 0.5, 2.0)
+    want = lsef_ref.rank_scale(G.double(), U.double(), 0.5, 2.0)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype)
+    if tol is None:
+        torch.testing.assert_close(got, want.to(dtype))
+    else:
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+    # The aligned, contiguous copy takes the grouped path where n allows: the same bits.
+    assert torch.equal(ops.rank_scale(G.contiguous().clone(), U, 0.5, 2.0), got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
 def test_cuda_low_precision_against_float32(dtype, tol):
     """Sums run in float32, so the error is the dtype's rounding of inputs and output: a few

@@ -1,10 +1,11 @@
 // rank_scale: CUDA kernels (float32, float64, and float16, bfloat16 summed in float32).
 // G'[:, j] needs only G[:, j] and C[:, j] = U^T G[:, j], so the op is taken column by column.
-//  * Narrow path (r <= kNarrowMaxRank, the optimiser's case): one thread per column. It sums
-//    the column's r coefficients in registers over the m rows, then writes the column of G'.
-//    Consecutive threads take consecutive columns, so every row access of a warp is coalesced;
+//  * Narrow path (r <= kNarrowMaxRank, the optimiser's case): a thread per group of V adjacent
+//    columns (one 16-byte access where n and the pointers allow, else V = 1). It sums the
+//    columns' r coefficients in registers over the m rows, then writes the columns of G'.
+//    Consecutive threads take consecutive groups, so every row access of a warp is coalesced;
 //    no shared memory and no barriers. G is read from memory once; the second read of the
-//    same column by the same thread finds it in cache.
+//    same columns by the same thread finds them in cache.
 //  * Wide path (any r): a block takes one matrix and a tile of W <= 32 adjacent columns,
 //    computes the tile's C into shared memory in rounds of rows, then writes the tile of G'.
 #include <ATen/Dispatch.h>
@@ -111,42 +112,98 @@ __global__ void __launch_bounds__(kCudaThreads) rank_scale_kernel(Problem<T> p) 
 // Ranks up to this take the narrow path (R = 4, 8 or 16 coefficients in registers).
 constexpr int64_t kNarrowMaxRank = 16;
 
-// Thread t takes column t % n of matrix t / n (grid-stride over batch * n columns).
+// Columns per thread on the narrow path: V adjacent columns are read and written as one access
+// of V * sizeof(T) <= 16 bytes, with R * V <= 32 accumulators per thread (2 for R = 16).
 template <typename T, int R>
+constexpr int kNarrowVec = std::min(kPackElems<T>, std::max(2, 32 / R));
+
+// Thread t takes columns V t, ..., V t + V - 1 of the flattened (batch * n) columns; n % V == 0,
+// so the V columns lie in one matrix. One thread per column group, no grid-stride loop: the
+// grid is as large as the work (the narrow path has no cross-block sums whose order could
+// depend on the grid).
+// Explicitly rounded multiply and fused multiply-add: the compiler may not contract or
+// reorder them, so every instantiation (V = 1 or a group of columns) does the same arithmetic
+// on each element and the two launches agree to the bit (measured on an H200 to differ in the
+// last bit while the expressions were left to the compiler's contraction).
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
+
+template <typename T, int R, int V>
 __global__ void __launch_bounds__(kCudaThreads) rank_scale_narrow_kernel(Problem<T> p,
-                                                                         int64_t columns) {
+                                                                         int64_t groups) {
   using A = at::opmath_type<T>;
   const int r = static_cast<int>(p.r);  // <= R
-  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < columns;
-       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = t / p.n;
-    const T* g = p.G + b * p.m * p.n + t % p.n;
-    T* o = p.out + b * p.m * p.n + t % p.n;
-    const T* u = p.U + b * p.U_step;
-    A c[R];
+  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (t >= groups) return;
+  const int64_t col0 = t * V;  // flattened column index
+  const int64_t b = col0 / p.n;
+  const int64_t off = b * p.m * p.n + col0 % p.n;
+  const T* g = p.G + off;
+  T* o = p.out + off;
+  const T* u = p.U + b * p.U_step;
+  A c[R][V];
 #pragma unroll
-    for (int k = 0; k < R; ++k) c[k] = 0;
+  for (int k = 0; k < R; ++k) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) c[k][v] = 0;
+  }
 #pragma unroll 4
-    for (int64_t i = 0; i < p.m; ++i) {
-      const A gv = static_cast<A>(g[i * p.n]);
-      const T* ui = u + i * p.r;
+  for (int64_t i = 0; i < p.m; ++i) {
+    const Pack<T, V> gv = load_pack<V>(g, i * p.n);
+    const T* ui = u + i * p.r;
 #pragma unroll
-      for (int k = 0; k < R; ++k) {
-        if (k < r) c[k] += static_cast<A>(ui[k]) * gv;
+    for (int k = 0; k < R; ++k) {
+      if (k < r) {
+        const A uk = static_cast<A>(ui[k]);
+#pragma unroll
+        for (int v = 0; v < V; ++v) c[k][v] = fma_rn(uk, static_cast<A>(gv.v[v]), c[k][v]);
       }
     }
-    const A beta = static_cast<A>(p.beta[b * p.beta_step]);
-    const A delta = static_cast<A>(p.alpha[b * p.alpha_step]) - beta;
+  }
+  const A beta = static_cast<A>(p.beta[b * p.beta_step]);
+  const A delta = static_cast<A>(p.alpha[b * p.alpha_step]) - beta;
 #pragma unroll 4
-    for (int64_t i = 0; i < p.m; ++i) {
-      const T* ui = u + i * p.r;
-      A v = 0;
+  for (int64_t i = 0; i < p.m; ++i) {
+    const T* ui = u + i * p.r;
+    A s[V];
 #pragma unroll
-      for (int k = 0; k < R; ++k) {
-        if (k < r) v += static_cast<A>(ui[k]) * c[k];
+    for (int v = 0; v < V; ++v) s[v] = 0;
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      if (k < r) {
+        const A uk = static_cast<A>(ui[k]);
+#pragma unroll
+        for (int v = 0; v < V; ++v) s[v] = fma_rn(uk, c[k][v], s[v]);
       }
-      o[i * p.n] = static_cast<T>(beta * static_cast<A>(g[i * p.n]) + delta * v);
     }
+    const Pack<T, V> gv = load_pack<V>(g, i * p.n);
+    Pack<T, V> ov;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      ov.v[v] = static_cast<T>(fma_rn(delta, s[v], mul_rn(beta, static_cast<A>(gv.v[v]))));
+    }
+    store_pack<V>(o, i * p.n, ov);
+  }
+}
+
+template <typename T, int R>
+void launch_narrow(const Problem<T>& p, int64_t batch, cudaStream_t stream) {
+  constexpr int V = kNarrowVec<T, R>;
+  const int64_t columns = batch * p.n;
+  const auto bytes = static_cast<uintptr_t>(sizeof(T) * V);
+  const bool vec = p.n % V == 0 && reinterpret_cast<uintptr_t>(p.G) % bytes == 0 &&
+                   reinterpret_cast<uintptr_t>(p.out) % bytes == 0;
+  if (vec) {
+    const int64_t groups = columns / V;
+    rank_scale_narrow_kernel<T, R, V>
+        <<<static_cast<unsigned>(ceil_div(groups, kCudaThreads)), kCudaThreads, 0, stream>>>(
+            p, groups);
+  } else {
+    rank_scale_narrow_kernel<T, R, 1>
+        <<<static_cast<unsigned>(ceil_div(columns, kCudaThreads)), kCudaThreads, 0, stream>>>(
+            p, columns);
   }
 }
 
@@ -169,14 +226,12 @@ void rank_scale_cuda_kernel(const Args& a, at::Tensor& out) {
   p.tiles = a.batch * p.tiles_per_matrix;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (a.r <= kNarrowMaxRank) {
-    const int64_t columns = a.batch * a.n;
-    const unsigned grid = cuda_grid(columns, kCudaThreads);
     if (a.r <= 4) {
-      rank_scale_narrow_kernel<T, 4><<<grid, kCudaThreads, 0, stream>>>(p, columns);
+      launch_narrow<T, 4>(p, a.batch, stream);
     } else if (a.r <= 8) {
-      rank_scale_narrow_kernel<T, 8><<<grid, kCudaThreads, 0, stream>>>(p, columns);
+      launch_narrow<T, 8>(p, a.batch, stream);
     } else {
-      rank_scale_narrow_kernel<T, 16><<<grid, kCudaThreads, 0, stream>>>(p, columns);
+      launch_narrow<T, 16>(p, a.batch, stream);
     }
   } else {
     const dim3 block(static_cast<unsigned>(W), static_cast<unsigned>(kCudaThreads / W));
