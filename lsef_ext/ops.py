@@ -25,7 +25,11 @@ def _as_tensor(value: Scalar, like: Tensor, op: str, name: str) -> Tensor:
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a number or a tensor, got {type(value).__name__}")
-    return torch.tensor(value, dtype=like.dtype, device=like.device)
+    # Rounded to the dtype on the host (an overflow becomes inf, as torch.tensor does), then
+    # copied without a stream synchronisation: a blocking copy to a GPU would first wait for
+    # every kernel queued before it, once per call and per number.
+    t = torch.tensor(value, dtype=like.dtype)
+    return t if like.device.type == "cpu" else t.to(like.device, non_blocking=True)
 
 
 # --------------------------------------------------------------------------------------------
