@@ -9,27 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ops import get_ops
+
 __all__ = ["get_ops", "SEM", "DDM", "CIM", "LSEF", "LSEFOutput", "MeanPoolMLP",
            "TemporalTransformer", "build_model", "MODEL_NAMES"]
-
-
-def get_ops(name: str) -> SimpleNamespace:
-    """The op set a module computes with: ``"ext"`` (compiled kernels) or ``"ref"`` (lsef_ref)."""
-    if name == "ext":
-        from lsef_ext import ops
-    elif name == "ref":
-        import lsef_ref as ops
-    else:
-        raise ValueError(f"ops must be 'ext' or 'ref', got {name!r}")
-    return SimpleNamespace(name=name, lowrank=ops.lowrank, soft_threshold=ops.soft_threshold,
-                           rsvd=ops.rsvd, rank_scale=ops.rank_scale, lowrank_sparse=ops.lowrank_sparse)
 
 
 def _check_input(module: str, X: Tensor, D: int) -> None:

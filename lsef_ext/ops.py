@@ -7,6 +7,8 @@ autograd formula (``register_autograd``) whose backward calls compiled ops too.
 from __future__ import annotations
 
 import numbers
+import sys
+from types import SimpleNamespace
 from typing import Optional, Sequence, Union
 
 import torch
@@ -14,7 +16,8 @@ from torch import Tensor
 
 Scalar = Union[float, Tensor]
 
-__all__ = ["soft_threshold", "rank_scale", "rank_aware_grad_scale", "rsvd", "lowrank", "lowrank_sparse"]
+__all__ = ["soft_threshold", "rank_scale", "rank_aware_grad_scale", "rsvd", "lowrank", "lowrank_sparse",
+           "get_ops"]
 
 
 def _as_tensor(value: Scalar, like: Tensor, op: str, name: str) -> Tensor:
@@ -385,3 +388,22 @@ def lowrank_sparse(X: Tensor, k: int, lam=None, n_steps: Optional[int] = None,
             "or use method='unrolled'"
         )
     return solve(X, k, lam, n_steps, method, rsvd, lowrank, soft_threshold)
+
+
+# --------------------------------------------------------------------------------------------
+# op sets
+# --------------------------------------------------------------------------------------------
+
+
+def get_ops(name: str) -> SimpleNamespace:
+    """The op set a module computes with: ``"ext"`` (this module's compiled kernels) or
+    ``"ref"`` (the ``lsef_ref`` references, for comparison runs such as ``--ops ref``)."""
+    if name == "ext":
+        impl = sys.modules[__name__]
+    elif name == "ref":
+        import lsef_ref as impl
+    else:
+        raise ValueError(f"ops must be 'ext' or 'ref', got {name!r}")
+    return SimpleNamespace(name=name, lowrank=impl.lowrank, soft_threshold=impl.soft_threshold,
+                           rsvd=impl.rsvd, rank_scale=impl.rank_scale,
+                           lowrank_sparse=impl.lowrank_sparse)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from .nn import get_ops
+from .ops import get_ops
 
 __all__ = ["RAO"]
 
