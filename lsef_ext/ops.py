@@ -14,6 +14,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from . import rpca as _rpca
+
 Scalar = Union[float, Tensor]
 
 __all__ = ["soft_threshold", "rank_scale", "rank_aware_grad_scale", "rsvd", "lowrank", "lowrank_sparse",
@@ -363,31 +365,42 @@ torch.library.register_autograd(
 
 
 def lowrank_sparse(X: Tensor, k: int, lam=None, n_steps: Optional[int] = None,
-                   method: str = "rpca"):
+                   method: str = "rpca", noise: Union[None, float, str] = None):
     """Split every ``X (*, m, n)`` into a rank-k part ``L`` and a sparse part ``S``.
 
-    ``method="rpca"`` (default): principal component pursuit, ``min ||L||_* + lam ||S||_1``
-    subject to ``X = L + S``, by the inexact augmented Lagrange multiplier method (Lin, Chen &
-    Ma 2010) with the rank capped at ``k``; ``lam`` defaults to ``1 / sqrt(max(m, n))``
-    (Candes et al. 2011; scale-free), iterations stop when ``||X - L - S||_F / ||X||_F < 1e-7``
-    for every matrix or after ``n_steps`` (default 100). Not differentiable: call it under
+    ``method="rpca"`` (default), ``noise=None``: principal component pursuit,
+    ``min ||L||_* + lam ||S||_1`` subject to ``X = L + S`` exactly, by the inexact augmented
+    Lagrange multiplier method (Lin, Chen & Ma 2010) with the rank capped at ``k``; ``lam``
+    defaults to ``1 / sqrt(max(m, n))`` (Candes et al. 2011; scale-free). Each matrix stops
+    when ``||X - L - S||_F < 1e-7 ||X||_F`` or after ``n_steps`` (default 100) iterations.
+    Exact: every bit of noise in ``X`` that is not low-rank ends up in ``S``, which is then
+    dense on real data.
+
+    ``noise`` (a number ``sigma``, the standard deviation of dense Gaussian noise in ``X``, or
+    ``"auto"`` to estimate it per matrix): stable principal component pursuit (Zhou et al. 2010)
+    in penalised form, ``min tau_L ||L||_* + tau_S ||S||_1 + ||X - L - S||_F^2 / 2`` with
+    ``tau_L = sigma (sqrt(m) + sqrt(n))`` and ``tau_S = lam tau_L``; ``lam`` defaults to
+    ``sqrt(2 log(m n)) / (sqrt(m) + sqrt(n))``, so entries enter ``S`` only above the universal
+    threshold ``sigma sqrt(2 log(m n))`` and ``S`` stays sparse. ``noise=0`` is the exact form.
+
+    Either way each matrix of a batch stops on its own test (its result does not depend on its
+    neighbours; a zero or non-finite matrix stops at once), and the loop asks the device whether
+    all have stopped only every few iterations. Not differentiable: call it under
     ``torch.no_grad()`` or use ``method="unrolled"``.
 
     ``method="unrolled"``: ``n_steps`` (default 3) alternations ``L = lowrank(X - S, k)``,
     ``S = soft_threshold(X, L, lam)`` from ``S = 0``, differentiable through every step;
     ``lam`` (a number, per-channel or per-matrix tensor) defaults to the universal threshold
-    ``sigma sqrt(2 log(m n))`` with ``sigma`` the RMS of ``X - lowrank(X, k)`` (no gradient).
+    ``sigma sqrt(2 log(m n))`` with ``sigma = 1.4826 median |X - lowrank(X, k)|`` (no gradient).
 
-    The algorithm is :func:`lsef_ref.rpca.solve` run with this package's kernels.
+    The algorithms are in :mod:`lsef_ext.rpca`, written over this module's ops.
     """
-    from lsef_ref.rpca import solve
-
     if method == "rpca" and torch.is_grad_enabled() and X.requires_grad:
         raise RuntimeError(
             "lowrank_sparse(method='rpca') is not differentiable; call it under torch.no_grad() "
             "or use method='unrolled'"
         )
-    return solve(X, k, lam, n_steps, method, rsvd, lowrank, soft_threshold)
+    return _rpca.lowrank_sparse(sys.modules[__name__], X, k, lam, n_steps, method, noise)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""References for lowrank_sparse (SPEC §3.5): robust PCA and the unrolled alternation."""
+"""References for lowrank_sparse: robust PCA (exact and with noise), one matrix at a time,
+and the unrolled alternation. Plain loops; lsef_ext.rpca is the batched production code."""
 from __future__ import annotations
 
 import math
@@ -72,37 +73,80 @@ def rpca_ialm(X: Tensor, k: Optional[int], lam: Optional[float] = None,
     return L, S, it
 
 
-def solve(X: Tensor, k: int, lam, n_steps: Optional[int], method: str, svd, lowrank, shrink):
-    """The algorithm behind lowrank_sparse, written once over the three ops it uses, so the
-    extension runs exactly this with its kernels (lsef_ext.ops.lowrank_sparse)."""
-    if method == "rpca":
-        if n_steps is not None and n_steps < 1:
-            raise ValueError(f"lowrank_sparse: n_steps must be >= 1, got {n_steps}")
-        L, S, _ = rpca_ialm(X, k, lam, max_iter=n_steps or RPCA_MAX_ITER, svd=svd, shrink=shrink)
+def stable_pcp(X: Tensor, k: int, sigma: float, lam: Optional[float] = None,
+               max_iter: int = RPCA_MAX_ITER, tol: float = RPCA_TOL):
+    """Stable PCP (Zhou et al. 2010), penalised: min tau_L ||L||_* + tau_S ||S||_1 +
+    ||X - L - S||_F^2 / 2, rank(L) <= k, for one matrix, by alternating exact minimisation.
+    tau_L = sigma (sqrt(m) + sqrt(n)); tau_S = lam tau_L, lam by default making tau_S the
+    universal threshold sigma sqrt(2 log(m n)). Returns (L, S, iterations)."""
+    m, n = X.shape[-2:]
+    tau_L = sigma * (math.sqrt(m) + math.sqrt(n))
+    if lam is None:
+        lam = math.sqrt(2.0 * math.log(max(2, m * n))) / (math.sqrt(m) + math.sqrt(n))
+    tau_S = lam * tau_L
+    x_norm = torch.linalg.matrix_norm(X).item() or 1.0
+    S = torch.zeros_like(X)
+    L = torch.zeros_like(X)
+    for it in range(1, max_iter + 1):
+        L_new = rank_k_svt(X - S, k, torch.tensor([tau_L], dtype=X.dtype))
+        S_new = soft_threshold(X, L_new, tau_S)
+        step = torch.cat([(L_new - L).flatten(), (S_new - S).flatten()]).norm().item()
+        L, S = L_new, S_new
+        if not step / x_norm >= tol:  # converged, or not finite
+            break
+    return L, S, it
+
+
+def mad_sigma(R: Tensor) -> float:
+    """1.4826 median |R|: a standard deviation estimate that a minority of outliers cannot move."""
+    return 1.4826 * R.abs().median().item()
+
+
+def _one(X: Tensor, k: int, lam, n_steps: Optional[int], noise):
+    """lowrank_sparse(method="rpca") of one matrix."""
+    max_iter = n_steps or RPCA_MAX_ITER
+    if noise is None or (not isinstance(noise, str) and noise == 0):
+        L, S, _ = rpca_ialm(X, k, lam, max_iter=max_iter)
         return L, S
-    if method == "unrolled":
-        steps = UNROLLED_STEPS if n_steps is None else n_steps
-        if steps < 1:
-            raise ValueError(f"lowrank_sparse: n_steps must be >= 1, got {n_steps}")
-        if lam is None:
-            with torch.no_grad():
-                lam = universal_threshold(X - lowrank(X, k))
-        S = torch.zeros_like(X)
-        for _ in range(steps):
-            L = lowrank(X - S, k)
-            S = shrink(X, L, lam)
+    if noise == "auto":  # the noise level from the exact solution's residual
+        m, n = X.shape
+        L, _, _ = rpca_ialm(X, k, max_iter=max_iter)
+        sigma = mad_sigma(X - L) * math.sqrt(m * n / max(1, (m - k) * (n - k)))
+        L, S, _ = stable_pcp(X, k, sigma, lam, max_iter)
         return L, S
-    raise ValueError(f"lowrank_sparse: method must be 'rpca' or 'unrolled', got {method!r}")
+    L, S, _ = stable_pcp(X, k, float(noise), lam, max_iter)
+    return L, S
 
 
 def lowrank_sparse(X: Tensor, k: int, lam=None, n_steps: Optional[int] = None,
-                   method: str = "rpca"):
-    """Split every ``X (*, m, n)`` into a rank-k part and a sparse part (SPEC §3.5).
+                   method: str = "rpca", noise=None):
+    """Split every ``X (*, m, n)`` into a rank-k part and a sparse part.
 
-    ``method="rpca"``: :func:`rpca_ialm` with the rank capped at k, ``lam`` defaulting to
-    :func:`pcp_lambda`, at most ``n_steps`` (default 100) iterations. ``method="unrolled"``:
+    ``method="rpca"``: each matrix on its own, :func:`rpca_ialm` with the rank capped at k
+    (``noise=None`` or 0; ``lam`` defaulting to :func:`pcp_lambda`) or :func:`stable_pcp`
+    (``noise`` a number or ``"auto"``: estimated from a first solution's residual), at most
+    ``n_steps`` (default 100) iterations. ``lam`` is a number here. ``method="unrolled"``:
     ``n_steps`` (default 3) alternations ``L = lowrank(X - S, k)``, ``S = soft_threshold(X, L,
-    lam)`` from ``S = 0``, differentiable; ``lam`` defaults to :func:`universal_threshold` of
-    the first residual.
+    lam)`` from ``S = 0`` over the whole batch, differentiable; ``lam`` defaults to
+    :func:`universal_threshold` of the first residual.
     """
-    return solve(X, k, lam, n_steps, method, _rsvd, _lowrank, soft_threshold)
+    if method not in ("rpca", "unrolled"):
+        raise ValueError(f"lowrank_sparse: method must be 'rpca' or 'unrolled', got {method!r}")
+    if n_steps is not None and n_steps < 1:
+        raise ValueError(f"lowrank_sparse: n_steps must be >= 1, got {n_steps}")
+    if method == "unrolled":
+        if lam is None:
+            with torch.no_grad():
+                lam = universal_threshold(X - _lowrank(X, k))
+        S = torch.zeros_like(X)
+        for _ in range(UNROLLED_STEPS if n_steps is None else n_steps):
+            L = _lowrank(X - S, k)
+            S = soft_threshold(X, L, lam)
+        return L, S
+    flat = X.reshape(-1, *X.shape[-2:])
+    parts = [_one(x, k, lam, n_steps, noise) for x in flat]
+    if not parts:
+        return torch.zeros_like(X), torch.zeros_like(X)
+    L = torch.stack([p[0] for p in parts]).reshape(X.shape)
+    S = torch.stack([p[1] for p in parts]).reshape(X.shape)
+    return L, S

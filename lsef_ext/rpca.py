@@ -1,0 +1,220 @@
+"""The algorithms behind :func:`lsef_ext.ops.lowrank_sparse`, written over an op set.
+
+An op set is any object with ``rsvd``, ``lowrank`` and ``soft_threshold`` of the signatures of
+:mod:`lsef_ext.ops` (that module itself, or ``lsef_ext.ops.get_ops(...)``). Three solvers:
+
+* :func:`rpca_ialm`: principal component pursuit, ``min ||L||_* + lam ||S||_1`` subject to
+  ``X = L + S`` (exact constraint), by the inexact augmented Lagrange multiplier method.
+* :func:`stable_pcp`: the same with a noise term, ``min ||L||_* + lam ||S||_1 +
+  ||X - L - S||_F^2 / (2 mu)``, by exact block minimisation over ``L`` and ``S`` in turn.
+* :func:`unrolled`: a fixed number of alternations ``L = lowrank(X - S)``,
+  ``S = soft_threshold(X, L, lam)``, differentiable.
+
+Every matrix of a batch stops on its own test: once it has converged (or become non-finite)
+its ``L`` and ``S`` are frozen, so its result is the one it gets alone, whatever its
+neighbours do. The batch-wide "all stopped?" test, the only host synchronisation of the loop,
+runs every ``check_every`` iterations; it decides only when the loop ends, never a result.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+RPCA_MAX_ITER = 100
+RPCA_TOL = 1e-7
+UNROLLED_STEPS = 3
+MAD_TO_SIGMA = 1.4826  # 1 / Phi^-1(3/4): the median absolute deviation of N(0, s^2) is s / 1.4826
+
+Noise = Union[None, float, str]
+
+
+def pcp_lambda(X: Tensor) -> float:
+    """Principal component pursuit's weight 1 / sqrt(max(m, n)) (Candes, Li, Ma & Wright 2011)."""
+    return 1.0 / math.sqrt(max(X.shape[-2:]))
+
+
+def mad_sigma(R: Tensor) -> Tensor:
+    """A robust per-matrix estimate of the standard deviation of R's entries, ``1.4826
+    median |R|``, shape ``(*, 1, 1)``: a minority of large (sparse) entries does not move it."""
+    return MAD_TO_SIGMA * R.abs().flatten(-2).median(dim=-1).values[..., None, None]
+
+
+def universal_threshold(R: Tensor) -> Tensor:
+    """``sigma sqrt(2 log(m n))`` per matrix (Donoho & Johnstone 1994) with ``sigma`` =
+    :func:`mad_sigma` of ``R``: the largest of m n independent N(0, sigma^2) entries stays below
+    it with probability tending to 1, so entries above it are taken as outliers."""
+    return mad_sigma(R) * math.sqrt(2.0 * math.log(max(2, R.shape[-2] * R.shape[-1])))
+
+
+def noise_level(X: Tensor, L: Tensor, k: int) -> Tensor:
+    """The noise level of ``X`` given its exact robust-PCA low-rank part ``L`` (rank k), per
+    matrix: :func:`mad_sigma` of ``X - L`` (noise plus the outliers, a minority the median
+    ignores), scaled by ``sqrt(m n / ((m - k) (n - k)))``, the share of the noise's variance
+    that the rank-k part also absorbed."""
+    m, n = X.shape[-2:]
+    return mad_sigma(X - L) * math.sqrt(m * n / max(1, (m - k) * (n - k)))
+
+
+def rank_k_svt(ops, M: Tensor, k: int, tau: Tensor) -> Tensor:
+    """Singular value thresholding restricted to the top k: ``U diag(max(s - tau, 0)) V^T``;
+    ``tau`` is ``(*, 1)``, one threshold per matrix."""
+    U, s, V = ops.rsvd(M, k)
+    return (U * torch.clamp(s - tau, min=0).unsqueeze(-2)) @ V.mT
+
+
+def _safe(norm: Tensor) -> Tensor:
+    """Zero norms (an all-zero matrix) replaced by 1, so that no 0/0 enters."""
+    return torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def _check_every(X: Tensor, check_every: Optional[int]) -> int:
+    # On the CPU the test costs nothing; on a GPU it waits for the queued work.
+    return check_every or (1 if X.device.type == "cpu" else 8)
+
+
+def rpca_ialm(ops, X: Tensor, k: int, lam=None, max_iter: int = RPCA_MAX_ITER,
+              tol: float = RPCA_TOL, check_every: Optional[int] = None
+              ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Principal component pursuit by the inexact augmented Lagrange multiplier method (Lin,
+    Chen & Ma 2010, Alg. 5) with the singular value thresholding capped at rank k. A matrix
+    stops when ``||X - L - S||_F < tol ||X||_F`` or its residual is not finite.
+
+    Returns ``(L, S, iterations)``, ``iterations`` of shape ``*`` (int64), per matrix.
+    """
+    lam = pcp_lambda(X) if lam is None else lam
+    every = _check_every(X, check_every)
+    # The spectral norm from the solver's own SVD (a full SVD to scale the start would cost
+    # more than a few iterations).
+    norm_two = _safe(ops.rsvd(X, 1)[1][..., :1, None])
+    norm_inf = X.abs().amax(dim=(-2, -1), keepdim=True) / lam
+    Y = X / torch.maximum(norm_two, norm_inf)
+    mu = 1.25 / norm_two
+    mu_max = mu * 1e7
+    rho = 1.5
+    x_norm = _safe(torch.linalg.matrix_norm(X, keepdim=True))
+    L = torch.zeros_like(X)
+    S = torch.zeros_like(X)
+    done = torch.zeros(X.shape[:-2] + (1, 1), dtype=torch.bool, device=X.device)
+    iters = torch.zeros(X.shape[:-2], dtype=torch.int64, device=X.device)
+    for it in range(1, max_iter + 1):
+        L_new = rank_k_svt(ops, X - S + Y / mu, k, (1 / mu).squeeze(-1))
+        S_new = ops.soft_threshold(X - L_new + Y / mu, None, lam / mu)
+        Z = X - L_new - S_new
+        L = torch.where(done, L, L_new)
+        S = torch.where(done, S, S_new)
+        Y = torch.where(done, Y, Y + mu * Z)
+        mu = torch.where(done, mu, torch.minimum(mu * rho, mu_max))
+        iters += ~done[..., 0, 0]
+        err = torch.linalg.matrix_norm(Z, keepdim=True) / x_norm
+        done = done | (err < tol) | ~torch.isfinite(err)
+        if it % every == 0 and bool(done.all()):
+            break
+    return L, S, iters
+
+
+def noise_thresholds(X: Tensor, sigma: Tensor, lam=None) -> Tuple[Tensor, Tensor]:
+    """The stable solver's thresholds for per-matrix noise level ``sigma`` ``(*, 1, 1)``:
+    ``tau_L = sigma (sqrt(m) + sqrt(n))`` for singular values (about the largest singular value
+    of an m x n matrix of N(0, sigma^2) noise), and ``tau_S = lam tau_L`` for entries, ``lam``
+    defaulting to ``sqrt(2 log(m n)) / (sqrt(m) + sqrt(n))`` so that ``tau_S`` is the universal
+    threshold ``sigma sqrt(2 log(m n))``: noise entries stay out of S."""
+    m, n = X.shape[-2:]
+    spread = math.sqrt(m) + math.sqrt(n)
+    tau_L = sigma * spread
+    if lam is None:
+        lam = math.sqrt(2.0 * math.log(max(2, m * n))) / spread
+    return tau_L, lam * tau_L
+
+
+def stable_pcp(ops, X: Tensor, k: int, sigma: Tensor, lam=None, max_iter: int = RPCA_MAX_ITER,
+               tol: float = RPCA_TOL, check_every: Optional[int] = None
+               ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Stable principal component pursuit (Zhou, Li, Wright, Candes & Ma 2010) in its penalised
+    form, ``min tau_L ||L||_* + tau_S ||S||_1 + ||X - L - S||_F^2 / 2`` with rank(L) <= k
+    (thresholds from :func:`noise_thresholds`), by exact minimisation over each block in turn:
+    ``L = SVT_tau_L(X - S)`` (top k), ``S = soft(X - L, tau_S)``. A matrix stops when an
+    iteration moves ``(L, S)`` by less than ``tol ||X||_F`` or it is not finite.
+
+    Returns ``(L, S, iterations)`` as :func:`rpca_ialm`.
+    """
+    every = _check_every(X, check_every)
+    tau_L, tau_S = noise_thresholds(X, sigma, lam)
+    x_norm = _safe(torch.linalg.matrix_norm(X, keepdim=True))
+    S = torch.zeros_like(X)
+    L = torch.zeros_like(X)
+    done = torch.zeros(X.shape[:-2] + (1, 1), dtype=torch.bool, device=X.device)
+    iters = torch.zeros(X.shape[:-2], dtype=torch.int64, device=X.device)
+    for it in range(1, max_iter + 1):
+        L_new = rank_k_svt(ops, X - S, k, tau_L.squeeze(-1))
+        S_new = ops.soft_threshold(X, L_new, tau_S)
+        step = torch.sqrt(torch.linalg.matrix_norm(L_new - L, keepdim=True) ** 2
+                          + torch.linalg.matrix_norm(S_new - S, keepdim=True) ** 2)
+        L = torch.where(done, L, L_new)
+        S = torch.where(done, S, S_new)
+        iters += ~done[..., 0, 0]
+        change = step / x_norm
+        done = done | (change < tol) | ~torch.isfinite(change)
+        if it % every == 0 and bool(done.all()):
+            break
+    return L, S, iters
+
+
+def unrolled(ops, X: Tensor, k: int, lam=None, steps: int = UNROLLED_STEPS) -> Tuple[Tensor, Tensor]:
+    """``steps`` alternations ``L = lowrank(X - S, k)``, ``S = soft_threshold(X, L, lam)`` from
+    ``S = 0``, differentiable through every step; ``lam`` defaults to
+    :func:`universal_threshold` of the first residual ``X - lowrank(X, k)`` (no gradient)."""
+    if lam is None:
+        with torch.no_grad():
+            lam = universal_threshold(X - ops.lowrank(X, k))
+    S = torch.zeros_like(X)
+    for _ in range(steps):
+        L = ops.lowrank(X - S, k)
+        S = ops.soft_threshold(X, L, lam)
+    return L, S
+
+
+def _noise_sigma(X: Tensor, noise: Noise) -> Optional[Tensor]:
+    """None for the exact solver, else the per-matrix noise level (*, 1, 1)."""
+    if noise is None:
+        return None
+    if isinstance(noise, str):
+        if noise != "auto":
+            raise ValueError(f"lowrank_sparse: noise must be None, a number >= 0 or 'auto', got {noise!r}")
+        return None  # estimated by the caller, which needs a first solution
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real):
+        raise TypeError(f"lowrank_sparse: noise must be None, a number >= 0 or 'auto', got "
+                        f"{type(noise).__name__}")
+    if not (noise >= 0 and math.isfinite(noise)):
+        raise ValueError(f"lowrank_sparse: noise must be a finite number >= 0, got {noise}")
+    return torch.full(X.shape[:-2] + (1, 1), float(noise), dtype=X.dtype, device=X.device)
+
+
+def lowrank_sparse(ops, X: Tensor, k: int, lam=None, n_steps: Optional[int] = None,
+                   method: str = "rpca", noise: Noise = None,
+                   check_every: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """The algorithm of :func:`lsef_ext.ops.lowrank_sparse` over the op set ``ops``."""
+    if method not in ("rpca", "unrolled"):
+        raise ValueError(f"lowrank_sparse: method must be 'rpca' or 'unrolled', got {method!r}")
+    if n_steps is not None and n_steps < 1:
+        raise ValueError(f"lowrank_sparse: n_steps must be >= 1, got {n_steps}")
+    if method == "unrolled":
+        if noise is not None:
+            raise ValueError("lowrank_sparse: noise applies to method='rpca' only; the unrolled "
+                             "method sets its threshold with lam")
+        return unrolled(ops, X, k, lam, UNROLLED_STEPS if n_steps is None else n_steps)
+    max_iter = n_steps or RPCA_MAX_ITER
+    sigma = _noise_sigma(X, noise)
+    if noise is None or (sigma is not None and noise == 0):  # no noise: the exact constraint
+        L, S, _ = rpca_ialm(ops, X, k, lam, max_iter, check_every=check_every)
+        return L, S
+    if noise == "auto":
+        # The level from the exact solution: its L is close to the low-rank part (the exact
+        # constraint sends the noise to S); a plain rank-k fit would be pulled by the outliers.
+        L, _, _ = rpca_ialm(ops, X, k, None, max_iter, check_every=check_every)
+        sigma = noise_level(X, L, k)
+    L, S, _ = stable_pcp(ops, X, k, sigma, lam, max_iter, check_every=check_every)
+    return L, S
