@@ -23,8 +23,8 @@ from dataclasses import asdict, replace
 import torch
 
 from lsef_ext.data import CORRUPTIONS
-from lsef_ext.demo import CONDITIONS, LABELS, corrupted_average, run_one
-from lsef_ext.train import TrainConfig, load_data
+from lsef_ext.demo import LABELS, run_one
+from lsef_ext.train import TrainConfig, corrupted_average, load_test_sets
 
 VARIANTS = ("lsef", "lsef-no-sem", "lsef-no-ddm", "lsef-no-cim", "lsef-no-rao", "meanpool-mlp",
             "transformer")
@@ -51,7 +51,7 @@ def main() -> int:
     args = p.parse_args()
 
     base = TrainConfig(epochs=args.epochs)
-    tests = {c: load_data(base, "test", None if c == "clean" else c)[:2] for c in CONDITIONS}
+    tests = load_test_sets(base)
     runs = {}
     t0 = time.perf_counter()
     for v in args.variants:

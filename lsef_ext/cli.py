@@ -59,8 +59,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import torch
 
-    from lsef_ext.demo import CONDITIONS
-    from lsef_ext.train import TrainConfig, Trainer, distributed_env, evaluate, load_data
+    from lsef_ext.data import CORRUPTIONS
+    from lsef_ext.train import TrainConfig, Trainer, distributed_env, evaluate_conditions, load_data
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("lsef train: --device cuda, but torch.cuda.is_available() is False")
@@ -85,8 +85,8 @@ def _train(args: argparse.Namespace) -> int:
         for row in history:
             print("  " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         if cfg.task == "classification" and not args.data:
-            for c in CONDITIONS[1:]:
-                m = evaluate(trainer.net, *load_data(cfg, "test", c)[:2], cfg.task, trainer.device)
+            metrics = evaluate_conditions(trainer.net, cfg, CORRUPTIONS, device=trainer.device)
+            for c, m in metrics.items():
                 print(f"  test under {c}: WAR {100 * m['war']:.1f}%  UAR {100 * m['uar']:.1f}%")
         if cfg.out:
             print(f"checkpoint and metrics in {cfg.out}/ (checkpoint.pt, metrics.csv, metrics.json)")

@@ -39,7 +39,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 __all__ = [
-    "CLASS_NAMES", "CLASS_PAIRS", "CORRUPTIONS", "SyntheticAffect", "FeatureFolder", "corrupt",
+    "CLASS_NAMES", "CLASS_PAIRS", "CORRUPTIONS", "CONDITIONS", "SyntheticAffect", "FeatureFolder",
+    "corrupt",
 ]
 
 CLASS_NAMES = ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")
@@ -55,6 +56,8 @@ CLASS_PAIRS = ((0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 0), (3, 1))
 _CIRCUMPLEX = ((0.8, 0.5), (-0.7, -0.4), (0.0, 0.0), (-0.6, 0.8), (0.3, 0.9), (-0.7, 0.3),
                (-0.6, 0.7))
 CORRUPTIONS = ("frame_drop", "impulse", "gaussian")
+# The test conditions: the clean test set and each corruption of it.
+CONDITIONS = ("clean",) + CORRUPTIONS
 _SPLIT_OFFSETS = {"train": 1, "val": 2, "test": 3}
 
 

@@ -11,10 +11,9 @@ from typing import Dict, Sequence
 
 import torch
 
-from .data import CORRUPTIONS
-from .train import TrainConfig, Trainer, evaluate, load_data
+from .data import CONDITIONS  # also lsef_ext.demo.CONDITIONS, as before
+from .train import TrainConfig, Trainer, corrupted_average, evaluate_conditions, load_data, load_test_sets
 
-CONDITIONS = ("clean",) + CORRUPTIONS
 DEMO_MODELS = ("lsef", "meanpool-mlp", "transformer")
 LABELS = {"lsef": "LSEF (+RAO)", "meanpool-mlp": "mean-pool MLP", "transformer": "temporal transformer",
           "lsef-no-sem": "LSEF w/o SEM", "lsef-no-ddm": "LSEF w/o DDM", "lsef-no-cim": "LSEF w/o CIM",
@@ -24,22 +23,20 @@ LABELS = {"lsef": "LSEF (+RAO)", "meanpool-mlp": "mean-pool MLP", "transformer":
 def run_one(cfg: TrainConfig, progress: bool = True, test_sets=None) -> Dict[str, object]:
     """Trains ``cfg.model`` and evaluates it clean and under each corruption.
 
-    Returns ``{"metrics": {condition: {"war", "uar"}}, "history", "seconds", "params", "trainer"}``.
+    Returns ``{"metrics": {condition: {"war", "uar"}}, "history", "seconds", "params", "trainer"}``
+    (``metrics`` from :func:`lsef_ext.train.evaluate_conditions`). ``test_sets``: as
+    :func:`lsef_ext.train.load_test_sets` returns (default: loaded for ``cfg``).
     """
     train = load_data(cfg, "train")
-    test_sets = test_sets or {c: load_data(cfg, "test", None if c == "clean" else c)[:2] for c in CONDITIONS}
+    test_sets = test_sets or load_test_sets(cfg)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, train, val=test_sets["clean"], progress=progress,
                       desc=LABELS.get(cfg.model, cfg.model) + f" seed {cfg.seed}")
     history = trainer.fit()
     seconds = time.perf_counter() - t0
-    metrics = {c: evaluate(trainer.net, x, y, cfg.task) for c, (x, y) in test_sets.items()}
+    metrics = evaluate_conditions(trainer.net, cfg, tuple(test_sets), test_sets)
     return {"metrics": metrics, "history": history, "seconds": seconds,
             "params": sum(p.numel() for p in trainer.net.parameters()), "trainer": trainer}
-
-
-def corrupted_average(metrics: Dict[str, Dict[str, float]], key: str = "war") -> float:
-    return sum(metrics[c][key] for c in CORRUPTIONS) / len(CORRUPTIONS)
 
 
 def results_table(results: Dict[str, Dict[str, object]]) -> str:
@@ -144,7 +141,7 @@ def demo(out: str = "lsef-demo", quick: bool = False, seed: int = 0, device: str
     print(f"lsef demo: SyntheticAffect, {base.n_train} training clips, {base.n_test} test clips per "
           f"condition, T={base.T}, D={base.D}, 7 classes; {base.epochs} epochs per model on {device}"
           + (" (--quick)" if quick else ""), flush=True)
-    test_sets = {c: load_data(base, "test", None if c == "clean" else c)[:2] for c in CONDITIONS}
+    test_sets = load_test_sets(base)
     results: Dict[str, Dict[str, object]] = {}
     for name in models:
         cfg = replace(base, model=name, rao=name.startswith("lsef"))

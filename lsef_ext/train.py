@@ -12,16 +12,17 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data import CONDITIONS, CORRUPTIONS, FeatureFolder, SyntheticAffect, corrupt
 from .nn import LSEF, LSEFOutput, build_model
 
-__all__ = ["war", "uar", "ccc", "TrainConfig", "Trainer", "evaluate", "predict", "load_data",
-           "distributed_env"]
+__all__ = ["war", "uar", "ccc", "TrainConfig", "Trainer", "evaluate", "evaluate_conditions",
+           "corrupted_average", "predict", "load_data", "load_test_sets", "distributed_env"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,8 +93,6 @@ class TrainConfig:
 def load_data(cfg: TrainConfig, split: str, corruption: Optional[str] = None,
               severity: float = 1.0) -> Tuple[Tensor, Tensor, int]:
     """``(x, targets, num_classes)`` of one split, from ``cfg.data`` or the synthetic set."""
-    from .data import FeatureFolder, SyntheticAffect, corrupt
-
     if cfg.data:
         ds = FeatureFolder(cfg.data, split=split, frames=cfg.T if cfg.T else None, task=cfg.task)
         x, t = ds.tensors()
@@ -105,6 +104,12 @@ def load_data(cfg: TrainConfig, split: str, corruption: Optional[str] = None,
                          corruption=corruption, severity=severity)
     x, t = ds.tensors()
     return x, t, ds.num_classes
+
+
+def load_test_sets(cfg: TrainConfig, conditions: Sequence[str] = CONDITIONS) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """``{condition: (x, targets)}``: the test split clean (``"clean"``) and under each named
+    corruption, for :func:`evaluate_conditions` (load once, evaluate several models)."""
+    return {c: load_data(cfg, "test", None if c == "clean" else c)[:2] for c in conditions}
 
 
 def distributed_env() -> Tuple[int, int, int]:
@@ -140,6 +145,30 @@ def evaluate(model: nn.Module, x: Tensor, t: Tensor, task: str = "classification
         return {"war": war(p, t), "uar": uar(p, t, p.shape[-1])}
     c = ccc(p, t.float())
     return {"ccc_valence": float(c[0]), "ccc_arousal": float(c[1])}
+
+
+def evaluate_conditions(model: nn.Module, cfg: TrainConfig, conditions: Sequence[str] = CONDITIONS,
+                        test_sets: Optional[Dict[str, Tuple[Tensor, Tensor]]] = None,
+                        device: Union[str, torch.device, None] = None) -> Dict[str, Dict[str, float]]:
+    """``{condition: evaluate(...)}``: the metrics of ``model`` on the test set of each of
+    ``conditions`` (``"clean"`` and names in ``CORRUPTIONS``), in that order.
+
+    A condition's test set is taken from ``test_sets`` (as :func:`load_test_sets` returns) when
+    it is there, else loaded with ``load_data(cfg, "test", corruption)``; ``cfg.task`` picks the
+    metrics. ``device``: where to run the model; default, where its parameters are."""
+    if device is None:
+        device = next(model.parameters(), torch.empty(0)).device
+    out = {}
+    for c in conditions:
+        x, t = test_sets[c] if test_sets is not None and c in test_sets else load_test_sets(cfg, (c,))[c]
+        out[c] = evaluate(model, x, t, cfg.task, device)
+    return out
+
+
+def corrupted_average(metrics: Dict[str, Dict[str, float]], key: str = "war") -> float:
+    """The mean of ``metrics[c][key]`` over the corruptions ``c`` in ``CORRUPTIONS``
+    (``metrics`` as :func:`evaluate_conditions` returns)."""
+    return sum(metrics[c][key] for c in CORRUPTIONS) / len(CORRUPTIONS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The `lsef` command, run as users run it: a subprocess."""
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -72,7 +73,11 @@ def test_train_writes_checkpoint_and_resumes(tmp_path):
     out = lsef(*common, "--epochs", "2", "--resume")
     history = json.loads((run / "metrics.json").read_text())["history"]
     assert [row["epoch"] for row in history] == [1, 2]
-    assert "test under impulse" in out
+    # one line per corruption, in the order of CORRUPTIONS, after the epoch rows
+    tests = [line for line in out.splitlines() if line.startswith("  test under ")]
+    assert [line.split(":")[0] for line in tests] == [
+        "  test under frame_drop", "  test under impulse", "  test under gaussian"]
+    assert all(re.fullmatch(r"  test under \w+: WAR \d+\.\d%  UAR \d+\.\d%", line) for line in tests)
     rows = (run / "metrics.csv").read_text().strip().splitlines()
     assert rows[0].startswith("epoch,loss") and len(rows) == 3
 

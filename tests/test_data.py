@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lsef_ext import ops
-from lsef_ext.data import (CLASS_NAMES, CLASS_PAIRS, CORRUPTIONS, EVENT_CHANNELS, NUISANCE_RANK, TONE_RANK,
-                           FeatureFolder, SyntheticAffect, corrupt)
+from lsef_ext.data import (CLASS_NAMES, CLASS_PAIRS, CONDITIONS, CORRUPTIONS, EVENT_CHANNELS, NUISANCE_RANK,
+                           TONE_RANK, FeatureFolder, SyntheticAffect, corrupt)
 
 T, D = 12, 24
 
@@ -192,6 +192,11 @@ def test_corruption_is_seeded_and_dataset_applies_it(kind):
     assert not torch.equal(clean.x, bad.x)
     # the clean clip is still low_rank + sparse + noise; the corruption applies on top
     assert (bad.x - clean.x).abs().max() > 0.5
+
+
+def test_conditions_are_clean_then_each_corruption():
+    assert CONDITIONS == ("clean", "frame_drop", "impulse", "gaussian")
+    assert CONDITIONS[1:] == CORRUPTIONS
 
 
 def test_corrupt_bad_arguments():

@@ -11,9 +11,10 @@ import textwrap
 import pytest
 import torch
 
+from lsef_ext.data import CONDITIONS, CORRUPTIONS
 from lsef_ext.nn import LSEF
-from lsef_ext.train import (TrainConfig, Trainer, ccc, distributed_env, evaluate, load_data, predict, uar,
-                            war)
+from lsef_ext.train import (TrainConfig, Trainer, ccc, corrupted_average, distributed_env, evaluate,
+                            evaluate_conditions, load_data, load_test_sets, predict, uar, war)
 
 SMALL = dict(n_train=256, n_test=64, T=8, D=24, d_model=16, rank=3, batch_size=32, lr=3e-3)
 
@@ -79,6 +80,42 @@ def test_predict_and_evaluate():
     xr, va, _ = load_data(config(task="regression", n_test=40), "test")
     mr = evaluate(reg, xr, va, task="regression")
     assert set(mr) == {"ccc_valence", "ccc_arousal"} and all(-1 <= v <= 1 for v in mr.values())
+
+
+def test_evaluate_conditions():
+    torch.manual_seed(0)
+    model = LSEF(24, 7, d_model=16, rank=3)
+    cfg = config(n_test=40)
+    sets = load_test_sets(cfg)
+    assert tuple(sets) == CONDITIONS
+    for c, (x, y) in sets.items():
+        ref_x, ref_y, _ = load_data(cfg, "test", None if c == "clean" else c)
+        assert torch.equal(x, ref_x) and torch.equal(y, ref_y)
+    m = evaluate_conditions(model, cfg)
+    assert tuple(m) == CONDITIONS
+    for c, (x, y) in sets.items():
+        assert m[c] == evaluate(model, x, y)
+    # given test sets are used as they are; missing conditions are loaded
+    assert evaluate_conditions(model, cfg, test_sets=sets) == m
+    assert evaluate_conditions(model, cfg, ("impulse", "clean"), {"clean": sets["clean"]}) == {
+        "impulse": m["impulse"], "clean": m["clean"]}
+    assert evaluate_conditions(model, cfg, ("clean",), {"clean": (sets["clean"][0][:8], sets["clean"][1][:8])}) == {
+        "clean": evaluate(model, sets["clean"][0][:8], sets["clean"][1][:8])}
+    # corruptions only (what `lsef train` prints) and the corrupted average
+    only = evaluate_conditions(model, cfg, CORRUPTIONS)
+    assert only == {c: m[c] for c in CORRUPTIONS}
+    assert corrupted_average(m) == pytest.approx(sum(m[c]["war"] for c in CORRUPTIONS) / 3)
+    assert corrupted_average(only, "uar") == pytest.approx(sum(m[c]["uar"] for c in CORRUPTIONS) / 3)
+    # cfg.task picks the metrics
+    reg = LSEF(24, 7, d_model=16, rank=3, task="regression")
+    mr = evaluate_conditions(reg, config(task="regression", n_test=40), ("clean", "gaussian"))
+    assert list(mr) == ["clean", "gaussian"] and all(set(v) == {"ccc_valence", "ccc_arousal"} for v in mr.values())
+
+
+def test_demo_reexports_conditions_and_corrupted_average():
+    from lsef_ext import demo
+    assert demo.CONDITIONS is CONDITIONS
+    assert demo.corrupted_average is corrupted_average
 
 
 def test_distributed_env(monkeypatch):
