@@ -161,13 +161,16 @@ class CIM(nn.Module):
     signed entry of largest magnitude per window (so short events survive pooling), and fuse
     them with a learned gate: ``g = sigmoid(W_g [L_s, S_s])``,
     ``F_s = g ⊙ (L_s W_l) + (1 − g) ⊙ (S_s W_r)``; each scale is summarised as
-    ``h_s = W_o [mean_t F_s, max_t F_s]``. The output is ``mean_s h_s``. Consistency terms (scalars):
+    ``h_s = W_o [mean_t F_s, max_t F_s]``. The output is ``mean_s h_s``. The consistency terms
+    (scalars) of :class:`LSEF`, which computes the first two itself:
 
     * ``recon``: ``mean (X − L − S)²`` per entry, what the decomposition leaves unexplained;
     * ``sparsity``: ``mean |S|``;
-    * ``agreement``: ``mean_s mean (h_s − mean_s h_s)²``, agreement across scales.
+    * ``agreement``: ``mean_s mean (h_s − mean_s h_s)²``, agreement across scales:
+      ``CIM.agreement(H)`` of the ``H`` that ``forward`` returns.
 
-    Returns ``(fused (B, d_model), terms)``.
+    Returns ``(fused, H)``: ``fused (B, d_model) = mean_s h_s`` and ``H (n_scales, B, d_model)``,
+    the per-scale summaries ``h_s`` stacked in the order of ``scales``.
     """
 
     def __init__(self, d_model: int = 64, scales: Sequence[int] = (1, 2, 4)):
@@ -194,7 +197,7 @@ class CIM(nn.Module):
         hi, lo = w.amax(2), w.amin(2)          # the signed entry of largest magnitude
         return torch.where(hi >= -lo, hi, lo)
 
-    def forward(self, ZL: Tensor, ZS: Tensor) -> Tensor:
+    def forward(self, ZL: Tensor, ZS: Tensor) -> Tuple[Tensor, Tensor]:
         _check_input("CIM", ZL, self.d_model)
         hs = []
         for s in self.scales:
@@ -202,12 +205,13 @@ class CIM(nn.Module):
             g = torch.sigmoid(self.gate(torch.cat([Ls, Ss], -1)))
             Fs = g * self.stable(Ls) + (1 - g) * self.reactive(Ss)
             hs.append(self.out(torch.cat([Fs.mean(1), Fs.amax(1)], -1)))
-        self._scales_out = torch.stack(hs)                        # (n_scales, B, d)
-        return self._scales_out.mean(0)
+        H = torch.stack(hs)                                       # (n_scales, B, d)
+        return H.mean(0), H
 
-    def agreement(self) -> Tensor:
-        """The cross-scale agreement term of the last forward."""
-        H = self._scales_out
+    @staticmethod
+    def agreement(H: Tensor) -> Tensor:
+        """The cross-scale agreement term ``mean_s mean (h_s − mean_s h_s)²`` of the per-scale
+        summaries ``H (n_scales, B, d_model)`` that :meth:`forward` returns (0 for one scale)."""
         return (H - H.mean(0)).pow(2).mean()
 
 
@@ -279,8 +283,8 @@ class LSEF(nn.Module):
             ZS, transient = self.sparse_proj(S), torch.zeros_like(tone)
         terms = {"recon": (X - L - S).pow(2).mean(), "sparsity": S.abs().mean()}
         if self.use_cim:
-            fused = self.cim(ZL, ZS)
-            terms["agreement"] = self.cim.agreement()
+            fused, H = self.cim(ZL, ZS)
+            terms["agreement"] = CIM.agreement(H)
         else:
             fused = self.plain(torch.cat([ZL.mean(1), ZS.mean(1)], -1))
         pred = self.head(torch.cat([tone, transient, fused], -1))

@@ -56,14 +56,31 @@ def test_ddm_shapes_and_sparse_part():
 def test_cim_shapes_and_agreement():
     cim = CIM(DM, scales=(1, 2, 4))
     ZL, ZS = torch.randn(B, T, DM), torch.randn(B, T, DM)
-    fused = cim(ZL, ZS)
-    assert fused.shape == (B, DM)
-    agr = cim.agreement()
-    assert agr.dim() == 0 and agr >= 0
+    fused, H = cim(ZL, ZS)
+    assert fused.shape == (B, DM) and H.shape == (3, B, DM)
+    assert torch.equal(fused, H.mean(0))
+    agr = CIM.agreement(H)
+    assert agr.dim() == 0 and agr > 0
+    assert torch.equal(agr, (H - fused).pow(2).mean())
+    # the result depends only on the inputs: no state is kept between calls
+    assert not any(isinstance(v, torch.Tensor) for v in vars(cim).values())
+    fused2, H2 = cim(ZL + 1, ZS)
+    assert torch.equal(CIM.agreement(H), agr) and not torch.equal(H2, H)
     # one scale: nothing to disagree with
     one = CIM(DM, scales=(2,))
-    one(ZL, ZS)
-    assert one.agreement() == 0
+    _, H1 = one(ZL, ZS)
+    assert H1.shape == (1, B, DM) and CIM.agreement(H1) == 0
+
+
+def test_lsef_agreement_term_is_cims():
+    m = small_lsef().eval()
+    X = torch.randn(4, 12, D)
+    out = m(X)
+    # rebuild CIM's inputs as LSEF.forward does
+    L, ZL, _ = m.sem(X)
+    L, _, ZS, _ = m.ddm(X, L)
+    _, H = m.cim(m.sem.proj(L), ZS)
+    assert torch.equal(out.terms["agreement"], CIM.agreement(H))
 
 
 def test_cim_pool_signed_max_and_short_clips():
@@ -74,7 +91,8 @@ def test_cim_pool_signed_max_and_short_clips():
     # a scale longer than the clip falls back to the mean over the clip
     assert CIM._pool(x, 8, False).shape == (1, 1, 1)
     cim = CIM(DM, scales=(1, 2, 4))
-    assert cim(torch.randn(2, 3, DM), torch.randn(2, 3, DM)).shape == (2, DM)
+    fused, H = cim(torch.randn(2, 3, DM), torch.randn(2, 3, DM))
+    assert fused.shape == (2, DM) and H.shape == (3, 2, DM)
 
 
 @pytest.mark.parametrize("task", ["classification", "regression"])
