@@ -34,11 +34,6 @@ void axpy(T alpha, const T* __restrict__ x, T* __restrict__ y, int64_t n) {
 }
 
 template <typename T>
-void scale(T alpha, T* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] *= alpha;
-}
-
-template <typename T>
 T max_abs(const T* x, int64_t n) {
   T m = 0;
   for (int64_t i = 0; i < n; ++i) m = std::max(m, std::abs(x[i]));

@@ -22,15 +22,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define LSEF_BLOCK_FN __device__ __forceinline__
-#define LSEF_BLOCK_HD __host__ __device__ inline
-#define LSEF_UNROLL _Pragma("unroll")
-#else
-#define LSEF_BLOCK_FN inline
-#define LSEF_BLOCK_HD inline
-#define LSEF_UNROLL
-#endif
+#include "common/macros.h"
 
 namespace lsef {
 namespace rsvd {
