@@ -29,22 +29,22 @@ std::string build_info() {
 
 TORCH_LIBRARY(lsef, m) {
   const std::vector<at::Tag> pt2{at::Tag::pt2_compliant_tag};
-  // SPEC §3.3: S = shrink(X - L, lam); L may be None; lam broadcastable to X.
+  // S = shrink(X - L, lam); L may be None; lam broadcastable to X.
   m.def("soft_threshold(Tensor X, Tensor? L, Tensor lam, bool hard=False) -> Tensor", pt2);
   // Gradients for (X, L, lam) as selected by output_mask; unselected ones are None.
   m.def(
       "soft_threshold_backward(Tensor grad, Tensor X, Tensor? L, Tensor lam, bool hard, "
       "bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)",
       pt2);
-  // SPEC §3.4: G' = beta G + (alpha - beta) U (U^T G).
+  // G' = beta G + (alpha - beta) U (U^T G).
   m.def("rank_scale(Tensor G, Tensor U, Tensor alpha, Tensor beta) -> Tensor", pt2);
-  // SPEC §3.1: truncated SVD by a randomized range finder; exact when k + oversample >= min(m, n).
+  // Truncated SVD by a randomized range finder; exact when k + oversample >= min(m, n).
   m.def("rsvd(Tensor A, int k, int oversample=8, int n_iter=2, int seed=0) -> (Tensor, Tensor, Tensor)",
         pt2);
   // Townsend's derivative of the rank-k truncated SVD; gradients not given are None.
   m.def("rsvd_backward(Tensor? grad_U, Tensor? grad_S, Tensor? grad_V, Tensor U, Tensor S, Tensor V) -> Tensor",
         pt2);
-  // SPEC §3.2: L = U diag(S) V^T. U and V are returned too: the backward needs them.
+  // L = U diag(S) V^T. U and V are returned too: the backward needs them.
   m.def("lowrank(Tensor A, int k, int oversample=8, int n_iter=2, int seed=0) -> (Tensor, Tensor, Tensor)",
         pt2);
   // Projection onto the tangent space of rank-k matrices at L: P_U G + G P_V - P_U G P_V.

@@ -1,6 +1,6 @@
 """Data for LSEF: an embedded synthetic data set and a loader for real pre-extracted features.
 
-``SyntheticAffect`` generates clips ``X (T, D)`` the way LSEF models video affect (SPEC §5):
+``SyntheticAffect`` generates clips ``X (T, D)`` the way LSEF models video affect (docs/DESIGN.md §11):
 
     X = tone_c + nuisance + events_c + noise
 

@@ -1,4 +1,4 @@
-"""The LSEF modules (SPEC §4): SEM, DDM, CIM and the LSEF classifier/regressor, plus baselines.
+"""The LSEF modules (docs/DESIGN.md §11): SEM, DDM, CIM and the LSEF classifier/regressor, plus baselines.
 
 Every module works on frame-feature sequences ``X (B, T, D)`` from any backbone. The math of
 each is written out in docs/DESIGN.md §10. Each LSEF module takes ``ops="ext"`` (the compiled

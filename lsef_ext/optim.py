@@ -1,4 +1,4 @@
-"""RAO: rank-aware optimisation (SPEC §3.4, §4), a wrapper around any ``torch.optim`` optimizer.
+"""RAO: rank-aware optimisation (docs/DESIGN.md §4, §11), a wrapper around any ``torch.optim`` optimizer.
 
 Usage (the one line that changes)::
 

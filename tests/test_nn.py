@@ -1,4 +1,4 @@
-"""The LSEF modules of lsef_ext.nn (SPEC §4): shapes, ablations, gradients, ext vs ref, bad input."""
+"""The LSEF modules of lsef_ext.nn: shapes, ablations, gradients, ext vs ref, bad input."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""rank_scale and rank_aware_grad_scale (SPEC §3.4) against their references."""
+"""rank_scale and rank_aware_grad_scale against their references."""
 import pytest
 import torch
 from conftest import DEVICES, DTYPES, requires_cuda_kernels

@@ -1,4 +1,4 @@
-"""rsvd and lowrank (SPEC §3.1, §3.2) against the exact truncated SVD and the references.
+"""rsvd and lowrank against the exact truncated SVD and the references.
 
 Tolerances come from perturbation theory, not tuning: a backward-stable SVD of A is the exact
 SVD of A + E with ||E|| <= c eps ||A||, so singular values move by at most ||E|| (Weyl) and

@@ -1,4 +1,4 @@
-"""soft_threshold (SPEC §3.3) against its reference in python/lsef_ref."""
+"""soft_threshold against its reference in python/lsef_ref."""
 import pytest
 import torch
 from conftest import DEVICES, DTYPES, requires_cuda_kernels

@@ -1,5 +1,5 @@
 // rank_scale: argument validation shared by every backend.
-// SPEC §3.4: G' = beta G + (alpha - beta) U (U^T G), G (*, m, n), U (*, m, r) or (m, r) shared.
+// G' = beta G + (alpha - beta) U (U^T G), G (*, m, n), U (*, m, r) or (m, r) shared.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,4 +1,4 @@
-// rsvd / lowrank: argument validation shared by every backend (SPEC §3.1, §3.2).
+// rsvd / lowrank: argument validation shared by every backend (docs/DESIGN.md §6, §7).
 #pragma once
 
 #include <ATen/core/Tensor.h>

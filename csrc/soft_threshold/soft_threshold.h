@@ -1,7 +1,7 @@
-// soft_threshold: what every backend shares.
-//   * the per-element math (__host__ __device__), so CPU and CUDA compute the same bits;
-//   * the argument preparation (validation and classification of lam's broadcast).
-// SPEC §3.3: R = X - L;  soft: S = sign(R) max(|R| - lam, 0);  hard: S = R 1[|R| > lam].
+// soft_threshold: the per-element math every backend shares (__host__ __device__), so CPU and
+// CUDA compute the same bits. The argument checks and lam's broadcast classification live in
+// soft_threshold_args.h.
+// R = X - L;  soft: S = sign(R) max(|R| - lam, 0);  hard: S = R 1[|R| > lam].
 #pragma once
 
 #include <math.h>
@@ -31,7 +31,7 @@ LSEF_HOST_DEVICE T value(T r, T lam) {
 
 // Backward for one element: with M = 1[|r| > lam],
 //   dX = g M,   dL = -g M,   dlam contribution = -g sign(r) M  (soft), 0 (hard).
-// Written as the product G * M of SPEC §3.3 (so a non-finite upstream gradient stays
+// Written as the product G * M of the definition (so a non-finite upstream gradient stays
 // non-finite everywhere), and without selects: GCC turns selects into branches in some of the
 // CPU loops, which then neither vectorise nor predict well on random data.
 template <bool Hard, typename T>

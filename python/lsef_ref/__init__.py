@@ -17,7 +17,7 @@ Scalar = Union[float, Tensor]
 
 
 def soft_threshold(X: Tensor, L: Optional[Tensor], lam: Scalar, hard: bool = False) -> Tensor:
-    """Sparse part of ``X`` given a low-rank part ``L`` (SPEC §3.3).
+    """Sparse part of ``X`` given a low-rank part ``L``.
 
     ``R = X - L`` (or ``X`` when ``L`` is None); soft: ``sign(R) * max(|R| - lam, 0)``;
     hard: ``R * 1[|R| > lam]``. ``lam >= 0`` broadcasts against ``X``.
@@ -36,7 +36,7 @@ def _per_matrix(c: Scalar, G: Tensor) -> Scalar:
 
 
 def rank_scale(G: Tensor, U: Tensor, alpha: Scalar, beta: Scalar) -> Tensor:
-    """``beta * G + (alpha - beta) * U (U^T G)`` for ``G (*, m, n)``, ``U (*, m, r)`` (SPEC §3.4).
+    """``beta * G + (alpha - beta) * U (U^T G)`` for ``G (*, m, n)``, ``U (*, m, r)``.
 
     With orthonormal columns in ``U``, the part of ``G`` inside span(U) is scaled by ``alpha``
     and the rest by ``beta``.

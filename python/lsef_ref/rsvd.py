@@ -1,4 +1,4 @@
-"""References for rsvd and lowrank (SPEC §3.1, §3.2)."""
+"""References for rsvd and lowrank."""
 from __future__ import annotations
 
 import torch
