@@ -6,6 +6,7 @@ All compile logic lives in CMake. Environment variables honoured here:
   CMAKE_ARGS        extra arguments for the CMake configure step (space separated)
   LSEF_CUDA         AUTO / 1 / 0, forwarded to CMake (see CMakeLists.txt)
 """
+
 import hashlib
 import os
 import shlex
@@ -34,7 +35,13 @@ class CMakeBuild(build_ext):
         build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}-{env}"
         build_dir.mkdir(parents=True, exist_ok=True)
         configure = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            "-G",
+            "Ninja",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DLSEF_OUTPUT_DIR={output_dir}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",

@@ -9,6 +9,7 @@ number). Usage::
 
 About 6 minutes on a 2-core CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,13 +27,22 @@ from lsef_ext.data import CORRUPTIONS
 from lsef_ext.demo import LABELS, run_one
 from lsef_ext.train import TrainConfig, corrupted_average, load_test_sets
 
-VARIANTS = ("lsef", "lsef-no-sem", "lsef-no-ddm", "lsef-no-cim", "lsef-no-rao", "meanpool-mlp",
-            "transformer")
+VARIANTS = (
+    "lsef",
+    "lsef-no-sem",
+    "lsef-no-ddm",
+    "lsef-no-cim",
+    "lsef-no-rao",
+    "meanpool-mlp",
+    "transformer",
+)
 
 
 def config(variant: str, seed: int, base: TrainConfig) -> TrainConfig:
     model = "lsef" if variant == "lsef-no-rao" else variant
-    return replace(base, model=model, seed=seed, rao=variant.startswith("lsef") and variant != "lsef-no-rao")
+    return replace(
+        base, model=model, seed=seed, rao=variant.startswith("lsef") and variant != "lsef-no-rao"
+    )
 
 
 def mean_std(xs):
@@ -46,8 +56,11 @@ def main() -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--out", default=os.path.join("docs", "RESULTS.md"))
     p.add_argument("--json", default=os.path.join("benchmarks", "ablation.json"))
-    p.add_argument("--block", default="ablation",
-                   help="name of the marked block of --out to replace (e.g. 'rao' for a seed study)")
+    p.add_argument(
+        "--block",
+        default="ablation",
+        help="name of the marked block of --out to replace (e.g. 'rao' for a seed study)",
+    )
     args = p.parse_args()
 
     base = TrainConfig(epochs=args.epochs)
@@ -59,16 +72,32 @@ def main() -> int:
         for s in args.seeds:
             r = run_one(config(v, s, base), progress=False, test_sets=tests)
             m = r["metrics"]
-            runs[v].append({"seed": s, "metrics": m, "params": r["params"], "seconds": r["seconds"]})
-            print(f"{v:<14} seed {s}: clean WAR {100 * m['clean']['war']:.1f}  corrupted avg WAR "
-                  f"{100 * corrupted_average(m):.1f}  ({r['seconds']:.0f} s)", flush=True)
+            runs[v].append(
+                {"seed": s, "metrics": m, "params": r["params"], "seconds": r["seconds"]}
+            )
+            print(
+                f"{v:<14} seed {s}: clean WAR {100 * m['clean']['war']:.1f}  corrupted avg WAR "
+                f"{100 * corrupted_average(m):.1f}  ({r['seconds']:.0f} s)",
+                flush=True,
+            )
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"date": stamp, "commit": commit, "config": asdict(base), "seeds": args.seeds,
-                   "runs": runs}, f, indent=2)
+        json.dump(
+            {
+                "date": stamp,
+                "commit": commit,
+                "config": asdict(base),
+                "seeds": args.seeds,
+                "runs": runs,
+            },
+            f,
+            indent=2,
+        )
 
     def cell(v, fn):
         a, b = mean_std([100 * fn(r["metrics"]) for r in runs[v]])
@@ -76,27 +105,34 @@ def main() -> int:
 
     lines = [
         "| variant | params | clean WAR | clean UAR | corrupted-avg WAR | corrupted-avg UAR | "
-        + " | ".join(f"{c} WAR" for c in CORRUPTIONS) + " |",
+        + " | ".join(f"{c} WAR" for c in CORRUPTIONS)
+        + " |",
         "|" + "---|" * (6 + len(CORRUPTIONS)),
     ]
     for v in args.variants:
         lines.append(
-            f"| {LABELS.get(v, v)} | {runs[v][0]['params']:,} | {cell(v, lambda m: m['clean']['war'])} | "
+            f"| {LABELS.get(v, v)} | {runs[v][0]['params']:,} | "
+            f"{cell(v, lambda m: m['clean']['war'])} | "
             f"{cell(v, lambda m: m['clean']['uar'])} | {cell(v, corrupted_average)} | "
             f"{cell(v, lambda m: corrupted_average(m, 'uar'))} | "
-            + " | ".join(cell(v, lambda m, c=c: m[c]["war"]) for c in CORRUPTIONS) + " |")
+            + " | ".join(cell(v, lambda m, c=c: m[c]["war"]) for c in CORRUPTIONS)
+            + " |"
+        )
     table = "\n".join(lines)
     print("\n" + table)
     print(f"\n{time.perf_counter() - t0:.0f} s in all")
 
     begin, end = f"<!-- {args.block}:begin -->", f"<!-- {args.block}:end -->"
     command = " ".join(["python", "benchmarks/ablation.py"] + sys.argv[1:])
-    block = (f"{begin}\nProduced by `{command}` on {stamp}, commit "
-             f"`{commit}`, torch {torch.__version__}, {torch.get_num_threads()} threads: SyntheticAffect "
-             f"(seed {base.data_seed}), {base.n_train} training clips, {base.n_test} test clips per condition, "
-             f"T = {base.T}, D = {base.D}, {base.epochs} epochs, seeds {args.seeds} (initialisation and batch "
-             f"order). WAR / UAR in %, mean ± sample std over seeds; models trained on clean clips only.\n\n"
-             f"{table}\n{end}")
+    block = (
+        f"{begin}\nProduced by `{command}` on {stamp}, commit "
+        f"`{commit}`, torch {torch.__version__}, {torch.get_num_threads()} threads: "
+        f"SyntheticAffect (seed {base.data_seed}), {base.n_train} training clips, "
+        f"{base.n_test} test clips per condition, T = {base.T}, D = {base.D}, {base.epochs} "
+        f"epochs, seeds {args.seeds} (initialisation and batch order). WAR / UAR in %, "
+        f"mean ± sample std over seeds; models trained on clean clips only.\n\n"
+        f"{table}\n{end}"
+    )
     if os.path.exists(args.out):
         text = open(args.out).read()
         if begin in text:

@@ -39,14 +39,20 @@ TORCH_LIBRARY(lsef, m) {
   // G' = beta G + (alpha - beta) U (U^T G).
   m.def("rank_scale(Tensor G, Tensor U, Tensor alpha, Tensor beta) -> Tensor", pt2);
   // Truncated SVD by a randomized range finder; exact when k + oversample >= min(m, n).
-  m.def("rsvd(Tensor A, int k, int oversample=8, int n_iter=2, int seed=0) -> (Tensor, Tensor, Tensor)",
-        pt2);
+  m.def(
+      "rsvd(Tensor A, int k, int oversample=8, int n_iter=2, int seed=0) "
+      "-> (Tensor, Tensor, Tensor)",
+      pt2);
   // Townsend's derivative of the rank-k truncated SVD; gradients not given are None.
-  m.def("rsvd_backward(Tensor? grad_U, Tensor? grad_S, Tensor? grad_V, Tensor U, Tensor S, Tensor V) -> Tensor",
-        pt2);
+  m.def(
+      "rsvd_backward(Tensor? grad_U, Tensor? grad_S, Tensor? grad_V, Tensor U, Tensor S, "
+      "Tensor V) -> Tensor",
+      pt2);
   // L = U diag(S) V^T. U and V are returned too: the backward needs them.
-  m.def("lowrank(Tensor A, int k, int oversample=8, int n_iter=2, int seed=0) -> (Tensor, Tensor, Tensor)",
-        pt2);
+  m.def(
+      "lowrank(Tensor A, int k, int oversample=8, int n_iter=2, int seed=0) "
+      "-> (Tensor, Tensor, Tensor)",
+      pt2);
   // Projection onto the tangent space of rank-k matrices at L: P_U G + G P_V - P_U G P_V.
   m.def("lowrank_backward(Tensor grad, Tensor U, Tensor V) -> Tensor", pt2);
 
@@ -58,7 +64,7 @@ TORCH_LIBRARY(lsef, m) {
 
 // Importing lsef_ext._C loads this library, whose static initialisers run the registrations.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
-                                      nullptr, nullptr, nullptr, nullptr};
+  static struct PyModuleDef module = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }

@@ -2,6 +2,7 @@
 
 Importing the package loads the compiled kernels, which register ``torch.ops.lsef.*``.
 """
+
 import torch  # noqa: F401  (the compiled library needs libtorch loaded first)
 
 from . import _C  # noqa: F401  (registers the op schemas and kernels)

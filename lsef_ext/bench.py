@@ -7,6 +7,7 @@ over many calls after warm-up; speed is reported as the ratio ``variant time / l
 (> 1 means lsef_ext is faster), never as an absolute claim. Memory-bound cases also report their
 time against the floor: the bytes they must move at the copy bandwidth measured in this run.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -64,8 +65,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_median(fn: Callable[[], object], device: str, warmup: int, min_runs: int,
-                min_seconds: float) -> float:
+def time_median(
+    fn: Callable[[], object], device: str, warmup: int, min_runs: int, min_seconds: float
+) -> float:
     """Median wall time of fn() in seconds, after warm-up, over at least min_runs calls and at
     least min_seconds (at most 200 calls)."""
     for _ in range(warmup):
@@ -185,6 +187,12 @@ def _rank_scale(device, quick):
     )
 
 
+def _floor_verdict(ratio: float, target: float | None) -> str:
+    if target is None:
+        return ""
+    return f"<= {target:.2f} " + ("ok" if ratio <= target else "MISSED")
+
+
 def _max_rel_error(S: torch.Tensor, truth: torch.Tensor) -> float:
     k = truth.shape[-1]
     return ((S[..., :k] - truth).abs() / truth.clamp_min(1e-30)).max().item()
@@ -207,7 +215,8 @@ def _rsvd_setup(device, quick, shape, k):
     notes = {
         EXT: f"S max rel err {_max_rel_error(ops.rsvd(A, k)[1], truth):.1e}",
         "reference": f"S max rel err {_max_rel_error(lsef_ref.rsvd(A, k)[1], truth):.1e}",
-        "torch.svd_lowrank": f"S max rel err {_max_rel_error(torch.svd_lowrank(A, q=q, niter=2)[1], truth):.1e}",
+        "torch.svd_lowrank": "S max rel err "
+        f"{_max_rel_error(torch.svd_lowrank(A, q=q, niter=2)[1], truth):.1e}",
     }
     if device == "cuda":  # reported against the floor of reading A once (no target)
         return Setup(variants=variants, notes=notes, bytes_moved=A.numel() * A.element_size())
@@ -218,7 +227,8 @@ def _rsvd_setup(device, quick, shape, k):
     else:
         mats = A.reshape(-1, *shape[-2:]).cpu().numpy()
         variants["sklearn randomized_svd (loop)"] = lambda: [
-            randomized_svd(a, k, n_oversamples=8, n_iter=2, random_state=0) for a in mats]
+            randomized_svd(a, k, n_oversamples=8, n_iter=2, random_state=0) for a in mats
+        ]
     return Setup(variants=variants, notes=notes)
 
 
@@ -234,12 +244,13 @@ def _register_rsvd_case(shape, k, targets, device):
 # (shape, k, minimum speedups of lsef_ext, device). On CUDA the cases also report the time
 # against the floor of reading A once at the measured copy bandwidth (no target: reported).
 for _shape, _k, _targets, _device in [
-        ((256, 16, 512), 4, {"torch.svd_lowrank": 5.0}, "cpu"),
-        ((64, 32, 768), 8, {"torch.svd_lowrank": 3.0}, "cpu"),
-        ((8, 512, 512), 16, {"torch.svd_lowrank": 1.0}, "cpu"),
-        ((1024, 16, 512), 4, {"torch.svd_lowrank": 10.0, "torch.linalg.svd (exact)": 20.0}, "cuda"),
-        ((256, 64, 1024), 8, {"torch.svd_lowrank": 5.0}, "cuda"),
-        ((16, 1024, 1024), 32, {"torch.svd_lowrank": 1.0}, "cuda")]:
+    ((256, 16, 512), 4, {"torch.svd_lowrank": 5.0}, "cpu"),
+    ((64, 32, 768), 8, {"torch.svd_lowrank": 3.0}, "cpu"),
+    ((8, 512, 512), 16, {"torch.svd_lowrank": 1.0}, "cpu"),
+    ((1024, 16, 512), 4, {"torch.svd_lowrank": 10.0, "torch.linalg.svd (exact)": 20.0}, "cuda"),
+    ((256, 64, 1024), 8, {"torch.svd_lowrank": 5.0}, "cuda"),
+    ((16, 1024, 1024), 32, {"torch.svd_lowrank": 1.0}, "cuda"),
+]:
     _register_rsvd_case(_shape, _k, _targets, _device)
 
 
@@ -279,7 +290,9 @@ def _lowrank_backward(device, quick):
             "autograd through svd_lowrank": _grad(svd_lowrank, (A,), G),
         },
         targets={"autograd through svd_lowrank": 4.0 if device == "cpu" else 5.0},
-        bytes_moved=None if device == "cpu" else 3 * A.numel() * A.element_size(),  # A, G read, dA written
+        bytes_moved=None
+        if device == "cpu"
+        else 3 * A.numel() * A.element_size(),  # A, G read, dA written
     )
 
 
@@ -289,9 +302,14 @@ def _lowrank_sparse(device, quick):
 
     g = torch.Generator().manual_seed(0)
     n = 40 if quick else 120
-    L0 = torch.randn(n, 4, generator=g, dtype=torch.float64) @ torch.randn(4, n, generator=g, dtype=torch.float64)
-    S0 = torch.where(torch.rand(n, n, generator=g) < 0.05,
-                     (torch.rand(n, n, generator=g, dtype=torch.float64) * 2 - 1) * 50, 0.0)
+    L0 = torch.randn(n, 4, generator=g, dtype=torch.float64) @ torch.randn(
+        4, n, generator=g, dtype=torch.float64
+    )
+    S0 = torch.where(
+        torch.rand(n, n, generator=g) < 0.05,
+        (torch.rand(n, n, generator=g, dtype=torch.float64) * 2 - 1) * 50,
+        0.0,
+    )
     M = (L0 + S0).to(device)
     published = lambda: rpca_ialm(M, None, svd=lsef_ref.truncated_svd)  # noqa: E731
     L_published, _, iterations = published()
@@ -341,8 +359,9 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def run(quick: bool = False, name_filter: str = "", devices=("cpu", "cuda"),
-        out=sys.stdout) -> Dict[str, object]:
+def run(
+    quick: bool = False, name_filter: str = "", devices=("cpu", "cuda"), out=sys.stdout
+) -> Dict[str, object]:
     """Runs the selected cases, prints the table as it goes and returns everything measured."""
     warmup, min_runs, min_seconds = (2, 5, 0.05) if quick else (5, 15, 1.0)
     selected = [c for c in CASES if name_filter in c.name and c.device in devices]
@@ -354,51 +373,80 @@ def run(quick: bool = False, name_filter: str = "", devices=("cpu", "cuda"),
         # a 64 MiB copy lasts about 40 us, of which the per-call launch and synchronisation of
         # this host-side timer are a large share: it reported 3.1 TB/s where a soft_threshold
         # pass over 3 GiB moved 3.8 TB/s (2026-11-26).
-        bandwidth[device] = copy_bandwidth(device, 1 << (20 if quick else 28 if device == "cuda" else 24))
+        bandwidth[device] = copy_bandwidth(
+            device, 1 << (20 if quick else 28 if device == "cuda" else 24)
+        )
     report["copy_bandwidth_GBps"] = {d: b / 1e9 for d, b in bandwidth.items()}
 
-    header = (f"{'case':<48} {'dev':<4} {'variant':<30} {'median ms':>10} {'speedup':>8} "
-              f"{'target':>13}  note")
+    header = (
+        f"{'case':<48} {'dev':<4} {'variant':<30} {'median ms':>10} {'speedup':>8} "
+        f"{'target':>13}  note"
+    )
     print(header, file=out)
     print("-" * len(header), file=out)
     for c in selected:
         setup = c.factory(quick)
-        times = {v: time_median(fn, c.device, warmup, min_runs, min_seconds)
-                 for v, fn in setup.variants.items()}
+        times = {
+            v: time_median(fn, c.device, warmup, min_runs, min_seconds)
+            for v, fn in setup.variants.items()
+        }
         ext = times[EXT]
         for variant, t in times.items():
             speedup = t / ext
             # Quick runs use small, cache-resident sizes: targets are only judged on full runs.
             target = None if quick else setup.targets.get(variant)
-            row = {"case": c.name, "device": c.device, "variant": variant, "median_ms": t * 1e3,
-                   "speedup": speedup, "target": target,
-                   "met": None if target is None else speedup >= target}
+            row = {
+                "case": c.name,
+                "device": c.device,
+                "variant": variant,
+                "median_ms": t * 1e3,
+                "speedup": speedup,
+                "target": target,
+                "met": None if target is None else speedup >= target,
+            }
             report["rows"].append(row)
             note = setup.notes.get(variant, "")
             row["note"] = note
-            print(f"{c.name:<48} {c.device:<4} {variant:<30} {t * 1e3:>10.3f} "
-                  f"{speedup:>7.2f}x {_target_text(target, speedup):>13}  {note}", file=out)
+            print(
+                f"{c.name:<48} {c.device:<4} {variant:<30} {t * 1e3:>10.3f} "
+                f"{speedup:>7.2f}x {_target_text(target, speedup):>13}  {note}",
+                file=out,
+            )
         if setup.bytes_moved is not None:
             floor = setup.bytes_moved / bandwidth[c.device]
             ratio = ext / floor
             target = None if quick else setup.floor_target
-            report["rows"].append({"case": c.name, "device": c.device, "variant": "memory floor",
-                                   "median_ms": floor * 1e3, "floor_ratio": ratio,
-                                   "target": target,
-                                   "met": None if target is None else ratio <= target})
-            print(f"{c.name:<48} {c.device:<4} {'memory floor (copy bw)':<30} {floor * 1e3:>10.3f} "
-                  f"{'ext/floor ' + format(ratio, '.2f'):>17} "
-                  f"{'' if target is None else ('<= ' + format(target, '.2f')) + (' ok' if ratio <= target else ' MISSED')}",
-                  file=out)
+            report["rows"].append(
+                {
+                    "case": c.name,
+                    "device": c.device,
+                    "variant": "memory floor",
+                    "median_ms": floor * 1e3,
+                    "floor_ratio": ratio,
+                    "target": target,
+                    "met": None if target is None else ratio <= target,
+                }
+            )
+            print(
+                f"{c.name:<48} {c.device:<4} {'memory floor (copy bw)':<30} {floor * 1e3:>10.3f} "
+                f"{'ext/floor ' + format(ratio, '.2f'):>17} "
+                f"{_floor_verdict(ratio, target)}",
+                file=out,
+            )
         out.flush()
     if quick:
-        print("\n--quick: small sizes and few runs, to exercise the harness; targets not judged.",
-              file=out)
+        print(
+            "\n--quick: small sizes and few runs, to exercise the harness; targets not judged.",
+            file=out,
+        )
     bw = ", ".join(f"{d}: {b / 1e9:.1f} GB/s" for d, b in bandwidth.items())
     m = report["machine"]
-    print(f"\nspeedup = variant time / {EXT} time (median of many runs after warm-up, same run). "
-          f"copy bandwidth {bw}. {m['processor']}, {m['threads']} threads, torch {m['torch']}, "
-          f"{m['date']}.", file=out)
+    print(
+        f"\nspeedup = variant time / {EXT} time (median of many runs after warm-up, same run). "
+        f"copy bandwidth {bw}. {m['processor']}, {m['threads']} threads, torch {m['torch']}, "
+        f"{m['date']}.",
+        file=out,
+    )
     return report
 
 
@@ -440,6 +488,7 @@ def _lsef_training_step(device, quick):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+
         return steps
 
     return Setup(

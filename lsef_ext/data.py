@@ -1,6 +1,7 @@
 """Data for LSEF: an embedded synthetic data set and a loader for real pre-extracted features.
 
-``SyntheticAffect`` generates clips ``X (T, D)`` the way LSEF models video affect (docs/DESIGN.md §11):
+``SyntheticAffect`` generates clips ``X (T, D)`` the way LSEF models video affect
+(docs/DESIGN.md §11):
 
     X = tone_c + nuisance + events_c + noise
 
@@ -25,6 +26,7 @@ leaves them), ``impulse`` (a fraction of entries replaced by large spikes) and `
 
 ``FeatureFolder`` reads real pre-extracted features (DFEW/FERV39k-style): see its docstring.
 """
+
 from __future__ import annotations
 
 import csv
@@ -39,7 +41,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 __all__ = [
-    "CLASS_NAMES", "CLASS_PAIRS", "CORRUPTIONS", "CONDITIONS", "SyntheticAffect", "FeatureFolder",
+    "CLASS_NAMES",
+    "CLASS_PAIRS",
+    "CORRUPTIONS",
+    "CONDITIONS",
+    "SyntheticAffect",
+    "FeatureFolder",
     "corrupt",
 ]
 
@@ -53,8 +60,15 @@ TONE_GAIN, NUISANCE_GAIN, EVENT_GAIN, NOISE = 0.6, 2.0, 1.2, 0.5
 # (tone, event) of each class: unique pairs, each tone and each event shared by several classes.
 CLASS_PAIRS = ((0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 0), (3, 1))
 # Russell's circumplex, (valence, arousal) per class, in [-1, 1].
-_CIRCUMPLEX = ((0.8, 0.5), (-0.7, -0.4), (0.0, 0.0), (-0.6, 0.8), (0.3, 0.9), (-0.7, 0.3),
-               (-0.6, 0.7))
+_CIRCUMPLEX = (
+    (0.8, 0.5),
+    (-0.7, -0.4),
+    (0.0, 0.0),
+    (-0.6, 0.8),
+    (0.3, 0.9),
+    (-0.7, 0.3),
+    (-0.6, 0.7),
+)
 CORRUPTIONS = ("frame_drop", "impulse", "gaussian")
 # The test conditions: the clean test set and each corruption of it.
 CONDITIONS = ("clean",) + CORRUPTIONS
@@ -64,25 +78,30 @@ _SPLIT_OFFSETS = {"train": 1, "val": 2, "test": 3}
 @dataclass(frozen=True)
 class _World:
     """The fixed prototypes shared by every split of one ``seed``."""
-    tones: Tensor      # (N_TONES, TONE_RANK, D), orthonormal rows per tone
-    events: Tensor     # (N_EVENTS, D), sparse sign patterns
-    nuisance: Tensor   # (NUISANCE_RANK, D), orthonormal rows
+
+    tones: Tensor  # (N_TONES, TONE_RANK, D), orthonormal rows per tone
+    events: Tensor  # (N_EVENTS, D), sparse sign patterns
+    nuisance: Tensor  # (NUISANCE_RANK, D), orthonormal rows
 
 
 def _world(D: int, seed: int) -> _World:
     g = torch.Generator().manual_seed(seed * 7919 + 17)
     need = N_TONES * TONE_RANK + NUISANCE_RANK
     if D < need or D < N_EVENTS * EVENT_CHANNELS:
-        raise ValueError(f"SyntheticAffect: D must be >= {max(need, N_EVENTS * EVENT_CHANNELS)}, got {D}")
+        raise ValueError(
+            f"SyntheticAffect: D must be >= {max(need, N_EVENTS * EVENT_CHANNELS)}, got {D}"
+        )
     # One orthonormal frame for all tone and nuisance directions: they are mutually orthogonal.
     Q = torch.linalg.qr(torch.randn(D, need, generator=g, dtype=torch.float64))[0].T
     tones = Q[: N_TONES * TONE_RANK].reshape(N_TONES, TONE_RANK, D)
-    nuisance = Q[N_TONES * TONE_RANK:]
+    nuisance = Q[N_TONES * TONE_RANK :]
     perm = torch.randperm(D, generator=g)
     events = torch.zeros(N_EVENTS, D, dtype=torch.float64)
     for e in range(N_EVENTS):  # disjoint channel sets
-        ch = perm[e * EVENT_CHANNELS:(e + 1) * EVENT_CHANNELS]
-        events[e, ch] = torch.where(torch.rand(EVENT_CHANNELS, generator=g) < 0.5, -1.0, 1.0).double()
+        ch = perm[e * EVENT_CHANNELS : (e + 1) * EVENT_CHANNELS]
+        events[e, ch] = torch.where(
+            torch.rand(EVENT_CHANNELS, generator=g) < 0.5, -1.0, 1.0
+        ).double()
     return _World(tones.float(), events.float(), nuisance.float())
 
 
@@ -91,8 +110,12 @@ def _smooth_walk(n: int, T: int, r: int, step: float, g: torch.Generator) -> Ten
     return torch.cumsum(torch.randn(n, T, r, generator=g), dim=1) * step
 
 
-def corrupt(x: Tensor, kind: Optional[str], severity: float = 1.0,
-            generator: Optional[torch.Generator] = None) -> Tensor:
+def corrupt(
+    x: Tensor,
+    kind: Optional[str],
+    severity: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
     """A corrupted copy of clips ``x (*, T, D)``.
 
     ``frame_drop``: each frame zeroed with probability ``0.3·severity``. ``impulse``: a fraction
@@ -154,15 +177,30 @@ class SyntheticAffect(_Clips):
     num_classes = len(CLASS_NAMES)
     class_names = CLASS_NAMES
 
-    def __init__(self, n_clips: int = 2048, split: str = "train", T: int = 16, D: int = 64,
-                 seed: int = 0, noise: float = NOISE, corruption: Optional[str] = None,
-                 severity: float = 1.0, task: str = "classification"):
+    def __init__(
+        self,
+        n_clips: int = 2048,
+        split: str = "train",
+        T: int = 16,
+        D: int = 64,
+        seed: int = 0,
+        noise: float = NOISE,
+        corruption: Optional[str] = None,
+        severity: float = 1.0,
+        task: str = "classification",
+    ):
         if split not in _SPLIT_OFFSETS:
-            raise ValueError(f"SyntheticAffect: split must be one of {tuple(_SPLIT_OFFSETS)}, got {split!r}")
+            raise ValueError(
+                f"SyntheticAffect: split must be one of {tuple(_SPLIT_OFFSETS)}, got {split!r}"
+            )
         if task not in ("classification", "regression"):
-            raise ValueError(f"SyntheticAffect: task must be 'classification' or 'regression', got {task!r}")
+            raise ValueError(
+                f"SyntheticAffect: task must be 'classification' or 'regression', got {task!r}"
+            )
         if n_clips < 1 or T < 4:
-            raise ValueError(f"SyntheticAffect: need n_clips >= 1 and T >= 4, got n_clips={n_clips}, T={T}")
+            raise ValueError(
+                f"SyntheticAffect: need n_clips >= 1 and T >= 4, got n_clips={n_clips}, T={T}"
+            )
         self.T, self.D, self.task, self.split = T, D, task, split
         world = _world(D, seed)
         g = torch.Generator().manual_seed(seed * 1_000_003 + _SPLIT_OFFSETS[split])
@@ -173,7 +211,12 @@ class SyntheticAffect(_Clips):
 
         # Low-rank tone: constant mix (norm ~1.2) plus a slow drift, over the class's subspace.
         coef = torch.randn(N, 1, TONE_RANK, generator=g)
-        coef = coef / coef.norm(dim=-1, keepdim=True) * TONE_GAIN * (0.8 + 0.4 * torch.rand(N, 1, 1, generator=g))
+        coef = (
+            coef
+            / coef.norm(dim=-1, keepdim=True)
+            * TONE_GAIN
+            * (0.8 + 0.4 * torch.rand(N, 1, 1, generator=g))
+        )
         coef = coef * math.sqrt(D / 4) + _smooth_walk(N, T, TONE_RANK, 0.15 * math.sqrt(D / 4), g)
         tone = torch.einsum("ntr,nrd->ntd", coef, world.tones[tone_id])
         # Nuisance: same construction over the shared nuisance subspace, larger.
@@ -200,9 +243,8 @@ class SyntheticAffect(_Clips):
         self.x = corrupt(x, corruption, severity, g) if corruption else x
         self.y = y
         circ = torch.tensor(_CIRCUMPLEX)
-        intensity = (amp / EVENT_GAIN)[:, None]                 # in [0.75, 1.25)
+        intensity = (amp / EVENT_GAIN)[:, None]  # in [0.75, 1.25)
         self.va = (circ[y] * intensity).clamp(-1, 1)
-
 
 
 class FeatureFolder(_Clips):
@@ -225,40 +267,63 @@ class FeatureFolder(_Clips):
     unknown split, or a label not in ``classes``.
     """
 
-    def __init__(self, root: str, split: str = "train", frames: Optional[int] = None,
-                 classes: Optional[Sequence[str]] = None, task: str = "classification"):
+    def __init__(
+        self,
+        root: str,
+        split: str = "train",
+        frames: Optional[int] = None,
+        classes: Optional[Sequence[str]] = None,
+        task: str = "classification",
+    ):
         if task not in ("classification", "regression"):
-            raise ValueError(f"FeatureFolder: task must be 'classification' or 'regression', got {task!r}")
+            raise ValueError(
+                f"FeatureFolder: task must be 'classification' or 'regression', got {task!r}"
+            )
         if split not in _SPLIT_OFFSETS:
-            raise ValueError(f"FeatureFolder: split must be one of {tuple(_SPLIT_OFFSETS)}, got {split!r}")
+            raise ValueError(
+                f"FeatureFolder: split must be one of {tuple(_SPLIT_OFFSETS)}, got {split!r}"
+            )
         csv_path = os.path.join(root, "labels.csv")
         if not os.path.isfile(csv_path):
-            raise FileNotFoundError(f"FeatureFolder: {csv_path} not found (expected a labels CSV with "
-                                    "columns clip,label,split or clip,valence,arousal,split)")
+            raise FileNotFoundError(
+                f"FeatureFolder: {csv_path} not found (expected a labels CSV with "
+                "columns clip,label,split or clip,valence,arousal,split)"
+            )
         with open(csv_path, newline="") as f:
             reader = csv.DictReader(f)
             rows = list(reader)
             columns = reader.fieldnames or []
-        need = ["clip", "split"] + (["label"] if task == "classification" else ["valence", "arousal"])
+        need = ["clip", "split"] + (
+            ["label"] if task == "classification" else ["valence", "arousal"]
+        )
         missing = [c for c in need if c not in columns]
         if missing:
-            raise ValueError(f"FeatureFolder: {csv_path} lacks column(s) {missing}; it has {columns}")
+            raise ValueError(
+                f"FeatureFolder: {csv_path} lacks column(s) {missing}; it has {columns}"
+            )
         for i, r in enumerate(rows):
             if r["split"] not in _SPLIT_OFFSETS:
-                raise ValueError(f"FeatureFolder: {csv_path} line {i + 2}: unknown split {r['split']!r} "
-                                 f"(expected one of {tuple(_SPLIT_OFFSETS)})")
+                raise ValueError(
+                    f"FeatureFolder: {csv_path} line {i + 2}: unknown split {r['split']!r} "
+                    f"(expected one of {tuple(_SPLIT_OFFSETS)})"
+                )
         self.task, self.split, self.frames = task, split, frames
         if task == "classification":
             names = [r["label"] for r in rows]
             if classes is None:
-                classes = (sorted(set(names), key=int) if all(n.lstrip("-").isdigit() for n in names)
-                           else sorted(set(names)))
+                classes = (
+                    sorted(set(names), key=int)
+                    if all(n.lstrip("-").isdigit() for n in names)
+                    else sorted(set(names))
+                )
             self.class_names = tuple(str(c) for c in classes)
             index = {c: i for i, c in enumerate(self.class_names)}
             for i, r in enumerate(rows):
                 if r["label"] not in index:
-                    raise ValueError(f"FeatureFolder: {csv_path} line {i + 2}: label {r['label']!r} "
-                                     f"is not one of the classes {list(self.class_names)}")
+                    raise ValueError(
+                        f"FeatureFolder: {csv_path} line {i + 2}: label {r['label']!r} "
+                        f"is not one of the classes {list(self.class_names)}"
+                    )
             self.num_classes = len(self.class_names)
         rows = [r for r in rows if r["split"] == split]
         if not rows:
@@ -267,19 +332,27 @@ class FeatureFolder(_Clips):
         for r in rows:
             path = os.path.join(root, "features", r["clip"] + ".npy")
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"FeatureFolder: feature file {path} for clip {r['clip']!r} not found")
+                raise FileNotFoundError(
+                    f"FeatureFolder: feature file {path} for clip {r['clip']!r} not found"
+                )
             a = np.load(path)
             if a.ndim != 2:
-                raise ValueError(f"FeatureFolder: {path} has shape {a.shape}; expected a 2-D (T, D) array")
+                raise ValueError(
+                    f"FeatureFolder: {path} has shape {a.shape}; expected a 2-D (T, D) array"
+                )
             if D is None:
                 D = a.shape[1]
             elif a.shape[1] != D:
-                raise ValueError(f"FeatureFolder: {path} has D = {a.shape[1]}, but the first clip has D = {D}")
+                raise ValueError(
+                    f"FeatureFolder: {path} has D = {a.shape[1]}, but the first clip has D = {D}"
+                )
             xs.append(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)))
         lengths = {a.shape[0] for a in xs}
         if frames is None and len(lengths) > 1:
-            raise ValueError(f"FeatureFolder: clips have different lengths {sorted(lengths)}; pass frames=T "
-                             "to crop or pad them to T frames")
+            raise ValueError(
+                f"FeatureFolder: clips have different lengths {sorted(lengths)}; pass frames=T "
+                "to crop or pad them to T frames"
+            )
         if frames is not None:
             xs = [_fit_frames(a, frames) for a in xs]
         self.x = torch.stack(xs)
@@ -291,12 +364,13 @@ class FeatureFolder(_Clips):
             try:
                 self.va = torch.tensor([[float(r["valence"]), float(r["arousal"])] for r in rows])
             except ValueError as e:
-                raise ValueError(f"FeatureFolder: {csv_path}: valence/arousal must be numbers ({e})") from None
-
+                raise ValueError(
+                    f"FeatureFolder: {csv_path}: valence/arousal must be numbers ({e})"
+                ) from None
 
 
 def _fit_frames(a: Tensor, T: int) -> Tensor:
     if a.shape[0] >= T:
         start = (a.shape[0] - T) // 2
-        return a[start:start + T]
+        return a[start : start + T]
     return torch.cat([a, a.new_zeros(T - a.shape[0], a.shape[1])])

@@ -1,6 +1,7 @@
 """``lsef demo``: train LSEF and the baselines on the embedded data, test them clean and under
 every corruption, draw figures, and time the ops. Also the experiment runner the ablation script
 (``benchmarks/ablation.py``) uses."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,25 @@ from typing import Dict, Sequence
 import torch
 
 from .data import CONDITIONS  # also lsef_ext.demo.CONDITIONS, as before
-from .train import TrainConfig, Trainer, corrupted_average, evaluate_conditions, load_data, load_test_sets
+from .train import (
+    TrainConfig,
+    Trainer,
+    corrupted_average,
+    evaluate_conditions,
+    load_data,
+    load_test_sets,
+)
 
 DEMO_MODELS = ("lsef", "meanpool-mlp", "transformer")
-LABELS = {"lsef": "LSEF (+RAO)", "meanpool-mlp": "mean-pool MLP", "transformer": "temporal transformer",
-          "lsef-no-sem": "LSEF w/o SEM", "lsef-no-ddm": "LSEF w/o DDM", "lsef-no-cim": "LSEF w/o CIM",
-          "lsef-no-rao": "LSEF w/o RAO"}
+LABELS = {
+    "lsef": "LSEF (+RAO)",
+    "meanpool-mlp": "mean-pool MLP",
+    "transformer": "temporal transformer",
+    "lsef-no-sem": "LSEF w/o SEM",
+    "lsef-no-ddm": "LSEF w/o DDM",
+    "lsef-no-cim": "LSEF w/o CIM",
+    "lsef-no-rao": "LSEF w/o RAO",
+}
 
 
 def run_one(cfg: TrainConfig, progress: bool = True, test_sets=None) -> Dict[str, object]:
@@ -30,24 +44,40 @@ def run_one(cfg: TrainConfig, progress: bool = True, test_sets=None) -> Dict[str
     train = load_data(cfg, "train")
     test_sets = test_sets or load_test_sets(cfg)
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, train, val=test_sets["clean"], progress=progress,
-                      desc=LABELS.get(cfg.model, cfg.model) + f" seed {cfg.seed}")
+    trainer = Trainer(
+        cfg,
+        train,
+        val=test_sets["clean"],
+        progress=progress,
+        desc=LABELS.get(cfg.model, cfg.model) + f" seed {cfg.seed}",
+    )
     history = trainer.fit()
     seconds = time.perf_counter() - t0
     metrics = evaluate_conditions(trainer.net, cfg, tuple(test_sets), test_sets)
-    return {"metrics": metrics, "history": history, "seconds": seconds,
-            "params": sum(p.numel() for p in trainer.net.parameters()), "trainer": trainer}
+    return {
+        "metrics": metrics,
+        "history": history,
+        "seconds": seconds,
+        "params": sum(p.numel() for p in trainer.net.parameters()),
+        "trainer": trainer,
+    }
 
 
 def results_table(results: Dict[str, Dict[str, object]]) -> str:
     """A Markdown table: WAR / UAR (%) per model and condition, and the corrupted average."""
-    head = "| model | params | " + " | ".join(f"{c} WAR / UAR" for c in CONDITIONS) + " | corrupted avg WAR / UAR |"
+    head = (
+        "| model | params | "
+        + " | ".join(f"{c} WAR / UAR" for c in CONDITIONS)
+        + " | corrupted avg WAR / UAR |"
+    )
     lines = [head, "|" + "---|" * (len(CONDITIONS) + 3)]
     for name, r in results.items():
         m = r["metrics"]
         cells = [f"{100 * m[c]['war']:.1f} / {100 * m[c]['uar']:.1f}" for c in CONDITIONS]
         avg = f"{100 * corrupted_average(m):.1f} / {100 * corrupted_average(m, 'uar'):.1f}"
-        lines.append(f"| {LABELS.get(name, name)} | {r['params']:,} | " + " | ".join(cells) + f" | {avg} |")
+        lines.append(
+            f"| {LABELS.get(name, name)} | {r['params']:,} | " + " | ".join(cells) + f" | {avg} |"
+        )
     return "\n".join(lines)
 
 
@@ -55,14 +85,19 @@ def results_table(results: Dict[str, Dict[str, object]]) -> str:
 # figures
 # --------------------------------------------------------------------------------------------
 
+
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
-def plot_decomposition(model, clips: Dict[str, torch.Tensor], path: str, channels: int = 48) -> None:
+def plot_decomposition(
+    model, clips: Dict[str, torch.Tensor], path: str, channels: int = 48
+) -> None:
     """Heatmaps over time of a clip's X and of the L and S the trained LSEF finds in it, for the
     clean clip and its corrupted versions (one row each)."""
     plt = _plt()
@@ -71,12 +106,22 @@ def plot_decomposition(model, clips: Dict[str, torch.Tensor], path: str, channel
     with torch.no_grad():
         for row, (name, x) in enumerate(clips.items()):
             out = model(x[None])
-            parts = {"X (input)": x, "L (stable, low-rank)": out.L[0], "S (transient, sparse)": out.S[0]}
+            parts = {
+                "X (input)": x,
+                "L (stable, low-rank)": out.L[0],
+                "S (transient, sparse)": out.S[0],
+            }
             vmax = float(x[:, :channels].abs().max())
             for col, (title, a) in enumerate(parts.items()):
                 ax = axes[row, col]
-                im = ax.imshow(a[:, :channels].T.numpy(), aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax,
-                               interpolation="nearest")
+                im = ax.imshow(
+                    a[:, :channels].T.numpy(),
+                    aspect="auto",
+                    cmap="RdBu_r",
+                    vmin=-vmax,
+                    vmax=vmax,
+                    interpolation="nearest",
+                )
                 ax.set_title(f"{title}" if row == 0 else "", fontsize=9)
                 ax.set_ylabel(f"{name}\nchannel" if col == 0 else "", fontsize=8)
                 ax.set_xlabel("frame" if row == len(clips) - 1 else "", fontsize=8)
@@ -95,7 +140,9 @@ def plot_training(results: Dict[str, Dict[str, object]], path: str) -> None:
         h = r["history"]
         ep = [row["epoch"] for row in h]
         a.plot(ep, [row["loss"] for row in h], marker="o", ms=3, label=LABELS.get(name, name))
-        b.plot(ep, [100 * row["val_war"] for row in h], marker="o", ms=3, label=LABELS.get(name, name))
+        b.plot(
+            ep, [100 * row["val_war"] for row in h], marker="o", ms=3, label=LABELS.get(name, name)
+        )
     a.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
     b.set(xlabel="epoch", ylabel="WAR (%)", title="clean test WAR")
     b.legend(fontsize=8)
@@ -130,29 +177,43 @@ def plot_robustness(results: Dict[str, Dict[str, object]], path: str) -> None:
 # the demo
 # --------------------------------------------------------------------------------------------
 
-def demo(out: str = "lsef-demo", quick: bool = False, seed: int = 0, device: str = "cpu",
-         bench: bool = True, models: Sequence[str] = DEMO_MODELS) -> Dict[str, object]:
+
+def demo(
+    out: str = "lsef-demo",
+    quick: bool = False,
+    seed: int = 0,
+    device: str = "cpu",
+    bench: bool = True,
+    models: Sequence[str] = DEMO_MODELS,
+) -> Dict[str, object]:
     """Runs the demo; returns the results and writes figures and ``results.json`` to ``out``."""
     os.makedirs(out, exist_ok=True)
     t_start = time.perf_counter()
     base = TrainConfig(seed=seed, device=device)
     if quick:
         base = replace(base, n_train=1024, n_test=512, epochs=8)
-    print(f"lsef demo: SyntheticAffect, {base.n_train} training clips, {base.n_test} test clips per "
-          f"condition, T={base.T}, D={base.D}, 7 classes; {base.epochs} epochs per model on {device}"
-          + (" (--quick)" if quick else ""), flush=True)
+    print(
+        f"lsef demo: SyntheticAffect, {base.n_train} training clips, {base.n_test} test clips per "
+        f"condition, T={base.T}, D={base.D}, 7 classes; {base.epochs} epochs per model on {device}"
+        + (" (--quick)" if quick else ""),
+        flush=True,
+    )
     test_sets = load_test_sets(base)
     results: Dict[str, Dict[str, object]] = {}
     for name in models:
         cfg = replace(base, model=name, rao=name.startswith("lsef"))
         results[name] = run_one(cfg, progress=True, test_sets=test_sets)
         m = results[name]["metrics"]
-        print(f"  {LABELS.get(name, name):<22} {results[name]['seconds']:5.1f} s   clean WAR "
-              f"{100 * m['clean']['war']:.1f}%   corrupted avg WAR {100 * corrupted_average(m):.1f}%",
-              flush=True)
+        print(
+            f"  {LABELS.get(name, name):<22} {results[name]['seconds']:5.1f} s   clean WAR "
+            f"{100 * m['clean']['war']:.1f}%   corrupted avg WAR {100 * corrupted_average(m):.1f}%",
+            flush=True,
+        )
 
-    print("\nWAR / UAR (%) on the test set, clean and under each corruption "
-          "(models trained on clean clips):\n")
+    print(
+        "\nWAR / UAR (%) on the test set, clean and under each corruption "
+        "(models trained on clean clips):\n"
+    )
     print(results_table(results))
 
     paths = {}
@@ -168,13 +229,26 @@ def demo(out: str = "lsef-demo", quick: bool = False, seed: int = 0, device: str
     plot_robustness(results, paths["robustness"])
     summary = {name: {k: v for k, v in r.items() if k != "trainer"} for name, r in results.items()}
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"config": {"quick": quick, "seed": seed, "device": device}, "results": summary}, f, indent=2)
-    print("\nfigures: " + ", ".join(paths.values()) + f"; numbers: {os.path.join(out, 'results.json')}")
+        json.dump(
+            {"config": {"quick": quick, "seed": seed, "device": device}, "results": summary},
+            f,
+            indent=2,
+        )
+    print(
+        "\nfigures: "
+        + ", ".join(paths.values())
+        + f"; numbers: {os.path.join(out, 'results.json')}"
+    )
 
     if bench:
         from . import bench as bench_mod
-        print("\nop speed (lsef_ext kernels vs the lsef_ref references and plain PyTorch"
-              + (", small sizes" if quick else "") + "):\n", flush=True)
+
+        print(
+            "\nop speed (lsef_ext kernels vs the lsef_ref references and plain PyTorch"
+            + (", small sizes" if quick else "")
+            + "):\n",
+            flush=True,
+        )
         bench_mod.run(quick=quick, devices=("cpu",))
     print(f"\nlsef demo finished in {time.perf_counter() - t_start:.0f} s")
     return {"results": results, "figures": paths}

@@ -1,10 +1,12 @@
-"""The LSEF modules (docs/DESIGN.md §11): SEM, DDM, CIM and the LSEF classifier/regressor, plus baselines.
+"""The LSEF modules (docs/DESIGN.md §11): SEM, DDM, CIM and the LSEF classifier/regressor, plus
+baselines.
 
 Every module works on frame-feature sequences ``X (B, T, D)`` from any backbone. The math of
 each is written out in docs/DESIGN.md §10. Each LSEF module takes ``ops="ext"`` (the compiled
 ``torch.ops.lsef`` kernels, the default) or ``ops="ref"`` (the pure-PyTorch references in
 ``lsef_ref``): the same model on either, which is how the benchmark compares them.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +19,18 @@ from torch import Tensor, nn
 
 from .ops import get_ops
 
-__all__ = ["get_ops", "SEM", "DDM", "CIM", "LSEF", "LSEFOutput", "MeanPoolMLP",
-           "TemporalTransformer", "build_model", "MODEL_NAMES"]
+__all__ = [
+    "get_ops",
+    "SEM",
+    "DDM",
+    "CIM",
+    "LSEF",
+    "LSEFOutput",
+    "MeanPoolMLP",
+    "TemporalTransformer",
+    "build_model",
+    "MODEL_NAMES",
+]
 
 
 def _check_input(module: str, X: Tensor, D: int) -> None:
@@ -64,8 +76,15 @@ class SEM(nn.Module):
     ``rpca_steps=0`` skips step 1 (``L = lowrank(X, rank)``). Returns ``(L, Z_L, tone)``.
     """
 
-    def __init__(self, d_in: int, d_model: int = 64, rank: int = 4, rpca_steps: int = 3,
-                 rpca_lam: Optional[float] = None, ops: str = "ext"):
+    def __init__(
+        self,
+        d_in: int,
+        d_model: int = 64,
+        rank: int = 4,
+        rpca_steps: int = 3,
+        rpca_lam: Optional[float] = None,
+        ops: str = "ext",
+    ):
         super().__init__()
         if rank < 1:
             raise ValueError(f"SEM: rank must be >= 1, got {rank}")
@@ -75,14 +94,20 @@ class SEM(nn.Module):
         self.rpca_lam = rpca_lam
         self.ops = get_ops(ops)
         self.proj = nn.Linear(d_in, d_model)
-        self.tone = nn.Sequential(nn.LayerNorm(2 * d_model), nn.Linear(2 * d_model, d_model), nn.GELU())
+        self.tone = nn.Sequential(
+            nn.LayerNorm(2 * d_model), nn.Linear(2 * d_model, d_model), nn.GELU()
+        )
 
     def decompose(self, X: Tensor) -> Tensor:
         """The stable part ``L (B, T, d_in)`` of ``X``."""
         k = min(self.rank, X.shape[1], X.shape[2])
         if self.rpca_steps:
             with torch.no_grad():
-                lam = self.rpca_lam if self.rpca_lam is not None else 2.0 / math.sqrt(max(X.shape[1:]))
+                lam = (
+                    self.rpca_lam
+                    if self.rpca_lam is not None
+                    else 2.0 / math.sqrt(max(X.shape[1:]))
+                )
                 _, S0 = self.ops.lowrank_sparse(X.detach(), k, lam=lam, n_steps=self.rpca_steps)
             return self.ops.lowrank(X - S0, k)
         return self.ops.lowrank(X, k)
@@ -115,8 +140,16 @@ class DDM(nn.Module):
     Returns ``(L, S, Z_S, transient)``.
     """
 
-    def __init__(self, d_in: int, d_model: int = 64, rank: int = 4, refine: int = 1,
-                 lam_init: float = 1.0, sat_init: float = 1.5, ops: str = "ext"):
+    def __init__(
+        self,
+        d_in: int,
+        d_model: int = 64,
+        rank: int = 4,
+        refine: int = 1,
+        lam_init: float = 1.0,
+        sat_init: float = 1.5,
+        ops: str = "ext",
+    ):
         super().__init__()
         if refine < 0:
             raise ValueError(f"DDM: refine must be >= 0, got {refine}")
@@ -148,7 +181,7 @@ class DDM(nn.Module):
             S = self.ops.soft_threshold(X, L, lam)
         c = F.softplus(self.phi).to(X.dtype) * sigma
         Z = self.proj(c * torch.tanh(S / c))
-        h = F.gelu(self.conv(Z.transpose(1, 2)))              # (B, d, T)
+        h = F.gelu(self.conv(Z.transpose(1, 2)))  # (B, d, T)
         transient = self.out(torch.cat([h.amax(-1), h.mean(-1)], dim=-1))
         return L, S, Z, transient
 
@@ -194,7 +227,7 @@ class CIM(nn.Module):
         w = x[:, : n * s].reshape(B, n, s, d)
         if not signed_max:
             return w.mean(2)
-        hi, lo = w.amax(2), w.amin(2)          # the signed entry of largest magnitude
+        hi, lo = w.amax(2), w.amin(2)  # the signed entry of largest magnitude
         return torch.where(hi >= -lo, hi, lo)
 
     def forward(self, ZL: Tensor, ZS: Tensor) -> Tuple[Tensor, Tensor]:
@@ -205,7 +238,7 @@ class CIM(nn.Module):
             g = torch.sigmoid(self.gate(torch.cat([Ls, Ss], -1)))
             Fs = g * self.stable(Ls) + (1 - g) * self.reactive(Ss)
             hs.append(self.out(torch.cat([Fs.mean(1), Fs.amax(1)], -1)))
-        H = torch.stack(hs)                                       # (n_scales, B, d)
+        H = torch.stack(hs)  # (n_scales, B, d)
         return H.mean(0), H
 
     @staticmethod
@@ -218,9 +251,10 @@ class CIM(nn.Module):
 @dataclass
 class LSEFOutput:
     """What :class:`LSEF` returns: the prediction, the decomposition and the consistency terms."""
-    pred: Tensor                       # (B, num_classes) logits or (B, 2) valence/arousal
-    L: Tensor                          # (B, T, d_in) stable part
-    S: Tensor                          # (B, T, d_in) sparse part
+
+    pred: Tensor  # (B, num_classes) logits or (B, 2) valence/arousal
+    L: Tensor  # (B, T, d_in) stable part
+    S: Tensor  # (B, T, d_in) sparse part
     terms: Dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -242,11 +276,24 @@ class LSEF(nn.Module):
     ``loss_weights`` weigh (recon, sparsity, agreement) in :meth:`regulariser`.
     """
 
-    def __init__(self, d_in: int, num_classes: int = 7, d_model: int = 64, rank: int = 4,
-                 rpca_steps: int = 3, rpca_lam: Optional[float] = None, refine: int = 1, scales: Sequence[int] = (1, 2, 4),
-                 task: str = "classification", use_sem: bool = True, use_ddm: bool = True,
-                 use_cim: bool = True, loss_weights: Tuple[float, float, float] = (0.01, 0.01, 0.1),
-                 dropout: float = 0.1, ops: str = "ext"):
+    def __init__(
+        self,
+        d_in: int,
+        num_classes: int = 7,
+        d_model: int = 64,
+        rank: int = 4,
+        rpca_steps: int = 3,
+        rpca_lam: Optional[float] = None,
+        refine: int = 1,
+        scales: Sequence[int] = (1, 2, 4),
+        task: str = "classification",
+        use_sem: bool = True,
+        use_ddm: bool = True,
+        use_cim: bool = True,
+        loss_weights: Tuple[float, float, float] = (0.01, 0.01, 0.1),
+        dropout: float = 0.1,
+        ops: str = "ext",
+    ):
         super().__init__()
         if task not in ("classification", "regression"):
             raise ValueError(f"LSEF: task must be 'classification' or 'regression', got {task!r}")
@@ -264,8 +311,13 @@ class LSEF(nn.Module):
         else:
             self.plain = nn.Linear(2 * d_model, d_model)
         out = num_classes if task == "classification" else 2
-        self.head = nn.Sequential(nn.LayerNorm(3 * d_model), nn.Dropout(dropout),
-                                  nn.Linear(3 * d_model, d_model), nn.GELU(), nn.Linear(d_model, out))
+        self.head = nn.Sequential(
+            nn.LayerNorm(3 * d_model),
+            nn.Dropout(dropout),
+            nn.Linear(3 * d_model, d_model),
+            nn.GELU(),
+            nn.Linear(d_model, out),
+        )
 
     def forward(self, X: Tensor) -> LSEFOutput:
         _check_input("LSEF", X, self.d_in)
@@ -276,7 +328,7 @@ class LSEF(nn.Module):
             ZL, tone = self.sem.embed(X)
         if self.use_ddm:
             L, S, ZS, transient = self.ddm(X, L)
-            if self.use_sem:   # the stable stream follows the refined L
+            if self.use_sem:  # the stable stream follows the refined L
                 ZL = self.sem.proj(L)
         else:
             S = X - L
@@ -304,14 +356,26 @@ class LSEF(nn.Module):
 class MeanPoolMLP(nn.Module):
     """Baseline: LayerNorm, temporal mean-pool, two-layer MLP."""
 
-    def __init__(self, d_in: int, num_classes: int = 7, hidden: int = 192, task: str = "classification",
-                 dropout: float = 0.1):
+    def __init__(
+        self,
+        d_in: int,
+        num_classes: int = 7,
+        hidden: int = 192,
+        task: str = "classification",
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.d_in, self.task = d_in, task
         out = num_classes if task == "classification" else 2
-        self.net = nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, hidden), nn.GELU(),
-                                 nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.Linear(hidden, out))
+        self.net = nn.Sequential(
+            nn.LayerNorm(d_in),
+            nn.Linear(d_in, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, out),
+        )
 
     def forward(self, X: Tensor) -> Tensor:
         _check_input("MeanPoolMLP", X, self.d_in)
@@ -323,15 +387,31 @@ class TemporalTransformer(nn.Module):
     """Baseline: linear embedding + learned positions, a small pre-norm transformer encoder,
     mean-pool over time, linear head."""
 
-    def __init__(self, d_in: int, num_classes: int = 7, d_model: int = 64, layers: int = 2,
-                 heads: int = 4, max_T: int = 256, task: str = "classification", dropout: float = 0.1):
+    def __init__(
+        self,
+        d_in: int,
+        num_classes: int = 7,
+        d_model: int = 64,
+        layers: int = 2,
+        heads: int = 4,
+        max_T: int = 256,
+        task: str = "classification",
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.d_in, self.task, self.max_T = d_in, task, max_T
         self.embed = nn.Linear(d_in, d_model)
         self.pos = nn.Parameter(torch.zeros(max_T, d_model))
         nn.init.normal_(self.pos, std=0.02)
-        layer = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout, batch_first=True,
-                                           norm_first=True, activation="gelu")
+        layer = nn.TransformerEncoderLayer(
+            d_model,
+            heads,
+            2 * d_model,
+            dropout,
+            batch_first=True,
+            norm_first=True,
+            activation="gelu",
+        )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_classes if task == "classification" else 2)
@@ -348,13 +428,14 @@ class TemporalTransformer(nn.Module):
 MODEL_NAMES = ("lsef", "lsef-no-sem", "lsef-no-ddm", "lsef-no-cim", "meanpool-mlp", "transformer")
 
 
-def build_model(name: str, d_in: int, num_classes: int, task: str = "classification",
-                ops: str = "ext", **kw) -> nn.Module:
+def build_model(
+    name: str, d_in: int, num_classes: int, task: str = "classification", ops: str = "ext", **kw
+) -> nn.Module:
     """A model by name (``MODEL_NAMES``); LSEF variants take LSEF's keyword arguments."""
     if name == "lsef":
         return LSEF(d_in, num_classes, task=task, ops=ops, **kw)
     if name.startswith("lsef-no-"):
-        part = name[len("lsef-no-"):]
+        part = name[len("lsef-no-") :]
         if part not in ("sem", "ddm", "cim"):
             raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
         return LSEF(d_in, num_classes, task=task, ops=ops, **{f"use_{part}": False}, **kw)

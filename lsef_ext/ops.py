@@ -4,6 +4,7 @@ Each op has: a documented function calling ``torch.ops.lsef.<op>.default``; a fa
 (``register_fake``: shapes, dtypes and devices only) so ``torch.compile`` can trace it; and an
 autograd formula (``register_autograd``) whose backward calls compiled ops too.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -18,8 +19,15 @@ from . import rpca as _rpca
 
 Scalar = Union[float, Tensor]
 
-__all__ = ["soft_threshold", "rank_scale", "rank_aware_grad_scale", "rsvd", "lowrank", "lowrank_sparse",
-           "get_ops"]
+__all__ = [
+    "soft_threshold",
+    "rank_scale",
+    "rank_aware_grad_scale",
+    "rsvd",
+    "lowrank",
+    "lowrank_sparse",
+    "get_ops",
+]
 
 
 def _as_tensor(value: Scalar, like: Tensor, op: str, name: str) -> Tensor:
@@ -61,7 +69,9 @@ def soft_threshold(X: Tensor, L: Optional[Tensor], lam: Scalar, hard: bool = Fal
         matching outputs, and so does NaN in ``lam`` when soft; when hard, an entry whose
         ``lam`` is NaN is 0 (the test ``|R| > lam`` is false). Nothing else is affected.
     """
-    return torch.ops.lsef.soft_threshold.default(X, L, _as_tensor(lam, X, "soft_threshold", "lam"), hard)
+    return torch.ops.lsef.soft_threshold.default(
+        X, L, _as_tensor(lam, X, "soft_threshold", "lam"), hard
+    )
 
 
 def _broadcastable(shape: Sequence[int], target: Sequence[int]) -> bool:
@@ -73,15 +83,19 @@ def _broadcastable(shape: Sequence[int], target: Sequence[int]) -> bool:
 def _check_soft_threshold(op: str, X: Tensor, L: Optional[Tensor], lam: Tensor) -> None:
     torch._check(X.dtype.is_floating_point, lambda: f"{op}: X must be a floating-point tensor")
     if L is not None:
-        torch._check(L.shape == X.shape, lambda: f"{op}: L must have the shape of X {list(X.shape)}")
+        torch._check(
+            L.shape == X.shape, lambda: f"{op}: L must have the shape of X {list(X.shape)}"
+        )
         torch._check(L.dtype == X.dtype, lambda: f"{op}: L must have the dtype of X ({X.dtype})")
         torch._check(L.device == X.device, lambda: f"{op}: L must be on the device of X")
     torch._check(lam.dtype == X.dtype, lambda: f"{op}: lam must have the dtype of X ({X.dtype})")
     torch._check(lam.device == X.device, lambda: f"{op}: lam must be on the device of X")
     torch._check(
         _broadcastable(lam.shape, X.shape),
-        lambda: f"{op}: lam of shape {list(lam.shape)} is not broadcastable to X of shape "
-        f"{list(X.shape)}",
+        lambda: (
+            f"{op}: lam of shape {list(lam.shape)} is not broadcastable to X of shape "
+            f"{list(X.shape)}"
+        ),
     )
 
 
@@ -139,42 +153,60 @@ def rank_scale(G: Tensor, U: Tensor, alpha: Scalar, beta: Scalar) -> Tensor:
         ``G'`` of ``G``'s shape, contiguous. Gradients flow to ``G``, ``U``, ``alpha`` and
         ``beta``.
     """
-    return torch.ops.lsef.rank_scale.default(G, U, _as_tensor(alpha, G, "rank_scale", "alpha"),
-                                             _as_tensor(beta, G, "rank_scale", "beta"))
+    return torch.ops.lsef.rank_scale.default(
+        G, U, _as_tensor(alpha, G, "rank_scale", "alpha"), _as_tensor(beta, G, "rank_scale", "beta")
+    )
 
 
-def _check_rank_scale(G: Tensor, U: Tensor, alpha: Tensor, beta: Tensor, op: str = "rank_scale",
-                      g: str = "G") -> None:
+def _check_rank_scale(
+    G: Tensor, U: Tensor, alpha: Tensor, beta: Tensor, op: str = "rank_scale", g: str = "G"
+) -> None:
     """The kernels' argument checks, with their messages and exception types (shapes:
     ValueError; dtypes and devices: RuntimeError), for the fake kernel and for
     rank_aware_grad_scale (``op``, with ``g`` naming its first argument). Plain Python, so that
     torch.compile traces them."""
     batch = list(G.shape[:-2])
     if G.dim() < 2:
-        raise ValueError(f"{op}: {g} must have at least 2 dimensions (*, m, n), got shape {list(G.shape)}")
+        raise ValueError(
+            f"{op}: {g} must have at least 2 dimensions (*, m, n), got shape {list(G.shape)}"
+        )
     if U.dim() < 2:
-        raise ValueError(f"{op}: U must have at least 2 dimensions (*, m, r), got shape {list(U.shape)}")
+        raise ValueError(
+            f"{op}: U must have at least 2 dimensions (*, m, r), got shape {list(U.shape)}"
+        )
     if U.dtype != G.dtype:
         raise RuntimeError(f"{op}: U must have the dtype of {g} ({G.dtype}), got {U.dtype}")
     if U.device != G.device:
         raise RuntimeError(f"{op}: U must be on the device of {g} ({G.device}), got {U.device}")
     if U.shape[-2] != G.shape[-2]:
-        raise ValueError(f"{op}: U must have {g}.size(-2) = {G.shape[-2]} rows (U is (*, m, r)), "
-                         f"got shape {list(U.shape)}")
+        raise ValueError(
+            f"{op}: U must have {g}.size(-2) = {G.shape[-2]} rows (U is (*, m, r)), "
+            f"got shape {list(U.shape)}"
+        )
     if U.shape[-1] > U.shape[-2]:
-        raise ValueError(f"{op}: U has {U.shape[-1]} columns but only {U.shape[-2]} rows; "
-                         "orthonormal columns need r <= m")
+        raise ValueError(
+            f"{op}: U has {U.shape[-1]} columns but only {U.shape[-2]} rows; "
+            "orthonormal columns need r <= m"
+        )
     if U.dim() != 2 and list(U.shape[:-2]) != batch:
-        raise ValueError(f"{op}: U must have {g}'s batch shape {batch} or be 2-D (one U for all), "
-                         f"got shape {list(U.shape)}")
+        raise ValueError(
+            f"{op}: U must have {g}'s batch shape {batch} or be 2-D (one U for all), "
+            f"got shape {list(U.shape)}"
+        )
     for name, c in (("alpha", alpha), ("beta", beta)):
         if c.dtype != G.dtype:
-            raise RuntimeError(f"{op}: {name} must have the dtype of {g} ({G.dtype}), got {c.dtype}")
+            raise RuntimeError(
+                f"{op}: {name} must have the dtype of {g} ({G.dtype}), got {c.dtype}"
+            )
         if c.device != G.device:
-            raise RuntimeError(f"{op}: {name} must be on the device of {g} ({G.device}), got {c.device}")
+            raise RuntimeError(
+                f"{op}: {name} must be on the device of {g} ({G.device}), got {c.device}"
+            )
         if c.numel() != 1 and list(c.shape) != batch:
-            raise ValueError(f"{op}: {name} must be a scalar or have {g}'s batch shape {batch}, "
-                             f"got shape {list(c.shape)}")
+            raise ValueError(
+                f"{op}: {name} must be a scalar or have {g}'s batch shape {batch}, "
+                f"got shape {list(c.shape)}"
+            )
 
 
 @torch.library.register_fake("lsef::rank_scale")
@@ -364,8 +396,14 @@ torch.library.register_autograd(
 # --------------------------------------------------------------------------------------------
 
 
-def lowrank_sparse(X: Tensor, k: int, lam=None, n_steps: Optional[int] = None,
-                   method: str = "rpca", noise: Union[None, float, str] = None):
+def lowrank_sparse(
+    X: Tensor,
+    k: int,
+    lam=None,
+    n_steps: Optional[int] = None,
+    method: str = "rpca",
+    noise: Union[None, float, str] = None,
+):
     """Split every ``X (*, m, n)`` into a rank-k part ``L`` and a sparse part ``S``.
 
     ``method="rpca"`` (default), ``noise=None``: principal component pursuit,
@@ -417,6 +455,11 @@ def get_ops(name: str) -> SimpleNamespace:
         import lsef_ref as impl
     else:
         raise ValueError(f"ops must be 'ext' or 'ref', got {name!r}")
-    return SimpleNamespace(name=name, lowrank=impl.lowrank, soft_threshold=impl.soft_threshold,
-                           rsvd=impl.rsvd, rank_scale=impl.rank_scale,
-                           lowrank_sparse=impl.lowrank_sparse)
+    return SimpleNamespace(
+        name=name,
+        lowrank=impl.lowrank,
+        soft_threshold=impl.soft_threshold,
+        rsvd=impl.rsvd,
+        rank_scale=impl.rank_scale,
+        lowrank_sparse=impl.lowrank_sparse,
+    )

@@ -1,4 +1,5 @@
-"""RAO: rank-aware optimisation (docs/DESIGN.md §4, §11), a wrapper around any ``torch.optim`` optimizer.
+"""RAO: rank-aware optimisation (docs/DESIGN.md §4, §11), a wrapper around any ``torch.optim``
+optimizer.
 
 Usage (the one line that changes)::
 
@@ -26,6 +27,7 @@ is damped and the consistent directions carry the step; when they do not (ρ̄ s
 close to the identity. Vectors (biases, norms) pass through unchanged. docs/DESIGN.md §11 has
 the reasoning and the ablation that measures it.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,11 +59,21 @@ class RAO(torch.optim.Optimizer):
     ``stats()`` reports the current ``alpha``, ``beta`` and ``ρ̄`` of every scaled parameter.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, rank: int = 4, update_every: int = 10,
-                 momentum: float = 0.9, strength: float = 0.5, alpha_max: float = 2.0,
-                 min_size: int = 8, ops: str = "ext"):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        rank: int = 4,
+        update_every: int = 10,
+        momentum: float = 0.9,
+        strength: float = 0.5,
+        alpha_max: float = 2.0,
+        min_size: int = 8,
+        ops: str = "ext",
+    ):
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"RAO: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"RAO: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         if rank < 1:
             raise ValueError(f"RAO: rank must be >= 1, got {rank}")
         if update_every < 1:
@@ -95,14 +107,20 @@ class RAO(torch.optim.Optimizer):
         return self.optimizer.state
 
     def __repr__(self) -> str:
-        return (f"RAO(rank={self.rank}, update_every={self.update_every}, momentum={self.momentum}, "
-                f"strength={self.strength}, alpha_max={self.alpha_max}, ops={self._ops.name!r}, "
-                f"optimizer={self.optimizer!r})")
+        return (
+            f"RAO(rank={self.rank}, update_every={self.update_every}, momentum={self.momentum}, "
+            f"strength={self.strength}, alpha_max={self.alpha_max}, ops={self._ops.name!r}, "
+            f"optimizer={self.optimizer!r})"
+        )
 
     def _params(self):
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and p.dim() >= 2 and min(p.shape[0], p[0].numel()) >= self.min_size:
+                if (
+                    p.grad is not None
+                    and p.dim() >= 2
+                    and min(p.shape[0], p[0].numel()) >= self.min_size
+                ):
                     yield p
 
     @torch.no_grad()
@@ -119,15 +137,23 @@ class RAO(torch.optim.Optimizer):
                 # Left as it is, and RAO's state untouched: one bad batch must not poison the
                 # moving average M (and through it every later step).
                 self.nonfinite_skips += 1
-                warnings.warn(f"RAO: non-finite gradient for a parameter of shape {tuple(p.shape)} "
-                              f"at step {self._step}; it is passed on unscaled and RAO's state for "
-                              f"it is unchanged ({self.nonfinite_skips} such gradients so far)",
-                              RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"RAO: non-finite gradient for a parameter of shape {tuple(p.shape)} "
+                    f"at step {self._step}; it is passed on unscaled and RAO's state for "
+                    f"it is unchanged ({self.nonfinite_skips} such gradients so far)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
                 continue
             st = self._rao.get(p)
             if st is None:
-                st = self._rao[p] = {"M": torch.zeros_like(G), "U": None, "rho": 0.0, "alpha": 1.0,
-                                     "beta": 1.0}
+                st = self._rao[p] = {
+                    "M": torch.zeros_like(G),
+                    "U": None,
+                    "rho": 0.0,
+                    "alpha": 1.0,
+                    "beta": 1.0,
+                }
             st["M"].mul_(mu).add_(G, alpha=1 - mu)
             if refresh:
                 r = min(self.rank, min(G.shape) - 1)
@@ -142,7 +168,9 @@ class RAO(torch.optim.Optimizer):
             st["rho"] = mu * st["rho"] + (1 - mu) * rho
             r_bar = max(st["rho"], 1e-6)
             beta = 1.0 - self.strength * r_bar
-            alpha = min(math.sqrt(max(1.0 - beta * beta * (1.0 - r_bar), 0.0) / r_bar), self.alpha_max)
+            alpha = min(
+                math.sqrt(max(1.0 - beta * beta * (1.0 - r_bar), 0.0) / r_bar), self.alpha_max
+            )
             st["alpha"], st["beta"] = alpha, beta
             p.grad.copy_(self._ops.rank_scale(G, U, alpha, beta).reshape(p.shape))
 
@@ -164,23 +192,31 @@ class RAO(torch.optim.Optimizer):
 
     def stats(self) -> List[Dict[str, float]]:
         """``[{"shape", "alpha", "beta", "rho"}]`` for every matrix parameter RAO has seen."""
-        return [{"shape": tuple(p.shape), "alpha": s["alpha"], "beta": s["beta"], "rho": s["rho"]}
-                for p, s in self._rao.items()]
+        return [
+            {"shape": tuple(p.shape), "alpha": s["alpha"], "beta": s["beta"], "rho": s["rho"]}
+            for p, s in self._rao.items()
+        ]
 
     def state_dict(self) -> Dict[str, Any]:
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        rao = {index[id(p)]: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in s.items()}
-               for p, s in self._rao.items()}
+        rao = {
+            index[id(p)]: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in s.items()}
+            for p, s in self._rao.items()
+        }
         return {"optimizer": self.optimizer.state_dict(), "rao": rao, "step": self._step}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if not {"optimizer", "rao", "step"} <= set(state_dict):
-            raise ValueError("RAO.load_state_dict: expected a state dict saved by RAO.state_dict() "
-                             "(keys 'optimizer', 'rao', 'step')")
+            raise ValueError(
+                "RAO.load_state_dict: expected a state dict saved by RAO.state_dict() "
+                "(keys 'optimizer', 'rao', 'step')"
+            )
         self.optimizer.load_state_dict(state_dict["optimizer"])
         params = [p for g in self.param_groups for p in g["params"]]
         self._rao = {}
         for i, s in state_dict["rao"].items():
             p = params[int(i)]
-            self._rao[p] = {k: (v.to(p.device) if isinstance(v, Tensor) else v) for k, v in s.items()}
+            self._rao[p] = {
+                k: (v.to(p.device) if isinstance(v, Tensor) else v) for k, v in s.items()
+            }
         self._step = int(state_dict["step"])

@@ -15,6 +15,7 @@ its ``L`` and ``S`` are frozen, so its result is the one it gets alone, whatever
 neighbours do. The batch-wide "all stopped?" test, the only host synchronisation of the loop,
 runs every ``check_every`` iterations; it decides only when the loop ends, never a result.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,9 +77,15 @@ def _check_every(X: Tensor, check_every: Optional[int]) -> int:
     return check_every or (1 if X.device.type == "cpu" else 8)
 
 
-def rpca_ialm(ops, X: Tensor, k: int, lam=None, max_iter: int = RPCA_MAX_ITER,
-              tol: float = RPCA_TOL, check_every: Optional[int] = None
-              ) -> Tuple[Tensor, Tensor, Tensor]:
+def rpca_ialm(
+    ops,
+    X: Tensor,
+    k: int,
+    lam=None,
+    max_iter: int = RPCA_MAX_ITER,
+    tol: float = RPCA_TOL,
+    check_every: Optional[int] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Principal component pursuit by the inexact augmented Lagrange multiplier method (Lin,
     Chen & Ma 2010, Alg. 5) with the singular value thresholding capped at rank k. A matrix
     stops when ``||X - L - S||_F < tol ||X||_F`` or its residual is not finite.
@@ -130,9 +137,16 @@ def noise_thresholds(X: Tensor, sigma: Tensor, lam=None) -> Tuple[Tensor, Tensor
     return tau_L, lam * tau_L
 
 
-def stable_pcp(ops, X: Tensor, k: int, sigma: Tensor, lam=None, max_iter: int = RPCA_MAX_ITER,
-               tol: float = RPCA_TOL, check_every: Optional[int] = None
-               ) -> Tuple[Tensor, Tensor, Tensor]:
+def stable_pcp(
+    ops,
+    X: Tensor,
+    k: int,
+    sigma: Tensor,
+    lam=None,
+    max_iter: int = RPCA_MAX_ITER,
+    tol: float = RPCA_TOL,
+    check_every: Optional[int] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Stable principal component pursuit (Zhou, Li, Wright, Candes & Ma 2010) in its penalised
     form, ``min tau_L ||L||_* + tau_S ||S||_1 + ||X - L - S||_F^2 / 2`` with rank(L) <= k
     (thresholds from :func:`noise_thresholds`), by exact minimisation over each block in turn:
@@ -151,8 +165,10 @@ def stable_pcp(ops, X: Tensor, k: int, sigma: Tensor, lam=None, max_iter: int = 
     for it in range(1, max_iter + 1):
         L_new = rank_k_svt(ops, X - S, k, tau_L.squeeze(-1))
         S_new = ops.soft_threshold(X, L_new, tau_S)
-        step = torch.sqrt(torch.linalg.matrix_norm(L_new - L, keepdim=True) ** 2
-                          + torch.linalg.matrix_norm(S_new - S, keepdim=True) ** 2)
+        step = torch.sqrt(
+            torch.linalg.matrix_norm(L_new - L, keepdim=True) ** 2
+            + torch.linalg.matrix_norm(S_new - S, keepdim=True) ** 2
+        )
         L = torch.where(done, L, L_new)
         S = torch.where(done, S, S_new)
         iters += ~done[..., 0, 0]
@@ -163,7 +179,9 @@ def stable_pcp(ops, X: Tensor, k: int, sigma: Tensor, lam=None, max_iter: int = 
     return L, S, iters
 
 
-def unrolled(ops, X: Tensor, k: int, lam=None, steps: int = UNROLLED_STEPS) -> Tuple[Tensor, Tensor]:
+def unrolled(
+    ops, X: Tensor, k: int, lam=None, steps: int = UNROLLED_STEPS
+) -> Tuple[Tensor, Tensor]:
     """``steps`` alternations ``L = lowrank(X - S, k)``, ``S = soft_threshold(X, L, lam)`` from
     ``S = 0``, differentiable through every step; ``lam`` defaults to
     :func:`universal_threshold` of the first residual ``X - lowrank(X, k)`` (no gradient)."""
@@ -183,19 +201,30 @@ def _noise_sigma(X: Tensor, noise: Noise) -> Optional[Tensor]:
         return None
     if isinstance(noise, str):
         if noise != "auto":
-            raise ValueError(f"lowrank_sparse: noise must be None, a number >= 0 or 'auto', got {noise!r}")
+            raise ValueError(
+                f"lowrank_sparse: noise must be None, a number >= 0 or 'auto', got {noise!r}"
+            )
         return None  # estimated by the caller, which needs a first solution
     if isinstance(noise, bool) or not isinstance(noise, numbers.Real):
-        raise TypeError(f"lowrank_sparse: noise must be None, a number >= 0 or 'auto', got "
-                        f"{type(noise).__name__}")
+        raise TypeError(
+            f"lowrank_sparse: noise must be None, a number >= 0 or 'auto', got "
+            f"{type(noise).__name__}"
+        )
     if not (noise >= 0 and math.isfinite(noise)):
         raise ValueError(f"lowrank_sparse: noise must be a finite number >= 0, got {noise}")
     return torch.full(X.shape[:-2] + (1, 1), float(noise), dtype=X.dtype, device=X.device)
 
 
-def lowrank_sparse(ops, X: Tensor, k: int, lam=None, n_steps: Optional[int] = None,
-                   method: str = "rpca", noise: Noise = None,
-                   check_every: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+def lowrank_sparse(
+    ops,
+    X: Tensor,
+    k: int,
+    lam=None,
+    n_steps: Optional[int] = None,
+    method: str = "rpca",
+    noise: Noise = None,
+    check_every: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
     """The algorithm of :func:`lsef_ext.ops.lowrank_sparse` over the op set ``ops``."""
     if method not in ("rpca", "unrolled"):
         raise ValueError(f"lowrank_sparse: method must be 'rpca' or 'unrolled', got {method!r}")
@@ -203,8 +232,10 @@ def lowrank_sparse(ops, X: Tensor, k: int, lam=None, n_steps: Optional[int] = No
         raise ValueError(f"lowrank_sparse: n_steps must be >= 1, got {n_steps}")
     if method == "unrolled":
         if noise is not None:
-            raise ValueError("lowrank_sparse: noise applies to method='rpca' only; the unrolled "
-                             "method sets its threshold with lam")
+            raise ValueError(
+                "lowrank_sparse: noise applies to method='rpca' only; the unrolled "
+                "method sets its threshold with lam"
+            )
         return unrolled(ops, X, k, lam, UNROLLED_STEPS if n_steps is None else n_steps)
     max_iter = n_steps or RPCA_MAX_ITER
     sigma = _noise_sigma(X, noise)

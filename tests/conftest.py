@@ -10,7 +10,9 @@ DTYPES = [torch.float32, torch.float64]
 
 def requires_cuda_kernels(device: str, op: str) -> None:
     """Skips a CUDA case when this build has no CUDA kernel for lsef::<op>."""
-    if device == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(f"lsef::{op}", "CUDA"):
+    if device == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"lsef::{op}", "CUDA"
+    ):
         pytest.skip(f"this build has no CUDA kernel for lsef::{op}")
 
 

@@ -106,7 +106,8 @@ struct Scheduler {
         current = t;
         swapcontext(&main_ctx, &fiber[t]);
       }
-      if (progress == before && finished < N) die("deadlock: threads wait at a barrier others never reach");
+      if (progress == before && finished < N)
+        die("deadlock: threads wait at a barrier others never reach");
     }
   }
 };
@@ -220,8 +221,8 @@ void large_matrix(const blk::Wide<A>& W, int l, int k, int n_iter, const A* omeg
   S.run([&](int tid) {
     EmuCtx ctx(tid);
     if (bad) return blk::write_nan<EmuCtx, A, A>(ctx, out, k);
-    blk::tail(ctx, Z.data(), q, exact ? p : l, exact ? static_cast<const A*>(nullptr) : Q.data(),
-              p, k, arena.data(), T, out, wide);
+    blk::tail(ctx, Z.data(), q, exact ? p : l, exact ? static_cast<const A*>(nullptr) : Q.data(), p,
+              k, arena.data(), T, out, wide);
   });
 }
 
@@ -231,7 +232,8 @@ int run(const std::vector<int64_t>& h, std::ifstream& in, const char* out_path) 
                 n_iter = h[7], seed = h[8];
   const int64_t p = std::min(m, n), q = std::max(m, n), l = std::min(k + oversample, p);
   const bool exact = l == p, wide = m <= n;
-  std::vector<A> Ain(batch * m * n), U(batch * m * k, A(-7)), Sv(batch * k, A(-7)), V(batch * n * k, A(-7));
+  std::vector<A> Ain(batch * m * n), U(batch * m * k, A(-7)), Sv(batch * k, A(-7)),
+      V(batch * n * k, A(-7));
   in.read(reinterpret_cast<char*>(Ain.data()), Ain.size() * sizeof(A));
   if (!in) die("short input");
   const std::vector<A> om = exact ? std::vector<A>() : omega_transposed<A>(q, l, seed);
@@ -248,14 +250,17 @@ int run(const std::vector<int64_t>& h, std::ifstream& in, const char* out_path) 
       S.run([&](int tid) {
         EmuCtx ctx(tid);
         blk::fused_matrix<EmuCtx, A, A>(ctx, W, static_cast<int>(l), static_cast<int>(k),
-                                        static_cast<int>(n_iter), omega_t, arena.data(), F, out, wide);
+                                        static_cast<int>(n_iter), omega_t, arena.data(), F, out,
+                                        wide);
       });
     } else {
-      large_matrix<A>(W, static_cast<int>(l), static_cast<int>(k), static_cast<int>(n_iter), omega_t, out, wide);
+      large_matrix<A>(W, static_cast<int>(l), static_cast<int>(k), static_cast<int>(n_iter),
+                      omega_t, out, wide);
     }
   }
   std::ofstream o(out_path, std::ios::binary);
-  for (auto* v : {&U, &Sv, &V}) o.write(reinterpret_cast<const char*>(v->data()), v->size() * sizeof(A));
+  for (auto* v : {&U, &Sv, &V})
+    o.write(reinterpret_cast<const char*>(v->data()), v->size() * sizeof(A));
   return o ? 0 : 2;
 }
 

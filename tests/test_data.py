@@ -1,11 +1,23 @@
-"""lsef_ext.data: SyntheticAffect (planted low-rank + sparse structure), corruptions, FeatureFolder."""
+"""lsef_ext.data: SyntheticAffect (planted low-rank + sparse structure), corruptions,
+FeatureFolder."""
+
 import numpy as np
 import pytest
 import torch
 
 from lsef_ext import ops
-from lsef_ext.data import (CLASS_NAMES, CLASS_PAIRS, CONDITIONS, CORRUPTIONS, EVENT_CHANNELS, NUISANCE_RANK,
-                           TONE_RANK, FeatureFolder, SyntheticAffect, corrupt)
+from lsef_ext.data import (
+    CLASS_NAMES,
+    CLASS_PAIRS,
+    CONDITIONS,
+    CORRUPTIONS,
+    EVENT_CHANNELS,
+    NUISANCE_RANK,
+    TONE_RANK,
+    FeatureFolder,
+    SyntheticAffect,
+    corrupt,
+)
 
 T, D = 12, 24
 
@@ -13,6 +25,7 @@ T, D = 12, 24
 # ---------------------------------------------------------------------------------------------
 # SyntheticAffect
 # ---------------------------------------------------------------------------------------------
+
 
 def test_shapes_and_items():
     ds = SyntheticAffect(10, T=T, D=D)
@@ -25,7 +38,7 @@ def test_shapes_and_items():
     xs, ys = ds.tensors()
     assert xs is ds.x and ys is ds.y
     assert ds.num_classes == len(CLASS_NAMES) == len(CLASS_PAIRS) == 7
-    assert len(set(CLASS_PAIRS)) == len(CLASS_PAIRS)          # every (tone, event) pair unique
+    assert len(set(CLASS_PAIRS)) == len(CLASS_PAIRS)  # every (tone, event) pair unique
 
 
 def test_deterministic_and_seed_and_split_dependent():
@@ -43,7 +56,8 @@ def test_splits_share_the_prototypes():
     # The event pattern of a class is the same in every split of one seed (they share the world).
     def pattern(ds, cls):
         m = ds.y == cls
-        return (ds.sparse[m].abs().sum((0, 1)) > 0)
+        return ds.sparse[m].abs().sum((0, 1)) > 0
+
     tr = SyntheticAffect(200, "train", T=T, D=D, seed=1, noise=0.0)
     te = SyntheticAffect(200, "test", T=T, D=D, seed=1, noise=0.0)
     for cls in range(7):
@@ -112,11 +126,13 @@ def test_regression_targets():
     for c in range(7):
         v = ds.va[ds.y == c]
         assert (torch.sign(v) == torch.sign(v[0])).all()
-    assert not torch.allclose(ds.va[ds.y == 0][0], ds.va[ds.y == 0][1])    # intensity varies
+    assert not torch.allclose(ds.va[ds.y == 0][0], ds.va[ds.y == 0][1])  # intensity varies
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match=r"split must be one of \('train', 'val', 'test'\), got 'dev'"):
+    with pytest.raises(
+        ValueError, match=r"split must be one of \('train', 'val', 'test'\), got 'dev'"
+    ):
         SyntheticAffect(4, split="dev", T=T, D=D)
     with pytest.raises(ValueError, match="task must be 'classification' or 'regression', got 'va'"):
         SyntheticAffect(4, T=T, D=D, task="va")
@@ -132,6 +148,7 @@ def test_bad_arguments():
 # corruptions
 # ---------------------------------------------------------------------------------------------
 
+
 def base(n=64):
     return SyntheticAffect(n, T=T, D=D, seed=2).x
 
@@ -139,10 +156,10 @@ def base(n=64):
 def test_frame_drop_zeroes_whole_frames():
     x = base()
     y = corrupt(x, "frame_drop", 1.0, torch.Generator().manual_seed(0))
-    zero = (y == 0).all(-1)                       # (N, T) dropped frames
+    zero = (y == 0).all(-1)  # (N, T) dropped frames
     kept = ~zero
-    assert torch.equal(y[kept], x[kept])          # the other frames untouched
-    assert ((y == 0) == zero[..., None]).all()    # no partial frames
+    assert torch.equal(y[kept], x[kept])  # the other frames untouched
+    assert ((y == 0) == zero[..., None]).all()  # no partial frames
     assert abs(float(zero.float().mean()) - 0.3) < 0.05
     half = corrupt(x, "frame_drop", 0.5, torch.Generator().manual_seed(0))
     assert abs(float((half == 0).all(-1).float().mean()) - 0.15) < 0.04
@@ -177,7 +194,7 @@ def test_severity_zero_and_none_leave_data_unchanged(kind):
     assert torch.equal(corrupt(x, "clean"), x)
     y = corrupt(x, None)
     y += 1
-    assert not torch.equal(x, y)                 # a copy, not a view
+    assert not torch.equal(x, y)  # a copy, not a view
 
 
 @pytest.mark.parametrize("kind", CORRUPTIONS)
@@ -201,8 +218,11 @@ def test_conditions_are_clean_then_each_corruption():
 
 def test_corrupt_bad_arguments():
     x = base(4)
-    with pytest.raises(ValueError, match=r"corrupt: kind must be one of \('frame_drop', 'impulse', 'gaussian'\)"
-                                         r" or None, got 'blur'"):
+    with pytest.raises(
+        ValueError,
+        match=r"corrupt: kind must be one of \('frame_drop', 'impulse', 'gaussian'\)"
+        r" or None, got 'blur'",
+    ):
         corrupt(x, "blur")
     with pytest.raises(ValueError, match="corrupt: severity must be >= 0, got -1"):
         corrupt(x, "gaussian", -1)
@@ -213,6 +233,7 @@ def test_corrupt_bad_arguments():
 # ---------------------------------------------------------------------------------------------
 # FeatureFolder
 # ---------------------------------------------------------------------------------------------
+
 
 def make_folder(root, rows, header="clip,label,split", arrays=None, Tc=5, Dc=6):
     """rows: tuples of csv fields; arrays: {clip: ndarray} (default: (Tc, Dc) arange arrays)."""
@@ -232,7 +253,12 @@ def make_folder(root, rows, header="clip,label,split", arrays=None, Tc=5, Dc=6):
 
 
 def test_feature_folder_string_labels(tmp_path):
-    rows = [("a", "sad", "train"), ("b", "happy", "train"), ("c", "sad", "test"), ("d", "angry", "train")]
+    rows = [
+        ("a", "sad", "train"),
+        ("b", "happy", "train"),
+        ("c", "sad", "test"),
+        ("d", "angry", "train"),
+    ]
     arrs = make_folder(tmp_path, rows)
     ds = FeatureFolder(str(tmp_path))
     assert ds.class_names == ("angry", "happy", "sad") and ds.num_classes == 3
@@ -276,8 +302,8 @@ def test_feature_folder_frames_crop_and_pad(tmp_path):
     make_folder(tmp_path, [("a", "x", "train"), ("b", "y", "train")], arrays={"a": a, "b": b})
     ds = FeatureFolder(str(tmp_path), frames=4)
     assert ds.x.shape == (2, 4, 3)
-    np.testing.assert_array_equal(ds.x[0].numpy(), a[2:6])          # centre crop
-    np.testing.assert_array_equal(ds.x[1, :3].numpy(), b)           # zero padding at the end
+    np.testing.assert_array_equal(ds.x[0].numpy(), a[2:6])  # centre crop
+    np.testing.assert_array_equal(ds.x[1, :3].numpy(), b)  # zero padding at the end
     assert (ds.x[1, 3] == 0).all()
     with pytest.raises(ValueError, match=r"clips have different lengths \[3, 8\]; pass frames=T"):
         FeatureFolder(str(tmp_path))
@@ -302,11 +328,17 @@ def test_feature_folder_errors(tmp_path):
 
     r3 = tmp_path / "3d"
     make_folder(r3, [("a", "x", "train")], arrays={"a": np.zeros((2, 3, 4))})
-    with pytest.raises(ValueError, match=r"a\.npy has shape \(2, 3, 4\); expected a 2-D \(T, D\) array"):
+    with pytest.raises(
+        ValueError, match=r"a\.npy has shape \(2, 3, 4\); expected a 2-D \(T, D\) array"
+    ):
         FeatureFolder(str(r3))
 
     r4 = tmp_path / "dims"
-    make_folder(r4, [("a", "x", "train"), ("b", "y", "train")], arrays={"a": np.zeros((5, 6)), "b": np.zeros((5, 7))})
+    make_folder(
+        r4,
+        [("a", "x", "train"), ("b", "y", "train")],
+        arrays={"a": np.zeros((5, 6)), "b": np.zeros((5, 7))},
+    )
     with pytest.raises(ValueError, match=r"b\.npy has D = 7, but the first clip has D = 6"):
         FeatureFolder(str(r4))
 
@@ -317,7 +349,9 @@ def test_feature_folder_errors(tmp_path):
 
     r6 = tmp_path / "label"
     make_folder(r6, [("a", "x", "train"), ("b", "joy", "train")])
-    with pytest.raises(ValueError, match=r"line 3: label 'joy' is not one of the classes \['x', 'y'\]"):
+    with pytest.raises(
+        ValueError, match=r"line 3: label 'joy' is not one of the classes \['x', 'y'\]"
+    ):
         FeatureFolder(str(r6), classes=["x", "y"])
 
     r7 = tmp_path / "empty_split"

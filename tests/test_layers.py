@@ -7,6 +7,7 @@ absolute (``import lsef_ext.x``, ``from lsef_ext import x``) form, and so does
 ``importlib.import_module`` / ``__import__`` of a literal name. The test reads the source files
 with ``ast``; it imports nothing from lsef_ext.
 """
+
 import ast
 from pathlib import Path
 
@@ -20,7 +21,7 @@ SOURCE = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS = {
     "_C": 0,
     "__init__": 0,
-    "rpca": 0,      # robust-PCA helpers that ops uses
+    "rpca": 0,  # robust-PCA helpers that ops uses
     "ops": 0,
     "nn": 1,
     "optim": 1,
@@ -40,7 +41,7 @@ def _resolve_from(level: int, module: str, names, importer: str):
     """The lsef_ext modules a ``from <level dots><module> import <names>`` imports (empty for
     another package). ``importer`` is the module holding the statement (for relative imports)."""
     if level:
-        if level > 1:   # lsef_ext has no subpackages: two dots leave the package
+        if level > 1:  # lsef_ext has no subpackages: two dots leave the package
             return [f"<{'.' * level}{module} from {importer}: outside {PACKAGE}>"]
         parts = module.split(".") if module else []
     else:
@@ -50,7 +51,8 @@ def _resolve_from(level: int, module: str, names, importer: str):
         parts = parts[1:]
     if parts:
         return [parts[0]]
-    # from lsef_ext import a, b / from . import a, b: each name is a submodule or a package attribute
+    # from lsef_ext import a, b / from . import a, b: each name is a submodule or a package
+    # attribute
     return [n if n in LAYERS or (SOURCE / f"{n}.py").exists() else "__init__" for n in names]
 
 
@@ -75,13 +77,25 @@ def imports_of(source: str, importer: str):
                 if parts[0] == PACKAGE:
                     found.append((node.lineno, parts[1] if len(parts) > 1 else "__init__"))
         elif isinstance(node, ast.ImportFrom):
-            for target in _resolve_from(node.level, node.module or "", [a.name for a in node.names], importer):
+            for target in _resolve_from(
+                node.level, node.module or "", [a.name for a in node.names], importer
+            ):
                 found.append((node.lineno, target))
         elif isinstance(node, ast.Call):
             fn = node.func
-            name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
-            if (name in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)
-                    and isinstance(node.args[0].value, str)):
+            name = (
+                fn.attr
+                if isinstance(fn, ast.Attribute)
+                else fn.id
+                if isinstance(fn, ast.Name)
+                else ""
+            )
+            if (
+                name in ("import_module", "__import__")
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
                 for target in _resolve_string(node.args[0].value, importer):
                     found.append((node.lineno, target))
     return found
@@ -94,10 +108,14 @@ def violations(source: str, importer: str):
     mine = LAYERS[importer]
     for line, target in imports_of(source, importer):
         if target not in LAYERS:
-            out.append(f"{PACKAGE}/{importer}.py:{line} imports {target!r}, which has no layer in LAYERS")
+            out.append(
+                f"{PACKAGE}/{importer}.py:{line} imports {target!r}, which has no layer in LAYERS"
+            )
         elif LAYERS[target] > mine:
-            out.append(f"{PACKAGE}/{importer}.py:{line} imports {target} (layer {LAYERS[target]}) "
-                       f"from layer {mine}")
+            out.append(
+                f"{PACKAGE}/{importer}.py:{line} imports {target} (layer {LAYERS[target]}) "
+                f"from layer {mine}"
+            )
     return out
 
 
@@ -135,10 +153,19 @@ def test_the_checker_sees_every_form_of_import():
     for src, target in upward.items():
         assert target in [t for _, t in imports_of(src, "nn")], src
         assert violations(src, "nn"), src
-    downward = ["from .ops import get_ops", "from . import ops", "import lsef_ext", "from lsef_ext import build_info",
-                "import lsef_ext.ops", "from .nn import LSEF", "import torch", "from lsef_ref import rpca"]
+    downward = [
+        "from .ops import get_ops",
+        "from . import ops",
+        "import lsef_ext",
+        "from lsef_ext import build_info",
+        "import lsef_ext.ops",
+        "from .nn import LSEF",
+        "import torch",
+        "from lsef_ref import rpca",
+    ]
     for src in downward:
         assert violations(src, "train") == [], src
     assert violations("from .nope import x", "cli") == [
-        "lsef_ext/cli.py:1 imports 'nope', which has no layer in LAYERS"]
+        "lsef_ext/cli.py:1 imports 'nope', which has no layer in LAYERS"
+    ]
     assert violations("from ..other import x", "cli")

@@ -1,5 +1,6 @@
 """lowrank_sparse: robust PCA recovery of planted problems (exact and with noise), per-matrix
 stopping, and the unrolled form."""
+
 import pytest
 import torch
 from conftest import DEVICES, requires_cuda_kernels
@@ -13,9 +14,13 @@ from lsef_ref.rpca import rpca_ialm
 def planted(seed, n=120, rank=4, density=0.05, dtype=torch.float64):
     """M = L0 + S0: L0 of the given rank, S0 with `density` of its entries uniform in +-50."""
     g = torch.Generator().manual_seed(seed)
-    L0 = torch.randn(n, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, n, generator=g, dtype=torch.float64)
+    L0 = torch.randn(n, rank, generator=g, dtype=torch.float64) @ torch.randn(
+        rank, n, generator=g, dtype=torch.float64
+    )
     support = torch.rand(n, n, generator=g) < density
-    S0 = torch.where(support, (torch.rand(n, n, generator=g, dtype=torch.float64) * 2 - 1) * 50, 0.0)
+    S0 = torch.where(
+        support, (torch.rand(n, n, generator=g, dtype=torch.float64) * 2 - 1) * 50, 0.0
+    )
     return L0.to(dtype), S0.to(dtype)
 
 
@@ -143,14 +148,17 @@ def test_torch_compile_fullgraph_unrolled_and_rpca():
         return L.square().sum() + S.abs().sum()
 
     eager = torch.autograd.grad(unrolled(X, lam), (X, lam))
-    compiled = torch.autograd.grad(torch.compile(unrolled, fullgraph=True, backend="aot_eager")(X, lam), (X, lam))
+    compiled = torch.autograd.grad(
+        torch.compile(unrolled, fullgraph=True, backend="aot_eager")(X, lam), (X, lam)
+    )
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b)
     torch._dynamo.reset()
     rpca = lambda X: ops.lowrank_sparse(X, 3)  # noqa: E731
     # The stopping test reads the device (bool(done.all())): a data-dependent branch.
-    with pytest.raises((torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError),
-                       match=r"(?i)data-dependent"):
+    with pytest.raises(
+        (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError), match=r"(?i)data-dependent"
+    ):
         torch.compile(rpca, fullgraph=True, backend="aot_eager")(X.detach())
     torch._dynamo.reset()
     for a, b in zip(torch.compile(rpca, backend="aot_eager")(X.detach()), rpca(X.detach())):
@@ -243,7 +251,9 @@ def test_each_matrix_stops_on_its_own(device, noise):
     if noise is None:
         _, _, iters = rpca.rpca_ialm(ops, X, 3)
     else:
-        _, _, iters = rpca.stable_pcp(ops, X, 3, torch.full((4, 1, 1), noise, dtype=X.dtype, device=device))
+        _, _, iters = rpca.stable_pcp(
+            ops, X, 3, torch.full((4, 1, 1), noise, dtype=X.dtype, device=device)
+        )
     assert iters[1].item() == 1 and iters[2].item() == 1
     assert iters[0].item() > 1 and iters[3].item() > 1 and iters[0].item() != iters[3].item()
 
@@ -257,7 +267,9 @@ def test_stopping_checks_only_end_the_loop(solver):
     def run(every):
         if solver == "ialm":
             return rpca.rpca_ialm(ops, X, 3, check_every=every)
-        return rpca.stable_pcp(ops, X, 3, torch.full((3, 1, 1), 0.1, dtype=X.dtype), check_every=every)
+        return rpca.stable_pcp(
+            ops, X, 3, torch.full((3, 1, 1), 0.1, dtype=X.dtype), check_every=every
+        )
 
     for a, b in zip(run(1), run(7)):
         assert torch.equal(a, b)
@@ -265,7 +277,9 @@ def test_stopping_checks_only_end_the_loop(solver):
 
 def test_bad_noise():
     X = torch.randn(10, 12)
-    with pytest.raises(ValueError, match=r"noise must be None, a number >= 0 or 'auto', got 'loud'"):
+    with pytest.raises(
+        ValueError, match=r"noise must be None, a number >= 0 or 'auto', got 'loud'"
+    ):
         ops.lowrank_sparse(X, 2, noise="loud")
     with pytest.raises(ValueError, match=r"noise must be a finite number >= 0, got -1"):
         ops.lowrank_sparse(X, 2, noise=-1)

@@ -1,4 +1,5 @@
 """The LSEF modules of lsef_ext.nn: shapes, ablations, gradients, ext vs ref, bad input."""
+
 import math
 
 import pytest
@@ -7,7 +8,17 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 from lsef_ext import nn as lnn
-from lsef_ext.nn import CIM, DDM, LSEF, MODEL_NAMES, SEM, LSEFOutput, build_model, get_ops, robust_scale
+from lsef_ext.nn import (
+    CIM,
+    DDM,
+    LSEF,
+    MODEL_NAMES,
+    SEM,
+    LSEFOutput,
+    build_model,
+    get_ops,
+    robust_scale,
+)
 
 B, T, D, DM, K = 4, 12, 24, 16, 3
 
@@ -30,6 +41,7 @@ def small_lsef(**kw):
 # ---------------------------------------------------------------------------------------------
 # shapes
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("rpca_steps", [0, 2])
 def test_sem_shapes(rpca_steps):
@@ -84,7 +96,7 @@ def test_lsef_agreement_term_is_cims():
 
 
 def test_cim_pool_signed_max_and_short_clips():
-    x = torch.tensor([[[1.0], [-3.0], [2.0], [0.5], [7.0]]])     # (1, 5, 1)
+    x = torch.tensor([[[1.0], [-3.0], [2.0], [0.5], [7.0]]])  # (1, 5, 1)
     assert CIM._pool(x, 2, signed_max=True).flatten().tolist() == [-3.0, 2.0]
     assert CIM._pool(x, 2, signed_max=False).flatten().tolist() == [-1.0, 1.25]
     assert torch.equal(CIM._pool(x, 1, True), x)
@@ -111,7 +123,9 @@ def test_lsef_shapes(task):
         assert torch.isfinite(big).all() and big.abs().max() <= 1.0
     reg = model.regulariser(out)
     w = model.loss_weights
-    expect = w[0] * out.terms["recon"] + w[1] * out.terms["sparsity"] + w[2] * out.terms["agreement"]
+    expect = (
+        w[0] * out.terms["recon"] + w[1] * out.terms["sparsity"] + w[2] * out.terms["agreement"]
+    )
     torch.testing.assert_close(reg, expect)
 
 
@@ -135,7 +149,7 @@ def test_build_model_every_variant(name, task):
         assert pred.abs().max() <= 1.0
     if name.startswith("lsef"):
         assert isinstance(model, LSEF)
-        part = name[len("lsef-no-"):] if name != "lsef" else None
+        part = name[len("lsef-no-") :] if name != "lsef" else None
         assert model.use_sem == (part != "sem")
         assert model.use_ddm == (part != "ddm")
         assert model.use_cim == (part != "cim")
@@ -143,7 +157,7 @@ def test_build_model_every_variant(name, task):
         assert hasattr(model, "cim") == (part != "cim")
         assert ("agreement" in out.terms) == (part != "cim")
         if part == "ddm":
-            torch.testing.assert_close(out.S, X - out.L)      # S = X - L: nothing thresholded
+            torch.testing.assert_close(out.S, X - out.L)  # S = X - L: nothing thresholded
             torch.testing.assert_close(out.terms["recon"], torch.zeros(()))
         loss = pred.square().mean() + model.regulariser(out)
     else:
@@ -180,6 +194,7 @@ def test_ablation_changes_the_model():
 # ---------------------------------------------------------------------------------------------
 # gradients, thresholds, robust scale, determinism
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_gradients_reach_every_parameter(task):
@@ -232,8 +247,9 @@ def test_lsef_without_rpca_compiles_fullgraph():
         return F.cross_entropy(out.pred, torch.arange(B) % 7) + model.regulariser(out)
 
     eager = torch.autograd.grad(loss(X), list(model.parameters()))
-    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(X),
-                                   list(model.parameters()))
+    compiled = torch.autograd.grad(
+        torch.compile(loss, fullgraph=True, backend="aot_eager")(X), list(model.parameters())
+    )
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b)
 
@@ -262,7 +278,7 @@ def test_ddm_thresholds_positive():
 
 
 def test_robust_scale_known_values():
-    v = torch.arange(-4.0, 5.0)                       # median 0, |dev| median 2
+    v = torch.arange(-4.0, 5.0)  # median 0, |dev| median 2
     R = torch.stack([v, 3 * v + 10]).reshape(2, 3, 3)
     s = robust_scale(R)
     assert s.shape == (2, 1, 1)
@@ -309,6 +325,7 @@ def test_same_input_same_output_in_eval():
 # ---------------------------------------------------------------------------------------------
 # ext vs ref
 # ---------------------------------------------------------------------------------------------
+
 
 def twin_models(**kw):
     torch.manual_seed(0)
@@ -360,8 +377,9 @@ def test_ext_and_ref_parameter_gradients_agree():
 
 def low_rank_clips(t=T, seed=3):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, t, K, generator=g, dtype=torch.float64)
-            @ torch.randn(B, K, D, generator=g, dtype=torch.float64))
+    return torch.randn(B, t, K, generator=g, dtype=torch.float64) @ torch.randn(
+        B, K, D, generator=g, dtype=torch.float64
+    )
 
 
 def _directional(sem, X, E, h=1e-6):
@@ -372,10 +390,15 @@ def _directional(sem, X, E, h=1e-6):
     return float((Xr.grad * E).sum()), float(fd)
 
 
-_REF_QR_GRADIENT = pytest.mark.xfail(strict=True, reason=(
-    "lsef_ref.rsvd (python/lsef_ref/rsvd.py): on the randomized path (k + oversample < min(m, n)) "
-    "autograd differentiates through the QR of the sketch A @ Omega, which is rank-deficient when "
-    "rank(A) < k + oversample; the gradient is then garbage (~1e7 vs a finite difference of ~0.4)"))
+_REF_QR_GRADIENT = pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "lsef_ref.rsvd (python/lsef_ref/rsvd.py): on the randomized path "
+        "(k + oversample < min(m, n)) autograd differentiates through the QR of the sketch "
+        "A @ Omega, which is rank-deficient when rank(A) < k + oversample; the gradient is then "
+        "garbage (~1e7 vs a finite difference of ~0.4)"
+    ),
+)
 
 
 @pytest.mark.parametrize("ops", ["ext", pytest.param("ref", marks=_REF_QR_GRADIENT)])
@@ -407,6 +430,7 @@ def test_get_ops():
     assert get_ops("ext").name == "ext" and get_ops("ref").name == "ref"
     import lsef_ref
     from lsef_ext import ops
+
     assert get_ops("ref").rsvd is lsef_ref.rsvd and get_ops("ext").rsvd is ops.rsvd
     with pytest.raises(ValueError, match="ops must be 'ext' or 'ref', got 'cuda'"):
         get_ops("cuda")
@@ -415,6 +439,7 @@ def test_get_ops():
 # ---------------------------------------------------------------------------------------------
 # gradcheck
 # ---------------------------------------------------------------------------------------------
+
 
 def test_gradcheck_sem_generic_input_ref():
     # ops="ref": plain autograd through the exact truncated SVD (k + oversample >= min(T, D)).
@@ -435,15 +460,19 @@ def test_gradcheck_sem_low_rank_input(ops, rpca_steps):
     k = 2
     sem = SEM(8, 5, rank=k, rpca_steps=rpca_steps, ops=ops).double()
     g = torch.Generator().manual_seed(5)
-    X = (torch.randn(2, 6, k, generator=g, dtype=torch.float64)
-         @ torch.randn(2, k, 8, generator=g, dtype=torch.float64)).requires_grad_(True)
+    X = (
+        torch.randn(2, 6, k, generator=g, dtype=torch.float64)
+        @ torch.randn(2, k, 8, generator=g, dtype=torch.float64)
+    ).requires_grad_(True)
     if rpca_steps:
         with torch.no_grad():
             _, S0 = get_ops(ops).lowrank_sparse(X, k, lam=2 / math.sqrt(8), n_steps=rpca_steps)
         assert torch.count_nonzero(S0) == 0
+
     def f(x):
         L, _, tone = sem(x)
         return L, tone
+
     # fast_mode (random directional derivatives) with robust PCA in the loop: each call runs it
     assert gradcheck(f, (X,), eps=1e-6, atol=1e-6, fast_mode=bool(rpca_steps))
 
@@ -461,9 +490,12 @@ def test_gradcheck_cim():
 # bad input
 # ---------------------------------------------------------------------------------------------
 
+
 def test_bad_inputs():
     m = small_lsef()
-    with pytest.raises(ValueError, match=r"LSEF: expected X of shape \(B, T, 24\), got \(4, 12, 23\)"):
+    with pytest.raises(
+        ValueError, match=r"LSEF: expected X of shape \(B, T, 24\), got \(4, 12, 23\)"
+    ):
         m(torch.randn(4, 12, 23))
     with pytest.raises(ValueError, match=r"LSEF: expected X of shape \(B, T, 24\), got \(12, 24\)"):
         m(torch.randn(12, 24))
@@ -482,7 +514,9 @@ def test_bad_inputs():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="LSEF: task must be 'classification' or 'regression', got 'ranking'"):
+    with pytest.raises(
+        ValueError, match="LSEF: task must be 'classification' or 'regression', got 'ranking'"
+    ):
         LSEF(D, task="ranking")
     with pytest.raises(ValueError, match="unknown model 'lsef-no-head'; expected one of"):
         build_model("lsef-no-head", D, 7)

@@ -1,4 +1,6 @@
-"""RAO (lsef_ext.optim): the rank-aware gradient scaling rule, its state, and its use as an optimizer."""
+"""RAO (lsef_ext.optim): the rank-aware gradient scaling rule, its state, and its use as an
+optimizer."""
+
 import copy
 import math
 
@@ -13,7 +15,9 @@ M, N, R_TRUE = 32, 24, 3
 def toy_problem(seed=0, dtype=torch.float64):
     """Least squares ``min_W ||A W - B||^2`` with a rank-3 solution, sampled in minibatches."""
     g = torch.Generator().manual_seed(seed)
-    W_true = torch.randn(M, R_TRUE, generator=g, dtype=dtype) @ torch.randn(R_TRUE, N, generator=g, dtype=dtype)
+    W_true = torch.randn(M, R_TRUE, generator=g, dtype=dtype) @ torch.randn(
+        R_TRUE, N, generator=g, dtype=dtype
+    )
     A = torch.randn(512, M, generator=g, dtype=dtype)
     Bm = A @ W_true + 0.1 * torch.randn(512, N, generator=g, dtype=dtype)
     return A, Bm
@@ -27,7 +31,7 @@ def full_loss(W, A, Bm):
 def run(opt_factory, steps=150, seed=0, wrap=None, dtype=torch.float64, batch=16):
     A, Bm = toy_problem(dtype=dtype)
     W = torch.nn.Parameter(torch.zeros(M, N, dtype=dtype))
-    b = torch.nn.Parameter(torch.zeros(N, dtype=dtype))       # a vector: RAO leaves it alone
+    b = torch.nn.Parameter(torch.zeros(N, dtype=dtype))  # a vector: RAO leaves it alone
     opt = opt_factory([W, b])
     if wrap is not None:
         opt = wrap(opt)
@@ -52,8 +56,8 @@ def test_rao_converges_like_plain_optimizer():
     _, rao, opt = run(sgd, wrap=lambda o: RAO(o, rank=4, update_every=5))
     A, Bm = toy_problem()
     start = full_loss(torch.zeros(M, N, dtype=torch.float64), A, Bm)
-    assert rao[-1] < 0.05 * start                      # it optimises
-    assert rao[-1] < 3 * plain[-1]                     # and is not much worse than the plain one
+    assert rao[-1] < 0.05 * start  # it optimises
+    assert rao[-1] < 3 * plain[-1]  # and is not much worse than the plain one
     assert sum(rao[-20:]) / 20 < sum(rao[20:40]) / 20  # still decreasing late on average
     # the stable subspace of this rank-3 problem explains most of the gradient, so RAO is active
     st = [s for s in opt.stats() if s["shape"] == (M, N)][0]
@@ -72,7 +76,7 @@ def test_strength_zero_is_the_plain_optimizer():
 def test_vectors_and_small_matrices_pass_through():
     torch.manual_seed(0)
     big = torch.nn.Parameter(torch.randn(16, 12, dtype=torch.float64))
-    small = torch.nn.Parameter(torch.randn(4, 12, dtype=torch.float64))   # min side 4 < min_size 8
+    small = torch.nn.Parameter(torch.randn(4, 12, dtype=torch.float64))  # min side 4 < min_size 8
     vec = torch.nn.Parameter(torch.randn(16, dtype=torch.float64))
     opt = RAO(torch.optim.SGD([big, small, vec], lr=0.1), rank=2, update_every=1)
     for p in (big, small, vec):
@@ -87,12 +91,16 @@ def test_vectors_and_small_matrices_pass_through():
 def test_scale_gradients_rule_against_direct_computation():
     torch.manual_seed(0)
     W = torch.nn.Parameter(torch.randn(M, N, dtype=torch.float64))
-    conv = torch.nn.Parameter(torch.randn(10, 4, 3, dtype=torch.float64))   # read as (10, 12)
-    opt = RAO(torch.optim.SGD([W, conv], lr=0.1), rank=3, update_every=2, momentum=0.8, strength=0.6)
+    conv = torch.nn.Parameter(torch.randn(10, 4, 3, dtype=torch.float64))  # read as (10, 12)
+    opt = RAO(
+        torch.optim.SGD([W, conv], lr=0.1), rank=3, update_every=2, momentum=0.8, strength=0.6
+    )
     basis = torch.linalg.qr(torch.randn(M, 3, dtype=torch.float64))[0]
     for step in range(5):
         # gradients mostly in a fixed 3-D subspace, so rho is large and the rule is visible
-        G = basis @ torch.randn(3, N, dtype=torch.float64) + 0.3 * torch.randn(M, N, dtype=torch.float64)
+        G = basis @ torch.randn(3, N, dtype=torch.float64) + 0.3 * torch.randn(
+            M, N, dtype=torch.float64
+        )
         Gc = torch.randn(10, 4, 3, dtype=torch.float64)
         W.grad, conv.grad = G.clone(), Gc.clone()
         rho_before = {p: opt._rao[p]["rho"] if p in opt._rao else 0.0 for p in (W, conv)}
@@ -101,16 +109,22 @@ def test_scale_gradients_rule_against_direct_computation():
             st = opt._rao[p]
             U, alpha, beta = st["U"], st["alpha"], st["beta"]
             assert U.shape == (p.shape[0], 3)
-            torch.testing.assert_close(U.T @ U, torch.eye(3, dtype=torch.float64), atol=1e-10, rtol=0)
+            torch.testing.assert_close(
+                U.T @ U, torch.eye(3, dtype=torch.float64), atol=1e-10, rtol=0
+            )
             expect = beta * G0 + (alpha - beta) * U @ (U.T @ G0)
-            torch.testing.assert_close(p.grad.reshape(p.shape[0], -1), expect, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(
+                p.grad.reshape(p.shape[0], -1), expect, rtol=1e-12, atol=1e-12
+            )
             # the statistics follow the documented formulas
             rho = float((U.T @ G0).pow(2).sum() / G0.pow(2).sum())
             r_bar = 0.8 * rho_before[p] + 0.2 * rho
             assert st["rho"] == pytest.approx(r_bar, rel=1e-12)
             assert beta == pytest.approx(1 - 0.6 * r_bar, rel=1e-12)
-            assert alpha == pytest.approx(min(math.sqrt((1 - beta ** 2 * (1 - r_bar)) / r_bar), 2.0), rel=1e-12)
-        opt._step += 1      # what step() does between two scalings
+            assert alpha == pytest.approx(
+                min(math.sqrt((1 - beta**2 * (1 - r_bar)) / r_bar), 2.0), rel=1e-12
+            )
+        opt._step += 1  # what step() does between two scalings
     # U spans the planted subspace (it is the top subspace of the gradient average)
     U = opt._rao[W]["U"]
     assert torch.linalg.svdvals(basis.T @ U).min() > 0.9
@@ -135,11 +149,21 @@ def test_alpha_beta_bounds(strength):
     alpha_max = 1.7
     torch.manual_seed(0)
     W = torch.nn.Parameter(torch.randn(M, N, dtype=torch.float64))
-    opt = RAO(torch.optim.SGD([W], lr=0.01), rank=3, update_every=1, strength=strength, alpha_max=alpha_max)
+    opt = RAO(
+        torch.optim.SGD([W], lr=0.01),
+        rank=3,
+        update_every=1,
+        strength=strength,
+        alpha_max=alpha_max,
+    )
     basis = torch.linalg.qr(torch.randn(M, 2, dtype=torch.float64))[0]
     for i in range(30):
         # alternate nearly-rank-2 and pure-noise gradients to sweep rho
-        G = basis @ torch.randn(2, N, dtype=torch.float64) if i < 15 else torch.randn(M, N, dtype=torch.float64)
+        G = (
+            basis @ torch.randn(2, N, dtype=torch.float64)
+            if i < 15
+            else torch.randn(M, N, dtype=torch.float64)
+        )
         W.grad = G
         opt.step()
         for s in opt.stats():
@@ -236,7 +260,9 @@ def test_float32_training_with_adamw():
         return torch.optim.AdamW(p, lr=0.05)
 
     _, plain, _ = run(adamw, steps=300, dtype=torch.float32)
-    _, losses, _ = run(adamw, steps=300, dtype=torch.float32, wrap=lambda o: RAO(o, rank=4, update_every=5))
+    _, losses, _ = run(
+        adamw, steps=300, dtype=torch.float32, wrap=lambda o: RAO(o, rank=4, update_every=5)
+    )
     assert losses[-1] < 0.01 * losses[0]
     assert losses[-1] < 2 * plain[-1]
 
@@ -263,13 +289,15 @@ def test_bad_arguments():
     inner = torch.optim.SGD([W], lr=0.1)
     with pytest.raises(TypeError, match="RAO: optimizer must be a torch.optim.Optimizer, got list"):
         RAO([W])
-    for kw, msg in [({"rank": 0}, "rank must be >= 1, got 0"),
-                    ({"update_every": 0}, "update_every must be >= 1, got 0"),
-                    ({"momentum": 1.0}, r"momentum must be in \[0, 1\), got 1.0"),
-                    ({"momentum": -0.1}, r"momentum must be in \[0, 1\), got -0.1"),
-                    ({"strength": 1.0}, r"strength must be in \[0, 1\), got 1.0"),
-                    ({"alpha_max": 0.5}, "alpha_max must be >= 1, got 0.5"),
-                    ({"ops": "gpu"}, "ops must be 'ext' or 'ref'")]:
+    for kw, msg in [
+        ({"rank": 0}, "rank must be >= 1, got 0"),
+        ({"update_every": 0}, "update_every must be >= 1, got 0"),
+        ({"momentum": 1.0}, r"momentum must be in \[0, 1\), got 1.0"),
+        ({"momentum": -0.1}, r"momentum must be in \[0, 1\), got -0.1"),
+        ({"strength": 1.0}, r"strength must be in \[0, 1\), got 1.0"),
+        ({"alpha_max": 0.5}, "alpha_max must be >= 1, got 0.5"),
+        ({"ops": "gpu"}, "ops must be 'ext' or 'ref'"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             RAO(inner, **kw)
 
@@ -310,7 +338,9 @@ def test_nonfinite_gradient_leaves_state_untouched_and_warns():
     for bad in (float("nan"), float("inf")):
         W.grad = grads[2].clone()
         W.grad[3, 4] = bad
-        with pytest.warns(RuntimeWarning, match=r"RAO: non-finite gradient for a parameter of shape \(32, 24\)"):
+        with pytest.warns(
+            RuntimeWarning, match=r"RAO: non-finite gradient for a parameter of shape \(32, 24\)"
+        ):
             opt.scale_gradients()
         for k, v in opt._rao[W].items():
             if isinstance(v, torch.Tensor):
@@ -338,6 +368,7 @@ def test_huge_finite_gradient_is_not_called_non_finite():
     opt = RAO(torch.optim.SGD([W], lr=0.0), update_every=1)
     W.grad = torch.full((M, N), 1e20)
     import warnings as w
+
     with w.catch_warnings():
         w.simplefilter("error")
         opt.scale_gradients()

@@ -1,4 +1,5 @@
 """rank_scale and rank_aware_grad_scale against their references."""
+
 import pytest
 import torch
 from conftest import DEVICES, DTYPES, requires_cuda_kernels
@@ -8,12 +9,21 @@ from lsef_ext import ops
 
 # (batch, m, n, r); m = 300 makes the CPU kernel split each matrix into several column tiles.
 # r = 9 and r = 20 take the CUDA kernel's narrow path with 16 registers and its wide path.
-CASES = [((), 5, 7, 2), ((3,), 6, 7, 1), ((2, 3), 16, 40, 3), ((2,), 300, 50, 4), ((4,), 8, 9, 0),
-         ((2,), 24, 33, 9), ((2,), 40, 33, 20)]
+CASES = [
+    ((), 5, 7, 2),
+    ((3,), 6, 7, 1),
+    ((2, 3), 16, 40, 3),
+    ((2,), 300, 50, 4),
+    ((4,), 8, 9, 0),
+    ((2,), 24, 33, 9),
+    ((2,), 40, 33, 20),
+]
 
 
 def orthonormal(batch, m, r, dtype, device):
-    return torch.linalg.qr(torch.randn(*batch, m, max(r, 1), dtype=dtype, device=device))[0][..., :r]
+    return torch.linalg.qr(torch.randn(*batch, m, max(r, 1), dtype=dtype, device=device))[0][
+        ..., :r
+    ]
 
 
 def coefficient(kind, batch, dtype, device, low, high):
@@ -61,13 +71,18 @@ def test_non_contiguous(device, dtype):
     U = orthonormal((3,), 10, 2, dtype, device).mT.contiguous().mT  # column-major U
     alpha = torch.rand(6, dtype=dtype, device=device)[::2]
     assert not (G.is_contiguous() or U.is_contiguous() or alpha.is_contiguous())
-    torch.testing.assert_close(ops.rank_scale(G, U, alpha, 2.0), lsef_ref.rank_scale(G, U, alpha, 2.0))
+    torch.testing.assert_close(
+        ops.rank_scale(G, U, alpha, 2.0), lsef_ref.rank_scale(G, U, alpha, 2.0)
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty(device):
     requires_cuda_kernels(device, "rank_scale")
-    for G, U in [(torch.randn(0, 4, 5), torch.randn(0, 4, 2)), (torch.randn(2, 4, 0), torch.randn(2, 4, 2))]:
+    for G, U in [
+        (torch.randn(0, 4, 5), torch.randn(0, 4, 2)),
+        (torch.randn(2, 4, 0), torch.randn(2, 4, 2)),
+    ]:
         out = ops.rank_scale(G.to(device), U.to(device), 0.5, 2.0)
         assert out.shape == G.shape
 
@@ -109,7 +124,9 @@ def test_opcheck(device, requires_grad):
             U = orthonormal(() if shared_U else batch, m, r, torch.float32, device)
             alpha = torch.rand(batch, device=device, requires_grad=requires_grad)
             beta = torch.tensor(2.0, device=device, requires_grad=requires_grad)
-            torch.library.opcheck(torch.ops.lsef.rank_scale.default, (G, U.requires_grad_(requires_grad), alpha, beta))
+            torch.library.opcheck(
+                torch.ops.lsef.rank_scale.default, (G, U.requires_grad_(requires_grad), alpha, beta)
+            )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -134,7 +151,10 @@ def test_rank_aware_grad_scale(device, dtype):
 def test_bad_shapes():
     G = torch.randn(3, 6, 7)
     U = orthonormal((3,), 6, 2, torch.float32, "cpu")
-    with pytest.raises(ValueError, match=r"rank_scale: G must have at least 2 dimensions \(\*, m, n\), got shape \[7\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"rank_scale: G must have at least 2 dimensions \(\*, m, n\), got shape \[7\]",
+    ):
         ops.rank_scale(torch.randn(7), U, 0.5, 2.0)
     with pytest.raises(ValueError, match=r"U must have G.size\(-2\) = 6 rows"):
         ops.rank_scale(G, torch.randn(3, 5, 2), 0.5, 2.0)
@@ -142,7 +162,9 @@ def test_bad_shapes():
         ops.rank_scale(G, torch.randn(3, 6, 7), 0.5, 2.0)
     with pytest.raises(ValueError, match=r"U must have G's batch shape \[3\] or be 2-D"):
         ops.rank_scale(G, torch.randn(2, 6, 2), 0.5, 2.0)
-    with pytest.raises(ValueError, match=r"alpha must be a scalar or have G's batch shape \[3\], got shape \[4\]"):
+    with pytest.raises(
+        ValueError, match=r"alpha must be a scalar or have G's batch shape \[3\], got shape \[4\]"
+    ):
         ops.rank_scale(G, U, torch.rand(4), 2.0)
     with pytest.raises(ValueError, match=r"beta must be a scalar or have G's batch shape"):
         ops.rank_scale(G, U, 0.5, torch.rand(3, 1))
@@ -151,7 +173,9 @@ def test_bad_shapes():
 def test_bad_dtypes():
     G = torch.randn(3, 6, 7)
     U = orthonormal((3,), 6, 2, torch.float32, "cpu")
-    with pytest.raises(RuntimeError, match="rank_scale: G must be float32 or float64 on the CPU, got Long"):
+    with pytest.raises(
+        RuntimeError, match="rank_scale: G must be float32 or float64 on the CPU, got Long"
+    ):
         ops.rank_scale(G.long(), U.long(), 1, 2)
     with pytest.raises(RuntimeError, match="U must have the dtype of G"):
         ops.rank_scale(G, U.double(), 0.5, 2.0)
@@ -162,24 +186,36 @@ def test_bad_dtypes():
 def test_rank_aware_grad_scale_checks_in_forward():
     """Checked when called, with messages that name rank_aware_grad_scale and its argument x."""
     x = torch.randn(3, 6, 7, requires_grad=True)
-    with pytest.raises(ValueError, match=r"rank_aware_grad_scale: U must have x.size\(-2\) = 6 rows"):
+    with pytest.raises(
+        ValueError, match=r"rank_aware_grad_scale: U must have x.size\(-2\) = 6 rows"
+    ):
         ops.rank_aware_grad_scale(x, torch.randn(3, 5, 2), 0.5, 2.0)
     with pytest.raises(RuntimeError, match=r"rank_aware_grad_scale: U must have the dtype of x"):
         ops.rank_aware_grad_scale(x, torch.randn(3, 6, 2, dtype=torch.float64), 0.5, 2.0)
-    with pytest.raises(ValueError, match=r"rank_aware_grad_scale: alpha must be a scalar or have x's batch shape \[3\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"rank_aware_grad_scale: alpha must be a scalar or have x's batch shape \[3\]",
+    ):
         ops.rank_aware_grad_scale(x, torch.randn(3, 6, 2), torch.rand(2), 2.0)
-    with pytest.raises(TypeError, match="rank_aware_grad_scale: beta must be a number or a tensor, got str"):
+    with pytest.raises(
+        TypeError, match="rank_aware_grad_scale: beta must be a number or a tensor, got str"
+    ):
         ops.rank_aware_grad_scale(x, torch.randn(3, 6, 2), 0.5, "2.0")
 
 
 def test_coefficients_that_are_not_numbers():
     G, U = torch.randn(3, 6, 7), torch.randn(3, 6, 2)
-    with pytest.raises(TypeError, match="rank_scale: alpha must be a number or a tensor, got NoneType"):
+    with pytest.raises(
+        TypeError, match="rank_scale: alpha must be a number or a tensor, got NoneType"
+    ):
         ops.rank_scale(G, U, None, 2.0)
     with pytest.raises(TypeError, match="rank_scale: beta must be a number or a tensor, got bool"):
         ops.rank_scale(G, U, 0.5, True)
     import numpy as np
-    torch.testing.assert_close(ops.rank_scale(G, U, np.float32(0.5), 2), ops.rank_scale(G, U, 0.5, 2.0))
+
+    torch.testing.assert_close(
+        ops.rank_scale(G, U, np.float32(0.5), 2), ops.rank_scale(G, U, 0.5, 2.0)
+    )
 
 
 def test_rank_aware_grad_scale_compiles_fullgraph():
@@ -189,7 +225,9 @@ def test_rank_aware_grad_scale_compiles_fullgraph():
     x = torch.randn(3, 6, 7, requires_grad=True)
     U = orthonormal((3,), 6, 2, torch.float32, "cpu")
     (eager,) = torch.autograd.grad(fn(x, U), x)
-    (compiled,) = torch.autograd.grad(torch.compile(fn, fullgraph=True, backend="aot_eager")(x, U), x)
+    (compiled,) = torch.autograd.grad(
+        torch.compile(fn, fullgraph=True, backend="aot_eager")(x, U), x
+    )
     torch.testing.assert_close(compiled, eager)
 
 
@@ -253,8 +291,15 @@ def test_cuda_low_precision_against_float32(dtype, tol):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shared_U", [False, True])
-@pytest.mark.parametrize("alpha_kind,beta_kind", [("float", "per_matrix"), ("per_matrix", "float"),
-                                                  ("scalar", "per_matrix"), ("per_matrix", "scalar")])
+@pytest.mark.parametrize(
+    "alpha_kind,beta_kind",
+    [
+        ("float", "per_matrix"),
+        ("per_matrix", "float"),
+        ("scalar", "per_matrix"),
+        ("per_matrix", "scalar"),
+    ],
+)
 def test_gradcheck_mixed_coefficients(device, shared_U, alpha_kind, beta_kind):
     """One coefficient a number or 0-d tensor, the other one per matrix: the U gradient once
     failed with "shape '[]' is invalid for input of size 3"."""

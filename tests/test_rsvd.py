@@ -5,6 +5,7 @@ SVD of A + E with ||E|| <= c eps ||A||, so singular values move by at most ||E||
 singular vectors of a value separated by `gap` from the others by at most ||E|| / gap (Wedin).
 We take c = 4 max(m, n), a generous stand-in for LAPACK's "modest polynomial in m and n".
 """
+
 import numpy as np
 import pytest
 import torch
@@ -57,8 +58,9 @@ def test_philox_known_answer_and_reference_stream():
     for seed in (0, 1, 2**40 + 7):
         got = torch.ops.lsef._philox_words(513, seed).numpy().astype(np.uint32)
         assert np.array_equal(got, philox_words(513, seed))  # bit for bit
-        torch.testing.assert_close(torch.ops.lsef._philox_normal(1001, seed), gaussian(1001, seed),
-                                   rtol=0, atol=1e-13)
+        torch.testing.assert_close(
+            torch.ops.lsef._philox_normal(1001, seed), gaussian(1001, seed), rtol=0, atol=1e-13
+        )
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -86,13 +88,17 @@ def test_exact_path_matches_truncated_svd(device, dtype, spectrum, mn, path, mon
         gap = (full[k - 1] - full[k]).item() if k < min(m, n) else full[k - 1].item() or 1.0
         L = (U * S.unsqueeze(-2)) @ V.mT
         want = lsef_ref.lowrank(A.double().cpu(), k, oversample=min(m, n))
-        torch.testing.assert_close(L.double().cpu(), want, rtol=0, atol=tol * (1 + full[0].item() / gap))
+        torch.testing.assert_close(
+            L.double().cpu(), want, rtol=0, atol=tol * (1 + full[0].item() / gap)
+        )
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(4, 16, 512), (3, 32, 200), (2, 200, 32), (2, 100, 130), (2, 64, 64)])
+@pytest.mark.parametrize(
+    "shape", [(4, 16, 512), (3, 32, 200), (2, 200, 32), (2, 100, 130), (2, 64, 64)]
+)
 def test_randomized_path_matches_reference(device, dtype, shape, path, monkeypatch):
     """Same algorithm, same test matrix: the kernel equals the reference up to rounding,
     amplified by at most sigma_1 / gap for the singular vectors (Wedin)."""
@@ -171,7 +177,9 @@ def test_non_contiguous_and_empty(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_zero_matrix(device, path, monkeypatch):
     select_path(device, path, monkeypatch)
-    U, S, V = (t.cpu() for t in ops.rsvd(torch.zeros(2, 6, 9, dtype=torch.float64, device=device), 3))
+    U, S, V = (
+        t.cpu() for t in ops.rsvd(torch.zeros(2, 6, 9, dtype=torch.float64, device=device), 3)
+    )
     assert torch.equal(S, torch.zeros_like(S))
     eye = torch.eye(3, dtype=torch.float64)
     torch.testing.assert_close(U.mT @ U, eye.expand(2, 3, 3))
@@ -183,15 +191,21 @@ def tiny_tail_matrix(dtype):
     float64) that are normal numbers but whose squares are not: rows and columns of a scaled
     identity, permuted."""
     tiny = [1e-21, 3e-22, 1e-23] if dtype == torch.float32 else [1e-160, 3e-161, 1e-162]
-    return torch.diag(torch.tensor([1.0] + tiny, dtype=torch.float64)).to(dtype)[[2, 0, 3, 1]][:, [1, 3, 0, 2]]
+    return torch.diag(torch.tensor([1.0] + tiny, dtype=torch.float64)).to(dtype)[[2, 0, 3, 1]][
+        :, [1, 3, 0, 2]
+    ]
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,k,oversample", [((300, 4, 4), 4, 0), ((40, 6, 9), 3, 0), ((40, 6, 9), 2, 2),
-                                                ((20, 40, 70), 4, 70)])
-def test_rank_one_input_keeps_orthonormal_factors(device, dtype, path, shape, k, oversample, monkeypatch):
+@pytest.mark.parametrize(
+    "shape,k,oversample",
+    [((300, 4, 4), 4, 0), ((40, 6, 9), 3, 0), ((40, 6, 9), 2, 2), ((20, 40, 70), 4, 70)],
+)
+def test_rank_one_input_keeps_orthonormal_factors(
+    device, dtype, path, shape, k, oversample, monkeypatch
+):
     """Rank 1 (a row repeated): the trailing columns the QRs see are rounding noise, down to
     1e-23 in float32, whose squared norms underflowed and left U or V off orthonormal by up to
     0.33 (and a matrix with tiny singular values, by construction). Orthonormal to a few units
@@ -205,7 +219,7 @@ def test_rank_one_input_keeps_orthonormal_factors(device, dtype, path, shape, k,
     bound = 10 * max(m, n) * torch.finfo(dtype).eps
     assert (U.mT @ U - eye).abs().max() <= bound
     assert (V.mT @ V - eye).abs().max() <= bound
-    torch.testing.assert_close(S[:, 0], A[:, 0].cpu().norm(dim=-1) * m ** 0.5)
+    torch.testing.assert_close(S[:, 0], A[:, 0].cpu().norm(dim=-1) * m**0.5)
     if shape[1:] == (4, 4):
         U, S, V = (t.cpu() for t in ops.rsvd(tiny_tail_matrix(dtype)[None].to(device), 4, 0, 0))
         assert (U.mT @ U - eye).abs().max() <= bound
@@ -237,8 +251,18 @@ def _requires_cuda():
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(64, 16, 512), (8, 300, 16), (4, 32, 768), (3, 100, 130), (5, 12, 12),
-                                   (2, 64, 2000), (2, 1, 50)])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (64, 16, 512),
+        (8, 300, 16),
+        (4, 32, 768),
+        (3, 100, 130),
+        (5, 12, 12),
+        (2, 64, 2000),
+        (2, 1, 50),
+    ],
+)
 def test_cuda_agrees_with_cpu_kernel(shape, dtype, path, monkeypatch):
     """One matrix, both backends: one algorithm on one test matrix, so they differ by rounding
     (amplified by sigma_1 / gap for the vectors), on the randomized and the exact path."""
@@ -299,7 +323,9 @@ def test_cuda_large_inputs_and_non_finite_on_the_fused_path_with_global_scratch(
     for g, w in zip(got, want):
         assert g[1].isnan().all()
         gap = 1 / 2 - 1 / 3
-        torch.testing.assert_close(g.cpu()[0::2], w[0::2], rtol=0, atol=backward_error_bound(A[0::2]) / gap * 10)
+        torch.testing.assert_close(
+            g.cpu()[0::2], w[0::2], rtol=0, atol=backward_error_bound(A[0::2]) / gap * 10
+        )
 
 
 # ---- gradients ---------------------------------------------------------------------------
@@ -341,11 +367,14 @@ def test_lowrank_backward_is_the_tangent_projection(device):
     torch.testing.assert_close(dA, PU @ G + G @ PV - PU @ G @ PV)
 
 
-@pytest.mark.parametrize("A", [
-    torch.zeros(6, 9, dtype=torch.float64),
-    torch.ones(6, 9, dtype=torch.float64),  # rank 1: sigma_2.. = 0
-    torch.eye(6, 9, dtype=torch.float64) * 2.0,  # all singular values repeated
-])
+@pytest.mark.parametrize(
+    "A",
+    [
+        torch.zeros(6, 9, dtype=torch.float64),
+        torch.ones(6, 9, dtype=torch.float64),  # rank 1: sigma_2.. = 0
+        torch.eye(6, 9, dtype=torch.float64) * 2.0,  # all singular values repeated
+    ],
+)
 @pytest.mark.parametrize("device", DEVICES)
 def test_degenerate_spectra_give_finite_gradients(A, device):
     requires_cuda_kernels(device, "rsvd")
@@ -362,18 +391,25 @@ def test_degenerate_spectra_give_finite_gradients(A, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     requires_cuda_kernels(device, "rsvd")
-    for A in (torch.randn(2, 6, 9, device=device), torch.randn(3, 16, 40, device=device, requires_grad=True)):
+    for A in (
+        torch.randn(2, 6, 9, device=device),
+        torch.randn(3, 16, 40, device=device, requires_grad=True),
+    ):
         torch.library.opcheck(torch.ops.lsef.rsvd.default, (A, 3, 8, 2, 0))
         torch.library.opcheck(torch.ops.lsef.lowrank.default, (A, 3, 2, 1, 5))
 
 
 def test_torch_compile_fullgraph():
-    fn = torch.compile(lambda A: ops.lowrank(A, 3).square().sum(), fullgraph=True, backend="aot_eager")
+    fn = torch.compile(
+        lambda A: ops.lowrank(A, 3).square().sum(), fullgraph=True, backend="aot_eager"
+    )
     A = torch.randn(2, 8, 30, requires_grad=True)
     (got,) = torch.autograd.grad(fn(A), A)
     (want,) = torch.autograd.grad(ops.lowrank(A, 3).square().sum(), A)
     torch.testing.assert_close(got, want)
-    factors = torch.compile(lambda A: ops.rsvd(A, 3), fullgraph=True, backend="aot_eager")(A.detach())
+    factors = torch.compile(lambda A: ops.rsvd(A, 3), fullgraph=True, backend="aot_eager")(
+        A.detach()
+    )
     for a, b in zip(factors, ops.rsvd(A.detach(), 3)):
         torch.testing.assert_close(a, b)
 
@@ -383,11 +419,15 @@ def test_torch_compile_fullgraph():
 
 def test_bad_input():
     A = torch.randn(2, 6, 9)
-    with pytest.raises(ValueError, match=r"rsvd: k must be in \[1, min\(m, n\)\] = \[1, 6\] .* got 0"):
+    with pytest.raises(
+        ValueError, match=r"rsvd: k must be in \[1, min\(m, n\)\] = \[1, 6\] .* got 0"
+    ):
         ops.rsvd(A, 0)
     with pytest.raises(ValueError, match=r"k must be in \[1, min\(m, n\)\] = \[1, 6\] .* got 7"):
         ops.rsvd(A, 7)
-    with pytest.raises(ValueError, match=r"A must have at least 2 dimensions \(\*, m, n\), got shape \[9\]"):
+    with pytest.raises(
+        ValueError, match=r"A must have at least 2 dimensions \(\*, m, n\), got shape \[9\]"
+    ):
         ops.rsvd(torch.randn(9), 1)
     with pytest.raises(RuntimeError, match="A must be a floating-point tensor, got Long"):
         ops.rsvd(A.long(), 2)

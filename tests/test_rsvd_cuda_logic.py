@@ -7,6 +7,7 @@ test matrix) and with lsef_ref, within the same perturbation bounds as tests/tes
 checks the numerical logic of the fused and large paths; it says nothing about speed, memory
 access patterns or the device's math library. Skips where no C++20 compiler is found.
 """
+
 import os
 import pathlib
 import shutil
@@ -30,16 +31,28 @@ def emulator(tmp_path_factory):
     if cxx is None:
         pytest.skip("no C++ compiler")
     exe = tmp_path_factory.mktemp("emu") / "rsvd_block_emulator"
-    cmd = [cxx, "-std=c++20", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'csrc'}",
-           str(ROOT / "tests" / "rsvd_block_emulator.cpp"), "-o", str(exe)]
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        f"-I{ROOT / 'csrc'}",
+        str(ROOT / "tests" / "rsvd_block_emulator.cpp"),
+        "-o",
+        str(exe),
+    ]
     subprocess.run(cmd, check=True)
     return exe
 
 
 def emulate(exe, tmp_path, path, A, k, oversample=8, n_iter=2, seed=0):
     b, m, n = A.shape
-    header = np.array([path, 0 if A.dtype == torch.float32 else 1, b, m, n, k, oversample, n_iter, seed],
-                      dtype=np.int64)
+    header = np.array(
+        [path, 0 if A.dtype == torch.float32 else 1, b, m, n, k, oversample, n_iter, seed],
+        dtype=np.int64,
+    )
     src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(src, "wb") as f:
         f.write(header.tobytes())
@@ -48,8 +61,11 @@ def emulate(exe, tmp_path, path, A, k, oversample=8, n_iter=2, seed=0):
     out = np.fromfile(dst, dtype=np.float32 if A.dtype == torch.float32 else np.float64)
     sizes = [b * m * k, b * k, b * n * k]
     U, S, V = np.split(out, np.cumsum(sizes)[:-1])
-    return (torch.from_numpy(U.copy()).view(b, m, k), torch.from_numpy(S.copy()).view(b, k),
-            torch.from_numpy(V.copy()).view(b, n, k))
+    return (
+        torch.from_numpy(U.copy()).view(b, m, k),
+        torch.from_numpy(S.copy()).view(b, k),
+        torch.from_numpy(V.copy()).view(b, n, k),
+    )
 
 
 @pytest.mark.parametrize("path", [FUSED, LARGE])
@@ -77,17 +93,21 @@ def test_randomized_and_exact_agree_with_cpu_kernel(emulator, tmp_path, path, dt
 def test_rank_deficient_zero_and_repeated(emulator, tmp_path, path):
     """Rank below l (the Householder QR must stay orthonormal), the zero matrix (every column
     completed), repeated singular values (Jacobi on equal norms)."""
-    A = torch.stack([
-        with_spectrum(1, 12, 70, [3.0, 2.0], torch.float64)[0],
-        torch.zeros(12, 70, dtype=torch.float64),
-        with_spectrum(1, 12, 70, [2.0] * 12, torch.float64)[0],
-    ])
+    A = torch.stack(
+        [
+            with_spectrum(1, 12, 70, [3.0, 2.0], torch.float64)[0],
+            torch.zeros(12, 70, dtype=torch.float64),
+            with_spectrum(1, 12, 70, [2.0] * 12, torch.float64)[0],
+        ]
+    )
     k = 3
     U, S, V = emulate(emulator, tmp_path, path, A, k, oversample=4)
     eye = torch.eye(k, dtype=torch.float64)
     torch.testing.assert_close(U.mT @ U, eye.expand(3, k, k), rtol=0, atol=1e-12)
     torch.testing.assert_close(V.mT @ V, eye.expand(3, k, k), rtol=0, atol=1e-12)
-    torch.testing.assert_close(S[0], torch.tensor([3.0, 2.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-13)
+    torch.testing.assert_close(
+        S[0], torch.tensor([3.0, 2.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-13
+    )
     assert torch.equal(S[1], torch.zeros(3, dtype=torch.float64))
     torch.testing.assert_close(S[2], torch.full((3,), 2.0, dtype=torch.float64), rtol=0, atol=1e-13)
     L = (U * S.unsqueeze(-2)) @ V.mT
@@ -105,8 +125,12 @@ def test_rank_one_input_keeps_orthonormal_factors(emulator, tmp_path, path, dtyp
     """As test_rsvd.test_rank_one_input_keeps_orthonormal_factors, for the block code: the QR of
     columns of tiny entries (1e-21 in float32) must rescale them, not square them to subnormals."""
     g = torch.Generator().manual_seed(0)
-    A = torch.cat([tiny_tail_matrix(dtype)[None],
-                   torch.randn(7, 1, 4, generator=g, dtype=dtype).expand(7, 4, 4)])
+    A = torch.cat(
+        [
+            tiny_tail_matrix(dtype)[None],
+            torch.randn(7, 1, 4, generator=g, dtype=dtype).expand(7, 4, 4),
+        ]
+    )
     for k, oversample in ((4, 0), (2, 1)):  # exact; randomized (l = 3 < 4)
         U, S, V = emulate(emulator, tmp_path, path, A, k, oversample, n_iter=0)
         eye = torch.eye(k, dtype=dtype)

@@ -1,4 +1,5 @@
 """soft_threshold against its reference in python/lsef_ref."""
+
 import pytest
 import torch
 from conftest import DEVICES, DTYPES, requires_cuda_kernels
@@ -29,7 +30,11 @@ def make_lam(kind, shape, dtype, device, requires_grad=False):
 
 def make_inputs(shape, dtype, device, with_L=True, requires_grad=False):
     X = torch.randn(shape, dtype=dtype, device=device, requires_grad=requires_grad)
-    L = torch.randn(shape, dtype=dtype, device=device, requires_grad=requires_grad) if with_L else None
+    L = (
+        torch.randn(shape, dtype=dtype, device=device, requires_grad=requires_grad)
+        if with_L
+        else None
+    )
     return X, L
 
 
@@ -45,7 +50,10 @@ def test_forward_matches_reference(device, dtype, shape, lam_kind, hard, with_L)
     lam = make_lam(lam_kind, shape, dtype, device)
     # The kernel computes R = X - L and the shrinkage in X's dtype, exactly as the reference.
     torch.testing.assert_close(
-        ops.soft_threshold(X, L, lam, hard), lsef_ref.soft_threshold(X, L, lam, hard), rtol=0, atol=0
+        ops.soft_threshold(X, L, lam, hard),
+        lsef_ref.soft_threshold(X, L, lam, hard),
+        rtol=0,
+        atol=0,
     )
 
 
@@ -107,7 +115,9 @@ def test_backward_only_requested_gradients(device):
     S = ops.soft_threshold(X, L, lam)
     (gX,) = torch.autograd.grad(S.sum(), X)
     torch.testing.assert_close(gX, (X - L).abs().gt(lam).to(gX.dtype))
-    outs = torch.ops.lsef.soft_threshold_backward(torch.ones_like(X), X, L, lam, False, [False, True, False])
+    outs = torch.ops.lsef.soft_threshold_backward(
+        torch.ones_like(X), X, L, lam, False, [False, True, False]
+    )
     assert outs[0] is None and outs[2] is None
     torch.testing.assert_close(outs[1], -gX)
 
@@ -121,8 +131,11 @@ def test_gradcheck_soft(device, lam_kind, with_L):
     X, L = make_inputs(shape, torch.float64, device, with_L, requires_grad=True)
     lam = make_lam(lam_kind, shape, torch.float64, device, requires_grad=True)
     inputs = (X, L, lam) if with_L else (X, lam)
-    fn = (lambda X, L, lam: ops.soft_threshold(X, L, lam)) if with_L else (
-        lambda X, lam: ops.soft_threshold(X, None, lam))
+    fn = (
+        (lambda X, L, lam: ops.soft_threshold(X, L, lam))
+        if with_L
+        else (lambda X, lam: ops.soft_threshold(X, None, lam))
+    )
     assert torch.autograd.gradcheck(fn, inputs)
 
 
@@ -214,7 +227,9 @@ def test_torch_compile_fullgraph_matches_eager():
 
 def test_bad_lam_shape():
     X = torch.randn(4, 6)
-    with pytest.raises(ValueError, match=r"soft_threshold: lam of shape \[5\] is not broadcastable"):
+    with pytest.raises(
+        ValueError, match=r"soft_threshold: lam of shape \[5\] is not broadcastable"
+    ):
         ops.soft_threshold(X, None, torch.ones(5))
     with pytest.raises(ValueError, match="is not broadcastable"):
         ops.soft_threshold(X, None, torch.ones(1, 4, 6))
@@ -223,7 +238,9 @@ def test_bad_lam_shape():
 def test_lam_that_is_not_a_number():
     X = torch.randn(4, 6)
     for lam, kind in ((None, "NoneType"), ("0.1", "str"), ([0.1], "list")):
-        with pytest.raises(TypeError, match=f"soft_threshold: lam must be a number or a tensor, got {kind}"):
+        with pytest.raises(
+            TypeError, match=f"soft_threshold: lam must be a number or a tensor, got {kind}"
+        ):
             ops.soft_threshold(X, None, lam)
 
 

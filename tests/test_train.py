@@ -1,4 +1,5 @@
 """lsef_ext.train: metrics, the Trainer (loss goes down, files, resume), and DDP with gloo."""
+
 import json
 import csv
 import math
@@ -13,8 +14,20 @@ import torch
 
 from lsef_ext.data import CONDITIONS, CORRUPTIONS
 from lsef_ext.nn import LSEF
-from lsef_ext.train import (TrainConfig, Trainer, ccc, corrupted_average, distributed_env, evaluate,
-                            evaluate_conditions, load_data, load_test_sets, predict, uar, war)
+from lsef_ext.train import (
+    TrainConfig,
+    Trainer,
+    ccc,
+    corrupted_average,
+    distributed_env,
+    evaluate,
+    evaluate_conditions,
+    load_data,
+    load_test_sets,
+    predict,
+    uar,
+    war,
+)
 
 SMALL = dict(n_train=256, n_test=64, T=8, D=24, d_model=16, rank=3, batch_size=32, lr=3e-3)
 
@@ -31,9 +44,10 @@ def state(model):
 # metrics
 # ---------------------------------------------------------------------------------------------
 
+
 def test_war_and_uar_hand_computed():
     y = torch.tensor([0, 0, 0, 0, 0, 0, 1, 2])
-    pred = torch.tensor([0, 0, 0, 0, 0, 0, 0, 2])       # class 1 never recalled
+    pred = torch.tensor([0, 0, 0, 0, 0, 0, 0, 2])  # class 1 never recalled
     assert war(pred, y) == pytest.approx(7 / 8)
     assert uar(pred, y) == pytest.approx((1 + 0 + 1) / 3)
     # always predicting the majority class: high WAR, UAR = 1/3
@@ -52,7 +66,7 @@ def test_war_and_uar_hand_computed():
 def test_ccc_hand_computed():
     x = torch.tensor([[1.0, 2.0], [2.0, 0.0], [3.0, 1.0], [4.0, 5.0]])
     torch.testing.assert_close(ccc(x, x), torch.ones(2))
-    torch.testing.assert_close(ccc(-x + 2 * x.mean(0), x), -torch.ones(2))   # negated about the mean
+    torch.testing.assert_close(ccc(-x + 2 * x.mean(0), x), -torch.ones(2))  # negated about the mean
     neg = ccc(-x, x)
     assert (neg < 0).all() and (neg >= -1).all()
     shifted = ccc(x + 1.0, x)
@@ -60,7 +74,9 @@ def test_ccc_hand_computed():
     # column 0: mean 2.5, population var 1.25; shifted by 1: 2*1.25 / (2*1.25 + 1) = 2.5 / 3.5
     assert float(shifted[0]) == pytest.approx(2.5 / 3.5, rel=1e-6)
     # scaling hurts CCC (unlike Pearson correlation)
-    assert float(ccc(2 * x, x)[0]) == pytest.approx(2 * 2 * 1.25 / (4 * 1.25 + 1.25 + 2.5 ** 2), rel=1e-6)
+    assert float(ccc(2 * x, x)[0]) == pytest.approx(
+        2 * 2 * 1.25 / (4 * 1.25 + 1.25 + 2.5**2), rel=1e-6
+    )
 
 
 def test_predict_and_evaluate():
@@ -69,7 +85,7 @@ def test_predict_and_evaluate():
     model.train()
     x, y, _ = load_data(config(n_test=40), "test")
     p = predict(model, x, batch_size=16)
-    assert p.shape == (40, 7) and model.training           # mode restored
+    assert p.shape == (40, 7) and model.training  # mode restored
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(p, model(x).pred, rtol=1e-5, atol=1e-5)
@@ -98,22 +114,30 @@ def test_evaluate_conditions():
     # given test sets are used as they are; missing conditions are loaded
     assert evaluate_conditions(model, cfg, test_sets=sets) == m
     assert evaluate_conditions(model, cfg, ("impulse", "clean"), {"clean": sets["clean"]}) == {
-        "impulse": m["impulse"], "clean": m["clean"]}
-    assert evaluate_conditions(model, cfg, ("clean",), {"clean": (sets["clean"][0][:8], sets["clean"][1][:8])}) == {
-        "clean": evaluate(model, sets["clean"][0][:8], sets["clean"][1][:8])}
+        "impulse": m["impulse"],
+        "clean": m["clean"],
+    }
+    assert evaluate_conditions(
+        model, cfg, ("clean",), {"clean": (sets["clean"][0][:8], sets["clean"][1][:8])}
+    ) == {"clean": evaluate(model, sets["clean"][0][:8], sets["clean"][1][:8])}
     # corruptions only (what `lsef train` prints) and the corrupted average
     only = evaluate_conditions(model, cfg, CORRUPTIONS)
     assert only == {c: m[c] for c in CORRUPTIONS}
     assert corrupted_average(m) == pytest.approx(sum(m[c]["war"] for c in CORRUPTIONS) / 3)
-    assert corrupted_average(only, "uar") == pytest.approx(sum(m[c]["uar"] for c in CORRUPTIONS) / 3)
+    assert corrupted_average(only, "uar") == pytest.approx(
+        sum(m[c]["uar"] for c in CORRUPTIONS) / 3
+    )
     # cfg.task picks the metrics
     reg = LSEF(24, 7, d_model=16, rank=3, task="regression")
     mr = evaluate_conditions(reg, config(task="regression", n_test=40), ("clean", "gaussian"))
-    assert list(mr) == ["clean", "gaussian"] and all(set(v) == {"ccc_valence", "ccc_arousal"} for v in mr.values())
+    assert list(mr) == ["clean", "gaussian"] and all(
+        set(v) == {"ccc_valence", "ccc_arousal"} for v in mr.values()
+    )
 
 
 def test_demo_reexports_conditions_and_corrupted_average():
     from lsef_ext import demo
+
     assert demo.CONDITIONS is CONDITIONS
     assert demo.corrupted_average is corrupted_average
 
@@ -130,6 +154,7 @@ def test_distributed_env(monkeypatch):
 
 def test_load_data_feature_folder(tmp_path):
     import numpy as np
+
     (tmp_path / "features").mkdir()
     with open(tmp_path / "labels.csv", "w") as f:
         f.write("clip,label,split\n")
@@ -143,6 +168,7 @@ def test_load_data_feature_folder(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Trainer
 # ---------------------------------------------------------------------------------------------
+
 
 def test_trainer_lowers_loss_and_writes_files(tmp_path):
     cfg = config(epochs=3, out=str(tmp_path / "run"), lr=5e-3)
@@ -206,7 +232,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     _crash_after(tr, 2)
     with pytest.raises(_Crash):
         tr.fit()
-    torch.manual_seed(12345)                    # the resumed run must not depend on global RNG
+    torch.manual_seed(12345)  # the resumed run must not depend on global RNG
     again = Trainer(config(epochs=3, out=str(tmp_path / "cut"), resume=True), data, progress=False)
     assert again.epoch == 2 and len(again.history) == 2
     hist = again.fit()
@@ -230,17 +256,25 @@ def test_resume_extends_a_finished_run(tmp_path):
     assert more.epoch == 2
     lrs = []
     step = more.train_step
-    more.train_step = lambda xb, tb: (lrs.append(more.opt.optimizer.param_groups[0]["lr"]), step(xb, tb))[1]
+    more.train_step = lambda xb, tb: (
+        lrs.append(more.opt.optimizer.param_groups[0]["lr"]),
+        step(xb, tb),
+    )[1]
     hist = more.fit()
     # the first step uses the lr the first run ended with (0), the rest the 3-epoch cosine
     spe = more.steps_per_epoch
     assert len(lrs) == spe and lrs[0] == pytest.approx(0.0, abs=1e-12)
-    expect = [SMALL["lr"] * 0.5 * (1 + math.cos(math.pi * s / (3 * spe))) for s in range(2 * spe + 1, 3 * spe)]
+    expect = [
+        SMALL["lr"] * 0.5 * (1 + math.cos(math.pi * s / (3 * spe)))
+        for s in range(2 * spe + 1, 3 * spe)
+    ]
     assert lrs[1:] == pytest.approx(expect)
     assert [r["epoch"] for r in hist] == [1, 2, 3]
     assert hist[:2] == first.history
     assert len(json.loads((tmp_path / "metrics.json").read_text())["history"]) == 3
-    diff = max(float((v - full.net.state_dict()[k]).abs().max()) for k, v in more.net.state_dict().items())
+    diff = max(
+        float((v - full.net.state_dict()[k]).abs().max()) for k, v in more.net.state_dict().items()
+    )
     assert diff > 0
     # a finished run resumed with the same epochs does nothing more
     done = Trainer(config(epochs=3, out=str(tmp_path), resume=True), data, progress=False)
@@ -276,7 +310,9 @@ def test_resume_runs_no_code_from_the_checkpoint(tmp_path):
     data = load_data(config(), "train")
     marker = tmp_path / "code-ran"
     torch.save({"config": _OpensAFile(str(marker)), "epoch": 0}, tmp_path / "checkpoint.pt")
-    with pytest.raises(ValueError, match=r"resume: cannot read checkpoint .*checkpoint\.pt \(UnpicklingError"):
+    with pytest.raises(
+        ValueError, match=r"resume: cannot read checkpoint .*checkpoint\.pt \(UnpicklingError"
+    ):
         Trainer(config(out=str(tmp_path), resume=True), data, progress=False)
     assert not marker.exists()
 
@@ -286,10 +322,14 @@ def test_resume_names_a_damaged_or_foreign_checkpoint(tmp_path):
     Trainer(config(epochs=1, n_train=64, out=str(tmp_path)), data, progress=False).fit()
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(path.read_bytes()[:1000])  # cut off, as by a full disk
-    with pytest.raises(ValueError, match=r"resume: cannot read checkpoint .*checkpoint\.pt .*damaged"):
+    with pytest.raises(
+        ValueError, match=r"resume: cannot read checkpoint .*checkpoint\.pt .*damaged"
+    ):
         Trainer(config(out=str(tmp_path), resume=True), data, progress=False)
     torch.save({"weights": torch.zeros(2)}, path)
-    with pytest.raises(ValueError, match=r"checkpoint\.pt is not a checkpoint of lsef train \(missing config, "):
+    with pytest.raises(
+        ValueError, match=r"checkpoint\.pt is not a checkpoint of lsef train \(missing config, "
+    ):
         Trainer(config(out=str(tmp_path), resume=True), data, progress=False)
 
 
@@ -356,9 +396,22 @@ def _torchrun(tmp_path, n_train, timeout):
     script.write_text(DDP_SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path),
-           str(n_train)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(script),
+        str(tmp_path),
+        str(n_train),
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -368,7 +421,7 @@ def test_ddp_two_cpu_processes_agree(tmp_path):
     info = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for i in info:
         assert i["world"] == 2 and i["distributed"] and i["ddp"] == "DistributedDataParallel"
-        assert i["steps_per_epoch"] == 4            # 256 clips / (32 per batch * 2 ranks)
+        assert i["steps_per_epoch"] == 4  # 256 clips / (32 per batch * 2 ranks)
         assert i["changed"] and len(i["history"]) == 2
     p0 = torch.load(tmp_path / "params0.pt")
     p1 = torch.load(tmp_path / "params1.pt")

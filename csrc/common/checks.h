@@ -10,13 +10,13 @@ namespace lsef {
 
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
-                   " must be a floating-point tensor, got ", t.scalar_type());
+              " must be a floating-point tensor, got ", t.scalar_type());
 }
 
 inline void check_same_dtype(const char* op, const char* name, const at::Tensor& t,
                              const char* ref_name, const at::Tensor& ref) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ",
-                   ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+              ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
 }
 
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
@@ -34,7 +34,7 @@ inline void check_min_dim(const char* op, const char* name, const at::Tensor& t,
 // Kernels in this library are compiled for float32 and float64 on the CPU.
 inline void check_cpu_dtype(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-                   " must be float32 or float64 on the CPU, got ", t.scalar_type());
+              " must be float32 or float64 on the CPU, got ", t.scalar_type());
 }
 
 }  // namespace lsef

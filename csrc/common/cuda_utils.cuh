@@ -14,8 +14,8 @@ namespace lsef {
 // On CUDA the kernels also stream float16 and bfloat16, computing in float32.
 inline void check_cuda_dtype(const char* op, const char* name, const at::Tensor& t) {
   const at::ScalarType s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, op,
-              ": ", name, " must be float32, float64, float16 or bfloat16 on CUDA, got ", s);
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, op, ": ",
+              name, " must be float32, float64, float16 or bfloat16 on CUDA, got ", s);
 }
 
 constexpr int kCudaThreads = 256;

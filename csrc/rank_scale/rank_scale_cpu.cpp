@@ -23,9 +23,9 @@ constexpr int64_t kTileBytes = 64 * 1024;  // one tile of G: well inside a core'
 // This kernel is compute-bound at SSE2 width (2r multiply-adds per element), so it is also
 // compiled for x86-64-v3 (AVX2 + FMA) and the loader picks the best clone for the CPU at hand.
 template <typename T>
-__attribute__((target_clones("arch=x86-64-v3", "default"))) void scale_tile(const T* __restrict__ G, const T* __restrict__ U, T* __restrict__ out,
-                T* __restrict__ C, int64_t m, int64_t n, int64_t r, int64_t c0, int64_t width,
-                T alpha, T beta) {
+__attribute__((target_clones("arch=x86-64-v3", "default"))) void scale_tile(
+    const T* __restrict__ G, const T* __restrict__ U, T* __restrict__ out, T* __restrict__ C,
+    int64_t m, int64_t n, int64_t r, int64_t c0, int64_t width, T alpha, T beta) {
   std::fill(C, C + r * width, T(0));
   for (int64_t i = 0; i < m; ++i) {
     const T* g = G + i * n + c0;
@@ -51,8 +51,8 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) void scale_tile(cons
 template <typename T>
 void rank_scale_kernel(const Args& a, at::Tensor& out) {
   const int64_t m = a.m, n = a.n, r = a.r;
-  const int64_t width =
-      std::min(n, std::max<int64_t>(16, kTileBytes / std::max<int64_t>(1, m * sizeof(T)) / 16 * 16));
+  const int64_t width = std::min(
+      n, std::max<int64_t>(16, kTileBytes / std::max<int64_t>(1, m * sizeof(T)) / 16 * 16));
   const int64_t tiles_per_matrix = ceil_div(n, width);
   const T* G = a.G.data_ptr<T>();
   const T* U = a.U.data_ptr<T>();

@@ -131,8 +131,8 @@ __device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fm
 __device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
 
 template <typename T, int R, int V>
-__global__ void __launch_bounds__(kCudaThreads) rank_scale_narrow_kernel(Problem<T> p,
-                                                                         int64_t groups) {
+__global__ void __launch_bounds__(kCudaThreads)
+    rank_scale_narrow_kernel(Problem<T> p, int64_t groups) {
   using A = at::opmath_type<T>;
   const int r = static_cast<int>(p.r);  // <= R
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;

@@ -197,7 +197,8 @@ void jacobi_svd(const T* R, int64_t q, T* Ur, T* s, T* Vr) {
   for (int64_t c = 0; c < q; ++c) norms[c] = std::sqrt(dot(X.data() + c * q, X.data() + c * q, q));
   std::vector<int64_t> order(q);
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return norms[a] > norms[b]; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return norms[a] > norms[b]; });
   const T tiny = (q > 0 ? norms[order[0]] : T(0)) * T(q) * eps;
   std::vector<char> valid(q, 0);
   for (int64_t c = 0; c < q; ++c) {

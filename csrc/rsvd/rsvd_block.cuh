@@ -195,8 +195,8 @@ LSEF_BLOCK_FN void householder(Ctx& ctx, A* W, int64_t n, int c, A* vv, A* beta)
 // (c x r, leading dimension ldx; the identity when X is null), scale optional (null: 1). As
 // dense::apply_q; a sign in scale commutes exactly with the reflectors.
 template <class Ctx, typename A>
-LSEF_BLOCK_FN void apply_q(Ctx& ctx, const A* W, const A* vv, int64_t n, int c, const A* X,
-                           int ldx, int r, const A* scale, A* C) {
+LSEF_BLOCK_FN void apply_q(Ctx& ctx, const A* W, const A* vv, int64_t n, int c, const A* X, int ldx,
+                           int r, const A* scale, A* C) {
   for (int64_t e = ctx.tid; e < n * r; e += kThreads) {
     const int64_t col = e / n, i = e % n;
     A x = 0;
@@ -219,7 +219,8 @@ LSEF_BLOCK_FN void apply_q(Ctx& ctx, const A* W, const A* vv, int64_t n, int c, 
 template <class Ctx, typename A>
 LSEF_BLOCK_FN void orthonormalize(Ctx& ctx, A* Y, int64_t n, int c, A* Q, A* vv, A* beta) {
   householder(ctx, Y, n, c, vv, beta);
-  apply_q(ctx, Y, vv, n, c, static_cast<const A*>(nullptr), c, c, static_cast<const A*>(nullptr), Q);
+  apply_q(ctx, Y, vv, n, c, static_cast<const A*>(nullptr), c, c, static_cast<const A*>(nullptr),
+          Q);
 }
 
 // C (n x r) = A (n x t) B (t x r), one element per thread at a time, summing over t in order.
@@ -387,8 +388,8 @@ LSEF_BLOCK_FN void write_nan(Ctx& ctx, const Out<T>& out, int k) {
 // right one H Ur[:, :k]. Both get the sign convention (decided on the factor that becomes U) and
 // are written to `out` once (as U and V when `wide`, swapped for a tall A). Z is destroyed.
 template <class Ctx, typename T, typename A>
-LSEF_BLOCK_FN void tail(Ctx& ctx, A* Z, int64_t q, int l, const A* Q, int64_t p, int k,
-                        A* arena, const TailLayout& L, const Out<T>& out, bool wide) {
+LSEF_BLOCK_FN void tail(Ctx& ctx, A* Z, int64_t q, int l, const A* Q, int64_t p, int k, A* arena,
+                        const TailLayout& L, const Out<T>& out, bool wide) {
   using std::sqrt;
   A *X = arena + L.X, *Vacc = arena + L.Vacc, *Ur = arena + L.Ur, *Vw = arena + L.Vw;
   A *vv = arena + L.vv, *beta = arena + L.beta, *norms = arena + L.norms, *s = arena + L.s;
@@ -521,8 +522,8 @@ LSEF_BLOCK_HD bool finite(A x) {
 // path (l = p) copies W^T into Z. omega_t is Omega^T (l x q, row-major), null when exact.
 template <class Ctx, typename T, typename A>
 LSEF_BLOCK_FN void fused_matrix(Ctx& ctx, const Wide<T>& W, int l, int k, int n_iter,
-                                const A* omega_t, A* arena, const FusedLayout& F,
-                                const Out<T>& out, bool wide) {
+                                const A* omega_t, A* arena, const FusedLayout& F, const Out<T>& out,
+                                bool wide) {
   const int p = W.p;
   const int64_t q = W.q;
   A* Z = arena + F.Z;
@@ -548,10 +549,10 @@ LSEF_BLOCK_FN void fused_matrix(Ctx& ctx, const Wide<T>& W, int l, int k, int n_
 
   A *G = arena + F.G, *Y = arena + F.Y, *Q = arena + F.Q, *Wc = arena + F.Wc, *Oc = arena + F.Oc;
   A *vv = arena + F.vv, *beta = arena + F.beta;
-  constexpr int ld = kChunk + 1;  // padded rows of the staged chunks
+  constexpr int ld = kChunk + 1;                 // padded rows of the staged chunks
   const int64_t outputs = int64_t{p} * (p + l);  // [G | Y], column-major p x (p + l)
   A acc[kSlots];
-LSEF_UNROLL
+  LSEF_UNROLL
   for (int s = 0; s < kSlots; ++s) acc[s] = 0;
   for (int64_t j0 = 0; j0 < q; j0 += kChunk) {
     const int64_t width = q - j0 < kChunk ? q - j0 : kChunk;
@@ -576,7 +577,7 @@ LSEF_UNROLL
       Oc[c * ld + jj] = jj < width ? omega_t[c * q + j0 + jj] : A(0);
     }
     ctx.sync();
-LSEF_UNROLL
+    LSEF_UNROLL
     for (int s = 0; s < kSlots; ++s) {
       const int64_t o = ctx.tid + int64_t{s} * kThreads;
       if (o < outputs) {
@@ -584,7 +585,7 @@ LSEF_UNROLL
         const A* x = Wc + r * ld;
         const A* y = c < p ? Wc + c * ld : Oc + (c - p) * ld;
         A a = acc[s];
-LSEF_UNROLL
+        LSEF_UNROLL
         for (int jj = 0; jj < kChunk; ++jj) a += x[jj] * y[jj];
         acc[s] = a;
       }
@@ -592,7 +593,7 @@ LSEF_UNROLL
     ctx.sync();
   }
   if (ctx.sync_or(bad)) return write_nan<Ctx, T, A>(ctx, out, k);
-LSEF_UNROLL
+  LSEF_UNROLL
   for (int s = 0; s < kSlots; ++s) {
     const int64_t o = ctx.tid + int64_t{s} * kThreads;
     if (o < outputs) {
@@ -614,15 +615,15 @@ LSEF_UNROLL
   for (int c0 = 0; c0 < l; c0 += kZCols) {
     for (int64_t j = ctx.tid; j < q; j += kThreads) {
       A z[kZCols];
-LSEF_UNROLL
+      LSEF_UNROLL
       for (int cc = 0; cc < kZCols; ++cc) z[cc] = 0;
       for (int i = 0; i < p; ++i) {
         const A w = static_cast<A>(W(i, j));
-LSEF_UNROLL
+        LSEF_UNROLL
         for (int cc = 0; cc < kZCols; ++cc)
           if (c0 + cc < l) z[cc] += w * Q[(c0 + cc) * p + i];
       }
-LSEF_UNROLL
+      LSEF_UNROLL
       for (int cc = 0; cc < kZCols; ++cc)
         if (c0 + cc < l) Z[(c0 + cc) * q + j] = z[cc];
     }

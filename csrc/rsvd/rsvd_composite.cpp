@@ -24,8 +24,10 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_dispatch(const at::Tensor& A, int64_t k,
                                                              int64_t oversample, int64_t n_iter,
                                                              int64_t seed) {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lsef::rsvd", "").typed<
-      std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t, int64_t, int64_t, int64_t)>();
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lsef::rsvd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, int64_t, int64_t, int64_t, int64_t)>();
   return op.call(A, k, oversample, n_iter, seed);
 }
 

@@ -50,8 +50,8 @@ bool all_finite(const T* a, int64_t n) {
 // Writes the first k columns of Ucol (m x r) and Vcol (n x r), column-major, as row-major
 // U (m x k) and V (n x k), flipping each pair so the largest-magnitude entry of u is positive.
 template <typename T>
-void write_factors(const T* Ucol, const T* Vcol, const T* s, int64_t m, int64_t n, int64_t k,
-                   T* U, T* S, T* V) {
+void write_factors(const T* Ucol, const T* Vcol, const T* s, int64_t m, int64_t n, int64_t k, T* U,
+                   T* S, T* V) {
   for (int64_t c = 0; c < k; ++c) {
     const T* u = Ucol + c * m;
     int64_t arg = 0;
@@ -80,8 +80,8 @@ struct Factors {
 // Compiled twice (baseline and x86-64-v3: AVX2 + FMA), the loader picking the clone for the CPU
 // at hand; `flatten` inlines the dense routines into each clone so they get its instructions.
 template <typename T>
-__attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) Factors<T> fused_wide(const T* W, int64_t p, int64_t q, int64_t l, int64_t n_iter,
-                      const T* omega_t) {
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) Factors<T> fused_wide(
+    const T* W, int64_t p, int64_t q, int64_t l, int64_t n_iter, const T* omega_t) {
   Factors<T> f;
   f.s.resize(l);
   std::vector<T> Vw(l * l), vv;
@@ -94,7 +94,8 @@ __attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) Factors<T> 
   }
   std::vector<T> G(p * p), Y(p * l), Q(p * l);
   for (int64_t i = 0; i < p; ++i)
-    for (int64_t j = i; j < p; ++j) G[i * p + j] = G[j * p + i] = dense::dot(W + i * q, W + j * q, q);
+    for (int64_t j = i; j < p; ++j)
+      G[i * p + j] = G[j * p + i] = dense::dot(W + i * q, W + j * q, q);
   for (int64_t c = 0; c < l; ++c)
     for (int64_t i = 0; i < p; ++i) Y[c * p + i] = dense::dot(W + i * q, omega_t + c * q, q);
   dense::orthonormalize(Y.data(), p, l, Q.data(), vv);
@@ -157,8 +158,7 @@ at::Tensor orthonormalize(const at::Tensor& Y) {
   T* q = Q.data_ptr<T>();
   at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> vv;
-    for (int64_t b = b0; b < b1; ++b)
-      dense::orthonormalize(y + b * p * l, p, l, q + b * p * l, vv);
+    for (int64_t b = b0; b < b1; ++b) dense::orthonormalize(y + b * p * l, p, l, q + b * p * l, vv);
   });
   return Q.mT();
 }
@@ -231,8 +231,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A_in, 
     }
     at::parallel_for(0, sh.batch, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        rsvd_matrix<T>(a + b * sh.m * sh.n, sh, n_iter, omega_t.data(), u + b * sh.m * k,
-                       s + b * k, v + b * sh.n * k);
+        rsvd_matrix<T>(a + b * sh.m * sh.n, sh, n_iter, omega_t.data(), u + b * sh.m * k, s + b * k,
+                       v + b * sh.n * k);
       }
     });
   });
@@ -244,7 +244,8 @@ at::Tensor philox_words(int64_t blocks, int64_t seed) {
   at::Tensor out = at::empty({blocks, 4}, at::kLong);
   int64_t* o = out.data_ptr<int64_t>();
   for (int64_t b = 0; b < blocks; ++b) {
-    const philox::Words w = philox::philox4x32_10(static_cast<uint64_t>(b), static_cast<uint64_t>(seed));
+    const philox::Words w =
+        philox::philox4x32_10(static_cast<uint64_t>(b), static_cast<uint64_t>(seed));
     for (int t = 0; t < 4; ++t) o[b * 4 + t] = w.x[t];
   }
   return out;
@@ -253,7 +254,8 @@ at::Tensor philox_words(int64_t blocks, int64_t seed) {
 at::Tensor philox_normal(int64_t count, int64_t seed) {
   at::Tensor out = at::empty({count}, at::kDouble);
   double* o = out.data_ptr<double>();
-  for (int64_t i = 0; i < count; ++i) o[i] = philox::normal(static_cast<uint64_t>(i), static_cast<uint64_t>(seed));
+  for (int64_t i = 0; i < count; ++i)
+    o[i] = philox::normal(static_cast<uint64_t>(i), static_cast<uint64_t>(seed));
   return out;
 }
 

@@ -102,8 +102,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, typename A>
 struct TailParams {
-  A* Z;               // batch of q x l, column-major (destroyed)
-  const A* Q;         // batch of p x l, column-major; null on the exact path
+  A* Z;                // batch of q x l, column-major (destroyed)
+  const A* Q;          // batch of p x l, column-major; null on the exact path
   const bool* finite;  // per matrix
   T *U, *S, *V;
   A* scratch;
@@ -123,8 +123,8 @@ __global__ void __launch_bounds__(kThreads) tail_kernel(TailParams<T, A> P) {
       block::write_nan<CudaCtx, T, A>(ctx, out, P.k);
     } else {
       const A* Q = P.Q == nullptr ? nullptr : P.Q + b * P.p * P.l;
-      block::tail<CudaCtx, T, A>(ctx, P.Z + b * P.q * P.l, P.q, P.l, Q, P.p, P.k, arena, P.L,
-                                 out, P.wide);
+      block::tail<CudaCtx, T, A>(ctx, P.Z + b * P.q * P.l, P.q, P.l, Q, P.p, P.k, arena, P.L, out,
+                                 P.wide);
     }
     ctx.sync();
   }
@@ -155,7 +155,8 @@ ArenaPlan<A> plan_arena(Kernel kernel, int64_t batch, int64_t elems, const at::T
     }
   } else {
     plan.grid = static_cast<unsigned>(std::min<int64_t>(batch, 2 * prop->multiProcessorCount));
-    plan.scratch = at::empty({int64_t{plan.grid} * elems}, like.options().dtype(c10::CppTypeToScalarType<A>::value));
+    plan.scratch = at::empty({int64_t{plan.grid} * elems},
+                             like.options().dtype(c10::CppTypeToScalarType<A>::value));
   }
   return plan;
 }
@@ -167,7 +168,8 @@ ArenaPlan<A> plan_arena(Kernel kernel, int64_t batch, int64_t elems, const at::T
 // per call instead. The map is leaked on purpose: no CUDA frees after the driver shuts down.
 constexpr size_t kMaxCached = 64;
 
-at::Tensor test_matrix(int64_t q, int64_t l, int64_t seed, at::ScalarType dtype, at::Device device) {
+at::Tensor test_matrix(int64_t q, int64_t l, int64_t seed, at::ScalarType dtype,
+                       at::Device device) {
   using Key = std::tuple<int, int64_t, int64_t, int64_t, int>;
   static std::mutex mutex;
   static auto* cache = new std::map<Key, at::Tensor>();
@@ -180,7 +182,8 @@ at::Tensor test_matrix(int64_t q, int64_t l, int64_t seed, at::ScalarType dtype,
   at::Tensor host = at::empty({l, q}, at::TensorOptions().dtype(at::kDouble));
   double* h = host.data_ptr<double>();
   for (int64_t j = 0; j < q; ++j)
-    for (int64_t c = 0; c < l; ++c) h[c * q + j] = philox::normal(j * l + c, static_cast<uint64_t>(seed));
+    for (int64_t c = 0; c < l; ++c)
+      h[c * q + j] = philox::normal(j * l + c, static_cast<uint64_t>(seed));
   // Rounded to the dtype on the host, as static_cast<T>(normal) on the CPU; a blocking copy, so
   // the entry is complete before any stream reads it.
   at::Tensor dev = host.to(dtype).to(device);
@@ -225,7 +228,8 @@ void fused(const at::Tensor& A_in, const Shape& sh, int64_t n_iter, const at::Te
   P.arena = P.F.total;
   const ArenaPlan<A> plan = plan_arena<A>(fused_kernel<T, A>, sh.batch, P.arena, A_in);
   P.scratch = plan.scratch_ptr();
-  fused_kernel<T, A><<<plan.grid, kThreads, plan.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(P);
+  fused_kernel<T, A>
+      <<<plan.grid, kThreads, plan.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -238,7 +242,8 @@ at::Tensor orthonormalize(const at::Tensor& Y) {
   at::Tensor Q = at::empty_like(Yc);
   const ArenaPlan<A> plan = plan_arena<A>(orth_kernel<A>, batch, 2 * l, Yc);
   orth_kernel<A><<<plan.grid, kThreads, plan.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(
-      Yc.data_ptr<A>(), Q.data_ptr<A>(), batch, rows, static_cast<int>(l), plan.scratch_ptr(), 2 * l);
+      Yc.data_ptr<A>(), Q.data_ptr<A>(), batch, rows, static_cast<int>(l), plan.scratch_ptr(),
+      2 * l);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return Q.mT();
 }
@@ -268,7 +273,7 @@ void large(const at::Tensor& A_in, const Shape& sh, int64_t n_iter, const at::Te
       Q = orthonormalize<A>(at::matmul(W, Qz));
     }
     Z = at::matmul(Q.mT(), W).contiguous();  // (B, l, q): Z = W^T Q column-major
-    Q = Q.mT().contiguous();                   // (B, l, p): Q column-major (a no-op copy)
+    Q = Q.mT().contiguous();                 // (B, l, p): Q column-major (a no-op copy)
   }
   TailParams<T, A> P;
   P.Z = Z.data_ptr<A>();
@@ -289,7 +294,8 @@ void large(const at::Tensor& A_in, const Shape& sh, int64_t n_iter, const at::Te
   P.arena = P.L.total;
   const ArenaPlan<A> plan = plan_arena<A>(tail_kernel<T, A>, sh.batch, P.arena, Z);
   P.scratch = plan.scratch_ptr();
-  tail_kernel<T, A><<<plan.grid, kThreads, plan.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(P);
+  tail_kernel<T, A>
+      <<<plan.grid, kThreads, plan.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -36,8 +36,7 @@ inline bool broadcastable_to(const at::Tensor& t, at::IntArrayRef shape) {
 
 inline LamMode classify(const at::Tensor& lam, const at::Tensor& X) {
   if (lam.numel() == 1) return LamMode::Scalar;
-  if (lam.dim() >= 1 && X.dim() >= 1 && lam.size(-1) == X.size(-1) &&
-      lam.numel() == lam.size(-1)) {
+  if (lam.dim() >= 1 && X.dim() >= 1 && lam.size(-1) == X.size(-1) && lam.numel() == lam.size(-1)) {
     return LamMode::Channel;
   }
   return LamMode::Full;
@@ -84,7 +83,9 @@ inline std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> pack_grads(
     const at::Tensor& dX, const at::Tensor& dL, at::Tensor dlam) {
   if (want_lam && a.lam_expanded) dlam = dlam.sum_to_size(lam.sizes());
   if (want_lam) dlam = dlam.view(lam.sizes());
-  auto maybe = [](bool want, const at::Tensor& t) { return want ? OptionalTensor(t) : std::nullopt; };
+  auto maybe = [](bool want, const at::Tensor& t) {
+    return want ? OptionalTensor(t) : std::nullopt;
+  };
   return {maybe(want_X, dX), maybe(want_L, dL), maybe(want_lam, dlam)};
 }
 

@@ -81,8 +81,8 @@ void forward_kernel(const Args& a, bool hard, at::Tensor& S) {
           bool neg = false;
           for (int64_t b = b0; b < b1; ++b) {
             for_each_segment(grid, b, numel, C, a.mode, [&](int64_t off, int64_t n, int64_t lo) {
-              forward_segment<T, Hard, HasL, ScalarLam>(x + off, HasL ? l + off : nullptr,
-                                                        lam + lo, s + off, n);
+              forward_segment<T, Hard, HasL, ScalarLam>(x + off, HasL ? l + off : nullptr, lam + lo,
+                                                        s + off, n);
               if (a.mode == LamMode::Full) neg |= any_negative(lam + lo, n);
             });
           }
@@ -104,9 +104,8 @@ constexpr int64_t kLanes = 16;
 
 // One element of the backward; returns its contribution to lam's gradient.
 template <typename T, bool Hard, bool HasL, LamGrad LG>
-inline T backward_element(const T* __restrict__ g, const T* __restrict__ x,
-                          const T* __restrict__ l, T lv, T* __restrict__ dx,
-                          T* __restrict__ dlam, int64_t j) {
+inline T backward_element(const T* __restrict__ g, const T* __restrict__ x, const T* __restrict__ l,
+                          T lv, T* __restrict__ dx, T* __restrict__ dlam, int64_t j) {
   const T r = HasL ? x[j] - l[j] : x[j];
   dx[j] = grad_input<Hard>(g[j], r, lv);
   if constexpr (LG == LamGrad::None) {
@@ -162,7 +161,7 @@ void backward_kernel(const Args& a, const at::Tensor& G, bool hard, bool want_L,
   const int64_t C = a.channels;
   const BlockGrid grid = make_grid(numel, C, a.mode);
   const int64_t lam_width = a.mode == LamMode::Channel ? C : 1;
-  const LamGrad lam_grad = !want_lam || hard   ? LamGrad::None
+  const LamGrad lam_grad = !want_lam || hard         ? LamGrad::None
                            : a.mode == LamMode::Full ? LamGrad::Full
                                                      : LamGrad::Reduce;
   // Per-block partial sums of lam's gradient (in T within a block, at most kCpuBlockElems
@@ -213,7 +212,8 @@ void backward_kernel(const Args& a, const at::Tensor& G, bool hard, bool want_L,
   if (lam_grad == LamGrad::Reduce) {
     std::vector<double> total(lam_width, 0.0);
     for (int64_t b = 0; b < grid.count; ++b)
-      for (int64_t j = 0; j < lam_width; ++j) total[j] += static_cast<double>(partials[b * lam_width + j]);
+      for (int64_t j = 0; j < lam_width; ++j)
+        total[j] += static_cast<double>(partials[b * lam_width + j]);
     T* d = out.dlam.data_ptr<T>();
     for (int64_t j = 0; j < lam_width; ++j) d[j] = static_cast<T>(total[j]);
   }
@@ -253,9 +253,8 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> soft_threshold_backwa
   if (want_lam) {
     out.dlam = hard ? at::zeros_like(a.lam) : empty_output(a.lam);
   }
-  AT_DISPATCH_FLOATING_TYPES(a.X.scalar_type(), kBackwardOp, [&] {
-    backward_kernel<scalar_t>(a, G, hard, want_L, want_lam, out);
-  });
+  AT_DISPATCH_FLOATING_TYPES(a.X.scalar_type(), kBackwardOp,
+                             [&] { backward_kernel<scalar_t>(a, G, hard, want_L, want_lam, out); });
   return pack_grads(a, lam, want_X, want_L, want_lam, out.dX, out.dL, out.dlam);
 }
 

@@ -192,8 +192,8 @@ __global__ void __launch_bounds__(kCudaThreads)
   if (c < channels) {
     for (int64_t row = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; row < rows;
          row += row_stride) {
-      backward_pack</*Hard=*/false, HasL, /*FullLam=*/false, VEC>(in, g, out, row * channels + c,
-                                                                   c, acc);
+      backward_pack</*Hard=*/false, HasL, /*FullLam=*/false, VEC>(in, g, out, row * channels + c, c,
+                                                                  acc);
     }
   }
   sum_block_rows(acc, threadIdx.x, blockDim.x, threadIdx.y, blockDim.y);
@@ -370,9 +370,8 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> soft_threshold_backwa
   if (want_lam) dlam = compute_lam ? at::empty_like(a.lam) : at::zeros_like(a.lam);
   if (numel > 0) {
     at::Tensor dlam_out = compute_lam ? dlam : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), kBackwardOp, [&] {
-      backward_cuda<scalar_t>(a, G, hard, dX, dL, dlam_out);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), kBackwardOp,
+                                    [&] { backward_cuda<scalar_t>(a, G, hard, dX, dL, dlam_out); });
   }
   return pack_grads(a, lam, want_X, want_L, want_lam, dX, dL, dlam);
 }

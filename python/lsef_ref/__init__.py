@@ -4,6 +4,7 @@ Readable, float64-capable and differentiable by ordinary autograd; this package 
 the extension. Tests compare every compiled kernel with these functions, and ``lsef bench`` uses
 them as the baseline. Signatures match ``lsef_ext.ops``.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -12,8 +13,6 @@ import torch
 from torch import Tensor
 
 Scalar = Union[float, Tensor]
-
-
 
 
 def soft_threshold(X: Tensor, L: Optional[Tensor], lam: Scalar, hard: bool = False) -> Tensor:
@@ -58,5 +57,12 @@ def rank_aware_grad_scale(x: Tensor, U: Tensor, alpha: Scalar, beta: Scalar) -> 
 from .rsvd import lowrank, rsvd, truncated_svd  # noqa: E402  (they use soft_threshold above)
 from .rpca import lowrank_sparse  # noqa: E402
 
-__all__ = ["soft_threshold", "rank_scale", "rank_aware_grad_scale", "rsvd", "lowrank",
-           "truncated_svd", "lowrank_sparse"]
+__all__ = [
+    "soft_threshold",
+    "rank_scale",
+    "rank_aware_grad_scale",
+    "rsvd",
+    "lowrank",
+    "truncated_svd",
+    "lowrank_sparse",
+]

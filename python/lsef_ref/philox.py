@@ -5,6 +5,7 @@ Philox4x32-10 (Salmon et al., SC'11) on counter (b mod 2^32, b div 2^32, 0, 0) a
 (x + 1/2) 2^-32. The integer stream matches the C++ and CUDA kernels bit for bit; the normals
 match to the last bits of the platform's log, sin and cos.
 """
+
 from __future__ import annotations
 
 import numpy as np

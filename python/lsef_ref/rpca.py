@@ -1,5 +1,6 @@
 """References for lowrank_sparse: robust PCA (exact and with noise), one matrix at a time,
 and the unrolled alternation. Plain loops; lsef_ext.rpca is the batched production code."""
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,15 @@ def rank_k_svt(M: Tensor, k: int, tau: Tensor, svd=_rsvd) -> Tensor:
     return (U * torch.clamp(s - tau, min=0).unsqueeze(-2)) @ V.mT
 
 
-def rpca_ialm(X: Tensor, k: Optional[int], lam: Optional[float] = None,
-              max_iter: int = RPCA_MAX_ITER, tol: float = RPCA_TOL, svd=_rsvd,
-              shrink=soft_threshold):
+def rpca_ialm(
+    X: Tensor,
+    k: Optional[int],
+    lam: Optional[float] = None,
+    max_iter: int = RPCA_MAX_ITER,
+    tol: float = RPCA_TOL,
+    svd=_rsvd,
+    shrink=soft_threshold,
+):
     """Principal component pursuit by the inexact augmented Lagrange multiplier method
     (Lin, Chen & Ma 2010, Alg. 5): min ||L||_* + lam ||S||_1 s.t. X = L + S, for every matrix
     of the batch. With ``k`` the singular value thresholding keeps at most k values (the
@@ -73,8 +80,14 @@ def rpca_ialm(X: Tensor, k: Optional[int], lam: Optional[float] = None,
     return L, S, it
 
 
-def stable_pcp(X: Tensor, k: int, sigma: float, lam: Optional[float] = None,
-               max_iter: int = RPCA_MAX_ITER, tol: float = RPCA_TOL):
+def stable_pcp(
+    X: Tensor,
+    k: int,
+    sigma: float,
+    lam: Optional[float] = None,
+    max_iter: int = RPCA_MAX_ITER,
+    tol: float = RPCA_TOL,
+):
     """Stable PCP (Zhou et al. 2010), penalised: min tau_L ||L||_* + tau_S ||S||_1 +
     ||X - L - S||_F^2 / 2, rank(L) <= k, for one matrix, by alternating exact minimisation.
     tau_L = sigma (sqrt(m) + sqrt(n)); tau_S = lam tau_L, lam by default making tau_S the
@@ -118,8 +131,9 @@ def _one(X: Tensor, k: int, lam, n_steps: Optional[int], noise):
     return L, S
 
 
-def lowrank_sparse(X: Tensor, k: int, lam=None, n_steps: Optional[int] = None,
-                   method: str = "rpca", noise=None):
+def lowrank_sparse(
+    X: Tensor, k: int, lam=None, n_steps: Optional[int] = None, method: str = "rpca", noise=None
+):
     """Split every ``X (*, m, n)`` into a rank-k part and a sparse part.
 
     ``method="rpca"``: each matrix on its own, :func:`rpca_ialm` with the rank capped at k

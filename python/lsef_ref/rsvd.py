@@ -1,4 +1,5 @@
 """References for rsvd and lowrank."""
+
 from __future__ import annotations
 
 import torch
