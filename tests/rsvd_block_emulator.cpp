@@ -244,7 +244,7 @@ int run(const std::vector<int64_t>& h, std::ifstream& in, const char* out_path) 
   for (int64_t b = 0; b < batch; ++b) {
     const A* a = Ain.data() + b * m * n;
     const blk::Wide<A> W{a, wide ? n : 1, wide ? 1 : n, static_cast<int>(p), q};
-    const blk::Out<A> out{U.data() + b * m * k, Sv.data() + b * k, V.data() + b * n * k, m, n};
+    const auto out = blk::Out<A>::at(U.data(), Sv.data(), V.data(), b, m, n, k);
     if (path == 0) {
       poison(arena);
       S.run([&](int tid) {

@@ -16,17 +16,18 @@ from lsef_ext import ops
 from lsef_ref.philox import gaussian, philox_words
 
 EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
-# "default": each backend picks its path by shape; "large": the CUDA kernel's large path (cuBLAS
-# products + batched QR/SVD kernels) forced for every shape, so both CUDA paths see every case.
+# "default": each backend picks its path by shape; "large": the large path forced for every
+# shape (both backends read their switch at every call), so both paths see every case: on CUDA
+# cuBLAS products + batched QR/SVD kernels (exact shapes too), on the CPU the BLAS path (on the
+# randomized branch; exact shapes stay on the one exact factorization).
 PATHS = ["default", "large"]
 
 
 def select_path(device, path, monkeypatch):
     requires_cuda_kernels(device, "rsvd")
     if path == "large":
-        if device != "cuda":
-            pytest.skip("the path is chosen per call only on CUDA")
-        monkeypatch.setenv("LSEF_RSVD_CUDA_FUSED_MAX_SIDE", "0")
+        var = "LSEF_RSVD_CUDA_FUSED_MAX_SIDE" if device == "cuda" else "LSEF_RSVD_FUSED_MAX_SIDE"
+        monkeypatch.setenv(var, "0")
 
 
 def with_spectrum(batch, m, n, sigma, dtype, device="cpu"):
@@ -161,6 +162,23 @@ def test_reproducible_and_batch_independent(device, shape):
                 torch.testing.assert_close(a[i], b, rtol=0, atol=1e-3)
     other = ops.rsvd(A, 6, seed=124)[1]
     assert not torch.equal(first[1], other)  # the seed matters on the randomized path
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_path_switch_is_read_at_every_call(device, monkeypatch):
+    """Each backend reads its fused/large switch through one helper at every call: the same call
+    under the forced large path takes the other algorithm (other rounding), then switches back."""
+    requires_cuda_kernels(device, "rsvd")
+    A = torch.randn(3, 20, 60, dtype=torch.float64, device=device)
+    fused = ops.rsvd(A, 4, seed=5)
+    select_path(device, "large", monkeypatch)
+    large = ops.rsvd(A, 4, seed=5)
+    monkeypatch.undo()
+    again = ops.rsvd(A, 4, seed=5)
+    assert not torch.equal(fused[0], large[0])  # the large path ran
+    for a, b, c in zip(fused, large, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+        assert torch.equal(a, c)  # and the default came back
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -336,24 +354,16 @@ def rank_k(m, n, k, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["rsvd", "lowrank"])
 @pytest.mark.parametrize("mnk", [(5, 7, 5), (7, 5, 5), (6, 9, 3), (9, 6, 2)])
-def test_gradcheck_rsvd(device, mnk):
+def test_gradcheck(device, op, mnk):
     """Forward exact (l = min(m, n)) and derivative exact (k = min(m, n) or rank(A) = k)."""
     requires_cuda_kernels(device, "rsvd")
     m, n, k = mnk
     A = rank_k(m, n, k) if k < min(m, n) else torch.randn(m, n, dtype=torch.float64)
     A = A.detach().to(device).requires_grad_()
-    assert torch.autograd.gradcheck(lambda A: ops.rsvd(A, k, oversample=min(m, n)), (A,))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mnk", [(5, 7, 5), (6, 9, 3), (9, 6, 2)])
-def test_gradcheck_lowrank(device, mnk):
-    requires_cuda_kernels(device, "rsvd")
-    m, n, k = mnk
-    A = rank_k(m, n, k) if k < min(m, n) else torch.randn(m, n, dtype=torch.float64)
-    A = A.detach().to(device).requires_grad_()
-    assert torch.autograd.gradcheck(lambda A: ops.lowrank(A, k, oversample=min(m, n)), (A,))
+    fn = getattr(ops, op)
+    assert torch.autograd.gradcheck(lambda A: fn(A, k, oversample=min(m, n)), (A,))
 
 
 @pytest.mark.parametrize("device", DEVICES)

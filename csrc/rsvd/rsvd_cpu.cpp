@@ -6,39 +6,23 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/isfinite.h>
 #include <ATen/ops/matmul.h>
-#include <ATen/ops/where.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <tuple>
 #include <vector>
 
-#include "common/philox.h"
 #include "rsvd/dense.h"
 #include "rsvd/rsvd_args.h"
+#include "rsvd/rsvd_host.h"
 
 namespace lsef {
 namespace rsvd {
 namespace {
 
 constexpr const char* kOp = "rsvd";
-
-// Omega^T (l x q, row-major): element (c, j) is Omega[j, c] of the q x l test matrix, stream
-// index j * l + c.
-template <typename T>
-std::vector<T> test_matrix_transposed(int64_t q, int64_t l, int64_t seed) {
-  std::vector<T> omega_t(l * q);
-  for (int64_t j = 0; j < q; ++j)
-    for (int64_t c = 0; c < l; ++c)
-      omega_t[c * q + j] = static_cast<T>(philox::normal(j * l + c, static_cast<uint64_t>(seed)));
-  return omega_t;
-}
 
 template <typename T>
 bool all_finite(const T* a, int64_t n) {
@@ -140,13 +124,7 @@ void rsvd_matrix(const T* A, const Shape& sh, int64_t n_iter, const T* omega_t, 
 
 // Matrices whose short side exceeds this take the BLAS path on the randomized branch (the
 // crossover measured in DESIGN.md §6). LSEF_RSVD_FUSED_MAX_SIDE overrides it, to measure.
-int64_t fused_max_side() {
-  static const int64_t value = [] {
-    const char* env = std::getenv("LSEF_RSVD_FUSED_MAX_SIDE");
-    return env != nullptr ? std::atoll(env) : int64_t{64};
-  }();
-  return value;
-}
+int64_t fused_max_side() { return env_int("LSEF_RSVD_FUSED_MAX_SIDE", 64); }
 
 // Householder-orthonormalises every matrix of Y (B, p, l); returns Q (B, p, l).
 template <typename T>
@@ -163,30 +141,40 @@ at::Tensor orthonormalize(const at::Tensor& Y) {
   return Q.mT();
 }
 
-// BLAS path for large matrices: the same algorithm as fused_wide without the Gram matrix (for
-// a large short side it costs more than the products), with the products through ATen (BLAS-3)
-// and the small factorizations per matrix. W (B, p, q) is wide, p <= q.
+// BLAS path for large matrices: the shared large-path driver (rsvd_host.h: the same range
+// finder as fused_wide without the Gram matrix, which for a large short side costs more than the
+// products; products through ATen, BLAS-3), then per matrix the exact SVD of the projection,
+// Uc = Q Vw, signs and outputs.
 template <typename T>
-void blas_wide(const at::Tensor& W, int64_t l, int64_t n_iter, const std::vector<T>& omega_t,
-               at::Tensor& Ucol, at::Tensor& s, at::Tensor& Vcol) {
-  const int64_t batch = W.size(0), q = W.size(2);
-  const at::Tensor omega =
-      at::from_blob(const_cast<T*>(omega_t.data()), {l, q}, W.options()).mT();  // q x l
-  at::Tensor Q = orthonormalize<T>(at::matmul(W, omega));
-  for (int64_t it = 0; it < n_iter; ++it) {
-    const at::Tensor Qz = orthonormalize<T>(at::matmul(W.mT(), Q));
-    Q = orthonormalize<T>(at::matmul(W, Qz));
-  }
-  at::Tensor Z = at::matmul(W.mT(), Q).mT().contiguous();  // B^T, column-major q x l
-  Vcol = at::empty_like(Z);
-  s = at::empty({batch, l}, W.options());
-  at::Tensor Vw = at::empty({batch, l, l}, W.options());  // column-major
-  T *z = Z.data_ptr<T>(), *vc = Vcol.data_ptr<T>(), *sv = s.data_ptr<T>(), *vw = Vw.data_ptr<T>();
+void blas(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor& omega_t,
+          at::Tensor& U, at::Tensor& S, at::Tensor& V) {
+  const Projection pr = project(A, sh, n_iter, omega_t, A.scalar_type(), orthonormalize<T>);
+  const int64_t batch = sh.batch, p = pr.p, q = pr.q, l = pr.l, k = sh.k;
+  at::Tensor Vcol = at::empty_like(pr.Z);
+  at::Tensor sv = at::empty({batch, l}, pr.Z.options());
+  at::Tensor Vw = at::empty({batch, l, l}, pr.Z.options());  // column-major
+  T *z = pr.Z.data_ptr<T>(), *vc = Vcol.data_ptr<T>(), *ss = sv.data_ptr<T>();
+  T* vw = Vw.data_ptr<T>();
   at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
-      dense::svd_tall(z + b * q * l, q, l, vc + b * q * l, sv + b * l, vw + b * l * l);
+      dense::svd_tall(z + b * q * l, q, l, vc + b * q * l, ss + b * l, vw + b * l * l);
   });
-  Ucol = at::matmul(Q, Vw.mT()).mT().contiguous();  // Q Vw, column-major p x l
+  const at::Tensor Ucol = at::matmul(pr.Q, Vw.mT()).mT().contiguous();  // Q Vw, column-major
+  const T* uc = Ucol.data_ptr<T>();
+  const bool* ok = pr.finite.data_ptr<bool>();
+  T *u = U.data_ptr<T>(), *s = S.data_ptr<T>(), *v = V.data_ptr<T>();
+  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      T *ub = u + b * sh.m * k, *sb = s + b * k, *vb = v + b * sh.n * k;
+      if (!ok[b]) {
+        fill_nan(ub, sb, vb, sh.m, sh.n, k);
+      } else if (pr.wide) {
+        write_factors(uc + b * p * l, vc + b * q * l, ss + b * l, sh.m, sh.n, k, ub, sb, vb);
+      } else {
+        write_factors(vc + b * q * l, uc + b * p * l, ss + b * l, sh.m, sh.n, k, ub, sb, vb);
+      }
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A_in, int64_t k,
@@ -197,41 +185,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A_in, 
   const at::Tensor A = A_in.contiguous();
   at::Tensor U, S, V;
   std::tie(U, S, V) = empty_outputs(A, sh);
+  if (sh.batch == 0) return {U, S, V};
+  const at::Tensor omega_t =
+      sh.exact() ? at::Tensor() : test_matrix_t(std::max(sh.m, sh.n), sh.l, seed, A.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), kOp, [&] {
     using T = scalar_t;
-    const std::vector<T> omega_t =
-        sh.exact() ? std::vector<T>() : test_matrix_transposed<T>(std::max(sh.m, sh.n), sh.l, seed);
-    const T* a = A.data_ptr<T>();
-    T *u = U.data_ptr<T>(), *s = S.data_ptr<T>(), *v = V.data_ptr<T>();
-    if (!sh.exact() && std::min(sh.m, sh.n) > fused_max_side() && sh.batch > 0) {
-      // Non-finite matrices go through as zeros (the factorizations need finite input) and
-      // come out as NaN, as on the fused path.
-      const at::Tensor A3 = A.reshape({sh.batch, sh.m, sh.n});
-      const at::Tensor finite = at::isfinite(A3).flatten(1).all(1);
-      const at::Tensor clean = at::where(finite.view({-1, 1, 1}), A3, at::zeros({}, A.options()));
-      const bool wide = sh.m <= sh.n;
-      at::Tensor Ucol, sv, Vcol;
-      blas_wide<T>(wide ? clean : clean.mT(), sh.l, n_iter, omega_t, Ucol, sv, Vcol);
-      const T *uc = Ucol.data_ptr<T>(), *vc = Vcol.data_ptr<T>(), *ss = sv.data_ptr<T>();
-      const bool* ok = finite.data_ptr<bool>();
-      const int64_t p = std::min(sh.m, sh.n), q = std::max(sh.m, sh.n), l = sh.l;
-      at::parallel_for(0, sh.batch, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          T *ub = u + b * sh.m * k, *sb = s + b * k, *vb = v + b * sh.n * k;
-          if (!ok[b]) {
-            fill_nan(ub, sb, vb, sh.m, sh.n, k);
-          } else if (wide) {
-            write_factors(uc + b * p * l, vc + b * q * l, ss + b * l, sh.m, sh.n, k, ub, sb, vb);
-          } else {
-            write_factors(vc + b * q * l, uc + b * p * l, ss + b * l, sh.m, sh.n, k, ub, sb, vb);
-          }
-        }
-      });
-      return;
+    if (!sh.exact() && std::min(sh.m, sh.n) > fused_max_side()) {
+      return blas<T>(A, sh, n_iter, omega_t, U, S, V);
     }
+    const T* a = A.data_ptr<T>();
+    const T* om = omega_t.defined() ? omega_t.data_ptr<T>() : nullptr;
+    T *u = U.data_ptr<T>(), *s = S.data_ptr<T>(), *v = V.data_ptr<T>();
     at::parallel_for(0, sh.batch, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        rsvd_matrix<T>(a + b * sh.m * sh.n, sh, n_iter, omega_t.data(), u + b * sh.m * k, s + b * k,
+        rsvd_matrix<T>(a + b * sh.m * sh.n, sh, n_iter, om, u + b * sh.m * k, s + b * k,
                        v + b * sh.n * k);
       }
     });
@@ -239,34 +206,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A_in, 
   return {U, S, V};
 }
 
-// The generator's raw words and normals, for tests that compare with python/lsef_ref.
-at::Tensor philox_words(int64_t blocks, int64_t seed) {
-  at::Tensor out = at::empty({blocks, 4}, at::kLong);
-  int64_t* o = out.data_ptr<int64_t>();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const philox::Words w =
-        philox::philox4x32_10(static_cast<uint64_t>(b), static_cast<uint64_t>(seed));
-    for (int t = 0; t < 4; ++t) o[b * 4 + t] = w.x[t];
-  }
-  return out;
-}
-
-at::Tensor philox_normal(int64_t count, int64_t seed) {
-  at::Tensor out = at::empty({count}, at::kDouble);
-  double* o = out.data_ptr<double>();
-  for (int64_t i = 0; i < count; ++i)
-    o[i] = philox::normal(static_cast<uint64_t>(i), static_cast<uint64_t>(seed));
-  return out;
-}
-
 }  // namespace
 }  // namespace rsvd
 }  // namespace lsef
 
 TORCH_LIBRARY_IMPL(lsef, CPU, m) { m.impl("rsvd", &lsef::rsvd::rsvd_cpu); }
-
-// No tensor inputs: these run on the CPU whatever the caller's device.
-TORCH_LIBRARY_IMPL(lsef, CompositeExplicitAutograd, m) {
-  m.impl("_philox_words", &lsef::rsvd::philox_words);
-  m.impl("_philox_normal", &lsef::rsvd::philox_normal);
-}

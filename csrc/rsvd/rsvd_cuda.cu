@@ -8,34 +8,29 @@
 //   second pass over W, the Householder QR and one-sided Jacobi SVD of Z, the sign convention,
 //   and writes U, S, V once. Work arrays are in shared memory when they fit, else in a global
 //   scratch slice per block (same code).
-// * Large path (p > 64): the products W Omega, W^T Q, W Q_z, Q^T W through ATen (cuBLAS), each
-//   orthonormalisation one launch for the whole batch (a block per matrix), and one launch for
-//   the tail (QR + Jacobi of Z, signs, outputs).
+// * Large path (p > 64): the driver shared with the CPU (rsvd_host.h) runs the products
+//   W Omega, W^T Q, W Q_z, Q^T W through ATen (cuBLAS), each orthonormalisation one launch for
+//   the whole batch (a block per matrix); then one launch for the tail (QR + Jacobi of Z, signs,
+//   outputs).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/isfinite.h>
-#include <ATen/ops/matmul.h>
-#include <ATen/ops/where.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
 #include <vector>
 
 #include "common/cuda_utils.cuh"
-#include "common/philox.h"
 #include "rsvd/rsvd_args.h"
 #include "rsvd/rsvd_block.cuh"
+#include "rsvd/rsvd_host.h"
 
 namespace lsef {
 namespace rsvd {
@@ -81,7 +76,7 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(FusedParams<T, A> P) {
   CudaCtx ctx;
   for (int64_t b = blockIdx.x; b < P.batch; b += gridDim.x) {
     const block::Wide<T> W{P.in + b * P.m * P.n, P.wide ? P.n : 1, P.wide ? 1 : P.n, P.p, P.q};
-    const block::Out<T> out{P.U + b * P.m * P.k, P.S + b * P.k, P.V + b * P.n * P.k, P.m, P.n};
+    const auto out = block::Out<T>::at(P.U, P.S, P.V, b, P.m, P.n, P.k);
     block::fused_matrix<CudaCtx, T, A>(ctx, W, P.l, P.k, P.n_iter, P.omega_t, arena, P.F, out,
                                        P.wide);
     ctx.sync();  // the next matrix reuses the arena
@@ -118,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) tail_kernel(TailParams<T, A> P) {
   A* arena = block_arena(P.scratch, P.arena);
   CudaCtx ctx;
   for (int64_t b = blockIdx.x; b < P.batch; b += gridDim.x) {
-    const block::Out<T> out{P.U + b * P.m * P.k, P.S + b * P.k, P.V + b * P.n * P.k, P.m, P.n};
+    const auto out = block::Out<T>::at(P.U, P.S, P.V, b, P.m, P.n, P.k);
     if (!P.finite[b]) {
       block::write_nan<CudaCtx, T, A>(ctx, out, P.k);
     } else {
@@ -161,8 +156,8 @@ ArenaPlan<A> plan_arena(Kernel kernel, int64_t batch, int64_t elems, const at::T
   return plan;
 }
 
-// Omega^T (l x q, row-major) on the device, drawn on the host by the code the CPU kernel uses
-// (so both backends use the same bits) and cached per (device, q, l, seed, dtype): after the
+// Omega^T (l x q, row-major) on the device (rsvd_host.h's test_matrix_t, so both backends use
+// the same bits), cached per (device, q, l, seed, dtype): after the
 // first call with a shape and seed, the fused forward is a single launch. Entries are never
 // evicted (a kernel on another stream may still read one); past kMaxCached, matrices are drawn
 // per call instead. The map is leaked on purpose: no CUDA frees after the driver shuts down.
@@ -179,26 +174,19 @@ at::Tensor test_matrix(int64_t q, int64_t l, int64_t seed, at::ScalarType dtype,
     auto it = cache->find(key);
     if (it != cache->end()) return it->second;
   }
-  at::Tensor host = at::empty({l, q}, at::TensorOptions().dtype(at::kDouble));
-  double* h = host.data_ptr<double>();
-  for (int64_t j = 0; j < q; ++j)
-    for (int64_t c = 0; c < l; ++c)
-      h[c * q + j] = philox::normal(j * l + c, static_cast<uint64_t>(seed));
-  // Rounded to the dtype on the host, as static_cast<T>(normal) on the CPU; a blocking copy, so
-  // the entry is complete before any stream reads it.
-  at::Tensor dev = host.to(dtype).to(device);
+  // Drawn on the host by the generator the CPU kernel uses; a blocking copy, so the entry is
+  // complete before any stream reads it.
+  at::Tensor dev = test_matrix_t(q, l, seed, dtype).to(device);
   std::lock_guard<std::mutex> lock(mutex);
   if (cache->size() < kMaxCached) cache->emplace(key, dev);
   return dev;
 }
 
 // Matrices whose short side exceeds this take the large path. LSEF_RSVD_CUDA_FUSED_MAX_SIDE
-// (read at every call, clamped to [0, 64]) overrides it, to measure the crossover or to force
-// the large path in tests.
+// (clamped to [0, 64]) overrides it, to measure the crossover or to force the large path.
 int64_t fused_max_side() {
-  const char* env = std::getenv("LSEF_RSVD_CUDA_FUSED_MAX_SIDE");
-  const int64_t v = env != nullptr ? std::atoll(env) : int64_t{block::kFusedMaxSide};
-  return std::clamp<int64_t>(v, 0, block::kFusedMaxSide);
+  return std::clamp<int64_t>(env_int("LSEF_RSVD_CUDA_FUSED_MAX_SIDE", block::kFusedMaxSide), 0,
+                             block::kFusedMaxSide);
 }
 
 struct Outputs {
@@ -248,33 +236,19 @@ at::Tensor orthonormalize(const at::Tensor& Y) {
   return Q.mT();
 }
 
+// The large path: the shared driver (rsvd_host.h) with cuBLAS products and orth_kernel, then
+// one launch of the tail for the whole batch.
 template <typename T, typename A>
 void large(const at::Tensor& A_in, const Shape& sh, int64_t n_iter, const at::Tensor& omega,
            Outputs& o) {
-  const int64_t p = std::min(sh.m, sh.n), q = std::max(sh.m, sh.n);
-  const bool wide = sh.m <= sh.n;
-  const at::ScalarType acc = c10::CppTypeToScalarType<A>::value;
-  const at::Tensor A3 = A_in.reshape({sh.batch, sh.m, sh.n}).to(acc);
-  // Non-finite matrices go through as zeros (the factorizations need finite input) and come
-  // out as NaN, as on the fused path and the CPU.
-  const at::Tensor finite = at::isfinite(A3).flatten(1).all(1).contiguous();
-  const at::Tensor clean = at::where(finite.view({-1, 1, 1}), A3, at::zeros({}, A3.options()));
-  const at::Tensor W = wide ? clean : clean.mT();  // (B, p, q)
-  at::Tensor Z, Q;
-  int64_t l = sh.l;
-  if (sh.exact()) {
-    Z = W.contiguous();  // (B, p, q) row-major = W^T column-major; `clean` is ours to destroy
-    l = p;
-  } else {
-    const at::Tensor omega_q = omega.mT();  // q x l
-    Q = orthonormalize<A>(at::matmul(W, omega_q));
-    for (int64_t it = 0; it < n_iter; ++it) {
-      const at::Tensor Qz = orthonormalize<A>(at::matmul(W.mT(), Q));
-      Q = orthonormalize<A>(at::matmul(W, Qz));
-    }
-    Z = at::matmul(Q.mT(), W).contiguous();  // (B, l, q): Z = W^T Q column-major
-    Q = Q.mT().contiguous();                 // (B, l, p): Q column-major (a no-op copy)
-  }
+  const Projection pr =
+      project(A_in, sh, n_iter, omega, c10::CppTypeToScalarType<A>::value, orthonormalize<A>);
+  const at::Tensor& Z = pr.Z;
+  // (B, l, p): Q column-major (a no-op copy of orth's column-major buffer)
+  const at::Tensor Q = pr.Q.defined() ? pr.Q.mT().contiguous() : at::Tensor();
+  const int64_t p = pr.p, q = pr.q, l = pr.l;
+  const bool wide = pr.wide;
+  const at::Tensor& finite = pr.finite;
   TailParams<T, A> P;
   P.Z = Z.data_ptr<A>();
   P.Q = Q.defined() ? Q.data_ptr<A>() : nullptr;

@@ -1,0 +1,92 @@
+// rsvd: host code shared by the CPU and CUDA backends (rsvd_host.h), and the generator's test
+// hooks.
+#include "rsvd/rsvd_host.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "common/philox.h"
+
+namespace lsef {
+namespace rsvd {
+
+at::Tensor test_matrix_t(int64_t q, int64_t l, int64_t seed, at::ScalarType dtype) {
+  at::Tensor omega_t = at::empty({l, q}, at::TensorOptions().dtype(at::kDouble));
+  double* o = omega_t.data_ptr<double>();
+  for (int64_t j = 0; j < q; ++j)
+    for (int64_t c = 0; c < l; ++c)
+      o[c * q + j] = philox::normal(j * l + c, static_cast<uint64_t>(seed));
+  return dtype == at::kDouble ? omega_t : omega_t.to(dtype);
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  return env != nullptr && *env != '\0' ? std::atoll(env) : fallback;
+}
+
+Projection project(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor& omega_t,
+                   at::ScalarType acc, const Orthonormalize& orth) {
+  Projection pr;
+  pr.p = std::min(sh.m, sh.n);
+  pr.q = std::max(sh.m, sh.n);
+  pr.wide = sh.m <= sh.n;
+  const at::Tensor A3 = A.reshape({sh.batch, sh.m, sh.n}).to(acc);
+  // Non-finite matrices go through as zeros (the factorizations need finite input); the tails
+  // write NaN for them, as the fused paths do.
+  pr.finite = at::isfinite(A3).flatten(1).all(1).contiguous();
+  const at::Tensor clean = at::where(pr.finite.view({-1, 1, 1}), A3, at::zeros({}, A3.options()));
+  const at::Tensor W = pr.wide ? clean : clean.mT();  // (B, p, q)
+  if (sh.exact()) {
+    pr.l = pr.p;
+    pr.Z = W.contiguous();  // (B, p, q) row-major = W^T column-major
+    return pr;
+  }
+  pr.l = sh.l;
+  at::Tensor Q = orth(at::matmul(W, omega_t.mT()));
+  for (int64_t it = 0; it < n_iter; ++it) {
+    const at::Tensor Qz = orth(at::matmul(W.mT(), Q));
+    Q = orth(at::matmul(W, Qz));
+  }
+  pr.Z = at::matmul(Q.mT(), W).contiguous();  // (B, l, q): W^T Q column-major
+  pr.Q = Q;
+  return pr;
+}
+
+namespace {
+
+// The generator's raw words and normals, for tests that compare with python/lsef_ref.
+at::Tensor philox_words(int64_t blocks, int64_t seed) {
+  at::Tensor out = at::empty({blocks, 4}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const philox::Words w =
+        philox::philox4x32_10(static_cast<uint64_t>(b), static_cast<uint64_t>(seed));
+    for (int t = 0; t < 4; ++t) o[b * 4 + t] = w.x[t];
+  }
+  return out;
+}
+
+at::Tensor philox_normal(int64_t count, int64_t seed) {
+  at::Tensor out = at::empty({count}, at::kDouble);
+  double* o = out.data_ptr<double>();
+  for (int64_t i = 0; i < count; ++i)
+    o[i] = philox::normal(static_cast<uint64_t>(i), static_cast<uint64_t>(seed));
+  return out;
+}
+
+}  // namespace
+}  // namespace rsvd
+}  // namespace lsef
+
+// No tensor inputs: these run on the CPU whatever the caller's device.
+TORCH_LIBRARY_IMPL(lsef, CompositeExplicitAutograd, m) {
+  m.impl("_philox_words", &lsef::rsvd::philox_words);
+  m.impl("_philox_normal", &lsef::rsvd::philox_normal);
+}

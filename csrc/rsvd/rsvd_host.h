@@ -1,0 +1,48 @@
+// rsvd: the host code both backends share (docs/DESIGN.md §6, §10): the test matrix Omega, the
+// path switches read from the environment, and the large path's driver up to its tail (masking
+// of non-finite matrices, the randomized range finder with ATen products, the projection).
+// Each backend supplies its batched orthonormalisation (CPU: a task per matrix; CUDA: a block
+// per matrix) and its own tail (exact SVD of the projection, signs, outputs).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+
+#include "rsvd/rsvd_args.h"
+
+namespace lsef {
+namespace rsvd {
+
+// Omega^T (l x q, row-major) on the CPU in `dtype`: element (c, j) is Omega[j, c] of the q x l
+// test matrix, the standard normal of Philox stream index j * l + c for `seed`, drawn in double
+// and rounded once to `dtype`. Both backends draw it here, so they use the same bits.
+at::Tensor test_matrix_t(int64_t q, int64_t l, int64_t seed, at::ScalarType dtype);
+
+// The integer in environment variable `name`, or `fallback` when it is unset. Read at every
+// call (one getenv, far below the cost of any rsvd call), so a test or a measurement can switch
+// paths inside one process.
+int64_t env_int(const char* name, int64_t fallback);
+
+// Householder-orthonormalises every matrix of Y (B, p, l); returns Q (B, p, l).
+using Orthonormalize = std::function<at::Tensor(const at::Tensor&)>;
+
+// What the large path hands to a backend's tail, for the wide orientation W (p x q, p <= q) of
+// each matrix (A itself when m <= n, else A^T).
+struct Projection {
+  at::Tensor finite;  // (B,) bool: the matrix was all finite (the others went through as zeros)
+  at::Tensor Q;       // (B, p, l): orthonormal basis of W's sketched range; undefined when exact
+  at::Tensor Z;       // (B, l, q) contiguous: W^T Q column-major (q x l); W^T itself when exact
+  int64_t p, q, l;    // l = p when exact
+  bool wide;          // m <= n
+};
+
+// The large path up to the tail, in the accumulation dtype `acc`: Q spans
+// (W W^T)^n_iter W Omega, orthonormalised after every product (`orth`); Z = W^T Q. omega_t is
+// test_matrix_t's tensor on A's device in `acc` (undefined when the shape is exact).
+Projection project(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor& omega_t,
+                   at::ScalarType acc, const Orthonormalize& orth);
+
+}  // namespace rsvd
+}  // namespace lsef
