@@ -118,12 +118,6 @@ LSEF_BLOCK_FN void warp_argmax(Ctx& ctx, A& val, int& idx) {
 
 // ---- dense building blocks ----------------------------------------------------------------
 
-// Householder QR of W (n x c, n >= c) in place, as dense::householder: W keeps the reflectors
-// v_j from the diagonal down, vv[j] = v_j . v_j (0 for a zero column: identity reflector, so Q
-// stays orthonormal for rank-deficient W), beta[j] = R_jj. A column whose norm is outside
-// SafeRange has its norm taken again with rescaling and its reflector scaled to unit length, as
-// on the CPU. Warp 0 forms each reflector; the warps then update the trailing columns, one
-// column per warp at a time.
 // w <- (I - 2 v vᵀ / vv) w over len entries, by one warp (every lane returns the same w).
 template <class Ctx, typename A>
 LSEF_BLOCK_FN void reflect_warp(Ctx& ctx, const A* v, A vv, int64_t len, A* w) {
@@ -133,6 +127,12 @@ LSEF_BLOCK_FN void reflect_warp(Ctx& ctx, const A* v, A vv, int64_t len, A* w) {
   for (int64_t i = ctx.lane; i < len; i += 32) w[i] += f * v[i];
 }
 
+// Householder QR of W (n x c, n >= c) in place, as dense::householder: W keeps the reflectors
+// v_j from the diagonal down, vv[j] = v_j . v_j (0 for a zero column: identity reflector, so Q
+// stays orthonormal for rank-deficient W), beta[j] = R_jj. A column whose norm is outside
+// SafeRange has its norm taken again with rescaling and its reflector scaled to unit length, as
+// on the CPU. Warp 0 forms each reflector; the warps then update the trailing columns, one
+// column per warp at a time.
 template <class Ctx, typename A>
 LSEF_BLOCK_FN void householder(Ctx& ctx, A* W, int64_t n, int c, A* vv, A* beta) {
   using std::sqrt;
