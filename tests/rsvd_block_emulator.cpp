@@ -169,11 +169,18 @@ void large_matrix(const blk::Wide<A>& W, int l, int k, int n_iter, const A* omeg
   const int p = W.p;
   const int64_t q = W.q;
   bool bad = false;
+  A amax = 0;
   for (int i = 0; i < p; ++i)
-    for (int64_t j = 0; j < q; ++j) bad |= !blk::finite(W(i, j));
-  std::vector<A> Wc(p * q);  // zeros for a non-finite matrix, as the kernels' caller does
+    for (int64_t j = 0; j < q; ++j) {
+      bad |= !blk::finite(W(i, j));
+      amax = std::max(amax, std::abs(W(i, j)));
+    }
+  // Zeros for a non-finite matrix, and the power-of-two scaling, as the kernels' caller does.
+  const int shift = bad ? 0 : lsef::rsvd::rescale_shift(amax);
+  const A scale = lsef::rsvd::pow2(shift, A(0));
+  std::vector<A> Wc(p * q);
   for (int i = 0; i < p; ++i)
-    for (int64_t j = 0; j < q; ++j) Wc[i * q + j] = bad ? A(0) : W(i, j);
+    for (int64_t j = 0; j < q; ++j) Wc[i * q + j] = bad ? A(0) : W(i, j) * scale;
   auto w = [&](int64_t i, int64_t j) { return Wc[i * q + j]; };
   const blk::TailLayout T = blk::tail_layout(p, q, l, k, 2 * int64_t{l});
   std::vector<A> arena(T.total), Z(q * l), Q, Qz(q * l);
@@ -222,7 +229,7 @@ void large_matrix(const blk::Wide<A>& W, int l, int k, int n_iter, const A* omeg
     EmuCtx ctx(tid);
     if (bad) return blk::write_nan<EmuCtx, A, A>(ctx, out, k);
     blk::tail(ctx, Z.data(), q, exact ? p : l, exact ? static_cast<const A*>(nullptr) : Q.data(), p,
-              k, arena.data(), T, out, wide);
+              k, arena.data(), T, out, wide, lsef::rsvd::pow2(-shift, A(0)));
   });
 }
 

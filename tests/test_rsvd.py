@@ -204,6 +204,51 @@ def test_zero_matrix(device, path, monkeypatch):
     torch.testing.assert_close(V.mT @ V, eye.expand(2, 3, 3))
 
 
+SCALES = {
+    torch.float32: [1e-30, 1e-20, 1e-12, 1e-6, 1e9, 1e20, 1e30],
+    torch.float64: [1e-300, 1e-200, 1e-150, 1e-100, 1e100, 1e150, 1e200, 1e300],
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape,oversample",
+    [((2, 16, 64), 4), ((2, 16, 64), 16), ((2, 40, 12), 2), ((2, 40, 12), 12), ((1, 1, 9), 0)],
+)
+def test_scale_invariance(path, device, dtype, shape, oversample, monkeypatch):
+    """rsvd(c A) = c rsvd(A): same U and V, S scaled, to working precision, for c across the
+    dtype's range (randomized and exact branches, wide and tall, both paths). Before the input
+    was scaled, float32 lost orthonormality at 1e9 and returned NaN or S = 0 at the extremes."""
+    select_path(device, path, monkeypatch)
+    b, m, n = shape
+    p = min(m, n)
+    sigma = [4.0, 3.0, 2.0, 1.0][:p] + [0.01] * (p - 4)
+    A = with_spectrum(b, m, n, sigma, torch.float64)
+    k = min(3, p)
+    gap = sigma[k - 1] - (sigma[k] if k < p else 0.0)
+    U0, S0, V0 = ops.rsvd(A.to(dtype=dtype, device=device), k, oversample)
+    tol = backward_error_bound(A.to(dtype)) * 10 / gap
+    for c in SCALES[dtype]:
+        U, S, V = ops.rsvd((A * c).to(dtype=dtype, device=device), k, oversample)
+        assert torch.isfinite(S).all() and (S > 0).all(), c
+        torch.testing.assert_close((S.double() / c).cpu(), S0.double().cpu(), rtol=0, atol=tol)
+        torch.testing.assert_close(U.cpu(), U0.cpu(), rtol=0, atol=tol)
+        torch.testing.assert_close(V.cpu(), V0.cpu(), rtol=0, atol=tol)
+        eye = torch.eye(k, dtype=dtype)
+        assert (U.mT @ U - eye).abs().max().item() <= 40 * EPS[dtype]
+        assert (V.mT @ V - eye).abs().max().item() <= 40 * EPS[dtype]
+
+
+def test_scale_invariance_of_lowrank():
+    A = with_spectrum(2, 16, 64, [4.0, 3.0, 2.0] + [0.01] * 13, torch.float64)
+    L0 = ops.lowrank(A.float(), 3)[0]
+    for c in SCALES[torch.float32]:
+        L = ops.lowrank((A * c).float(), 3)[0]
+        torch.testing.assert_close(L.double() / c, L0.double(), rtol=0, atol=1e-5)
+
+
 def tiny_tail_matrix(dtype):
     """4 x 4, singular values 1 and three tiny ones (1e-21 ... 1e-23 in float32, 1e-160 ... in
     float64) that are normal numbers but whose squares are not: rows and columns of a scaled

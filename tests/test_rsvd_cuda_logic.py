@@ -160,3 +160,32 @@ def test_fused_and_large_path_agree_bit_for_bit_where_they_share_code(emulator, 
     large = emulate(emulator, tmp_path, LARGE, A, 1, 0, 0)
     for f, g in zip(fused, large):
         torch.testing.assert_close(f, g, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", [FUSED, LARGE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scale_invariance(emulator, tmp_path, path, dtype):
+    """The block code scales an input outside the band by a power of two (rescale.h), as the CPU
+    kernel does: c A for c across the dtype's range gives c times the factors of A (S scaled,
+    U and V equal), randomized (both passes of the fused path's first sweep) and exact."""
+    scales = [1e-30, 1e-12, 1e20, 1e30] if dtype == torch.float32 else [1e-300, 1e-150, 1e300]
+    sigma = [4.0, 3.0, 2.0] + [0.01] * 9
+    A = with_spectrum(1, 12, 70, sigma, torch.float64)
+    batch = torch.cat([A] + [A * c for c in scales]).to(dtype)
+    c = torch.tensor([1.0] + scales, dtype=torch.float64)
+    k = 3
+    tol = backward_error_bound(A.to(dtype)) * 10
+    for oversample in (4, 12):  # randomized, exact
+        U, S, V = emulate(emulator, tmp_path, path, batch, k, oversample)
+        assert torch.isfinite(S).all()
+        torch.testing.assert_close(
+            S.double() / c[:, None], S[:1].double().expand_as(S), rtol=0, atol=tol
+        )
+        torch.testing.assert_close(U, U[:1].expand_as(U), rtol=0, atol=tol)
+        torch.testing.assert_close(V, V[:1].expand_as(V), rtol=0, atol=tol)
+        # and the CPU kernel agrees on every scale
+        Uc, Sc, Vc = ops.rsvd(batch, k, oversample)
+        torch.testing.assert_close(
+            S.double() / c[:, None], Sc.double() / c[:, None], rtol=0, atol=tol
+        )
+        torch.testing.assert_close(U, Uc, rtol=0, atol=tol)

@@ -79,6 +79,18 @@ LSEF_BLOCK_FN A warp_max(Ctx& ctx, A v) {
   return v;
 }
 
+// The largest v over the block (NaN ignored), in every thread. slots: kWarps scratch values.
+template <class Ctx, typename A>
+LSEF_BLOCK_FN A block_max(Ctx& ctx, A v, A* slots) {
+  v = warp_max(ctx, v);
+  if (ctx.lane == 0) slots[ctx.warp] = v;
+  ctx.sync();
+  A m = slots[0];
+  for (int w = 1; w < kWarps; ++w) m = slots[w] > m ? slots[w] : m;
+  ctx.sync();  // the slots may be reused at once
+  return m;
+}
+
 // The norm of v[0, len) with v[0] read as v0, by one warp (every lane gets the same value):
 // scaled by the largest magnitude first, so that no square under- or overflows (for columns
 // whose plain norm is outside SafeRange), as dense::scaled_norm.

@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include "rsvd/block_primitives.cuh"
+#include "rsvd/rescale.h"
 
 namespace lsef {
 namespace rsvd {
@@ -82,10 +83,11 @@ LSEF_BLOCK_FN void write_nan(Ctx& ctx, const Out<T>& out, int k) {
 // exact path, where Q is null and l = p) is factored Z = H [R; 0], R = Ur diag(s) Vw^T (Jacobi),
 // so W ~ (Q Vw) diag(s) (H Ur)^T: the left factor Uc = Q Vw[:, :k] (Vw on the exact path), the
 // right one H Ur[:, :k]. Both get the sign convention (decided on the factor that becomes U) and
-// are written to `out` once (as U and V when `wide`, swapped for a tall A). Z is destroyed.
+// are written to `out` once (as U and V when `wide`, swapped for a tall A), S multiplied by
+// `unscale` (2^-shift for an input scaled by 2^shift, rescale.h; exact). Z is destroyed.
 template <class Ctx, typename T, typename A>
 LSEF_BLOCK_FN void tail(Ctx& ctx, A* Z, int64_t q, int l, const A* Q, int64_t p, int k, A* arena,
-                        const TailLayout& L, const Out<T>& out, bool wide) {
+                        const TailLayout& L, const Out<T>& out, bool wide, A unscale) {
   using std::sqrt;
   A *X = arena + L.X, *Vacc = arena + L.Vacc, *Ur = arena + L.Ur, *Vw = arena + L.Vw;
   A *vv = arena + L.vv, *beta = arena + L.beta, *norms = arena + L.norms, *s = arena + L.s;
@@ -166,13 +168,13 @@ LSEF_BLOCK_FN void tail(Ctx& ctx, A* Z, int64_t q, int l, const A* Q, int64_t p,
     const int64_t i = e / k, col = e % k;
     right[e] = static_cast<T>(sign[col] * C[col * q + i]);
   }
-  for (int col = ctx.tid; col < k; col += kThreads) out.S[col] = static_cast<T>(s[col]);
+  for (int col = ctx.tid; col < k; col += kThreads) out.S[col] = static_cast<T>(s[col] * unscale);
 }
 
 // ---- the fused path: one block, one matrix, start to finish --------------------------------
 
 struct FusedLayout {
-  int64_t Z, G, Y, Q, Wc, Oc, vv, beta, total;
+  int64_t Z, G, Y, Q, Wc, Oc, vv, beta, red, total;
   TailLayout tail;
 };
 
@@ -192,6 +194,7 @@ LSEF_BLOCK_HD FusedLayout fused_layout(int64_t p, int64_t q, int64_t l, int64_t 
   f.Oc = take(exact ? 0 : l * (kChunk + 1));
   f.vv = take(l);
   f.beta = take(l);
+  f.red = take(kWarps);
   f.tail = tail_layout(p, q, l, k, o);
   f.total = f.tail.total;
   return f;
@@ -228,6 +231,8 @@ LSEF_BLOCK_HD bool finite(A x) {
 // Gram matrix G = W W^T formed in the same pass over W as the sketch Y = W Omega, each power
 // iteration is Q = orth(G Q); then Z = W^T Q (a second pass over W) goes to tail(). The exact
 // path (l = p) copies W^T into Z. omega_t is Omega^T (l x q, row-major), null when exact.
+// Scale (rescale.h): the first pass also finds max |W|; when it lies outside the band the pass
+// is run again on 2^shift W (rare: such inputs only), and every later read of W is scaled too.
 template <class Ctx, typename T, typename A>
 LSEF_BLOCK_FN void fused_matrix(Ctx& ctx, const Wide<T>& W, int l, int k, int n_iter,
                                 const A* omega_t, A* arena, const FusedLayout& F, const Out<T>& out,
@@ -235,17 +240,28 @@ LSEF_BLOCK_FN void fused_matrix(Ctx& ctx, const Wide<T>& W, int l, int k, int n_
   const int p = W.p;
   const int64_t q = W.q;
   A* Z = arena + F.Z;
+  A* red = arena + F.red;
   bool bad = false;
+  A amax = 0;
   if (omega_t == nullptr) {
     for (int64_t e = ctx.tid; e < q * p; e += kThreads) {
       int64_t i, j;  // Z(j, i) = W(i, j)
       W.template coalesced<int64_t>(e, p, q, i, j);
       const A x = static_cast<A>(W(i, j));
       bad |= !finite(x);
+      const A ax = x < A(0) ? -x : x;
+      amax = ax > amax ? ax : amax;
       Z[i * q + j] = x;
     }
     if (ctx.sync_or(bad)) return write_nan<Ctx, T, A>(ctx, out, k);
-    return tail(ctx, Z, q, p, static_cast<const A*>(nullptr), p, k, arena, F.tail, out, wide);
+    const int shift = rescale_shift(block_max(ctx, amax, red));
+    if (shift != 0) {
+      const A scale = pow2(shift, A(0));
+      for (int64_t e = ctx.tid; e < q * p; e += kThreads) Z[e] *= scale;
+      ctx.sync();
+    }
+    return tail(ctx, Z, q, p, static_cast<const A*>(nullptr), p, k, arena, F.tail, out, wide,
+                pow2(-shift, A(0)));
   }
 
   A *G = arena + F.G, *Y = arena + F.Y, *Q = arena + F.Q, *Wc = arena + F.Wc, *Oc = arena + F.Oc;
@@ -253,41 +269,52 @@ LSEF_BLOCK_FN void fused_matrix(Ctx& ctx, const Wide<T>& W, int l, int k, int n_
   constexpr int ld = kChunk + 1;                 // padded rows of the staged chunks
   const int64_t outputs = int64_t{p} * (p + l);  // [G | Y], column-major p x (p + l)
   A acc[kSlots];
-  LSEF_UNROLL
-  for (int s = 0; s < kSlots; ++s) acc[s] = 0;
-  for (int64_t j0 = 0; j0 < q; j0 += kChunk) {
-    const int64_t width = q - j0 < kChunk ? q - j0 : kChunk;
-    for (int e = ctx.tid; e < p * kChunk; e += kThreads) {
-      int r, jj;
-      W.coalesced(e, p, kChunk, r, jj);
-      A x = 0;
-      if (jj < width) {
-        x = static_cast<A>(W(r, j0 + jj));
-        bad |= !finite(x);
-      }
-      Wc[r * ld + jj] = x;
-    }
-    for (int e = ctx.tid; e < l * kChunk; e += kThreads) {
-      const int c = e / kChunk, jj = e % kChunk;
-      Oc[c * ld + jj] = jj < width ? omega_t[c * q + j0 + jj] : A(0);
-    }
-    ctx.sync();
+  int shift = 0;
+  A scale = 1;
+  for (int pass = 0; pass < 2; ++pass) {  // the second only to rescale
     LSEF_UNROLL
-    for (int s = 0; s < kSlots; ++s) {
-      const int64_t o = ctx.tid + int64_t{s} * kThreads;
-      if (o < outputs) {
-        const int r = static_cast<int>(o % p), c = static_cast<int>(o / p);
-        const A* x = Wc + r * ld;
-        const A* y = c < p ? Wc + c * ld : Oc + (c - p) * ld;
-        A a = acc[s];
-        LSEF_UNROLL
-        for (int jj = 0; jj < kChunk; ++jj) a += x[jj] * y[jj];
-        acc[s] = a;
+    for (int s = 0; s < kSlots; ++s) acc[s] = 0;
+    for (int64_t j0 = 0; j0 < q; j0 += kChunk) {
+      const int64_t width = q - j0 < kChunk ? q - j0 : kChunk;
+      for (int e = ctx.tid; e < p * kChunk; e += kThreads) {
+        int r, jj;
+        W.coalesced(e, p, kChunk, r, jj);
+        A x = 0;
+        if (jj < width) {
+          x = static_cast<A>(W(r, j0 + jj));
+          bad |= !finite(x);
+          const A ax = x < A(0) ? -x : x;
+          amax = ax > amax ? ax : amax;
+          x *= scale;
+        }
+        Wc[r * ld + jj] = x;
       }
+      for (int e = ctx.tid; e < l * kChunk; e += kThreads) {
+        const int c = e / kChunk, jj = e % kChunk;
+        Oc[c * ld + jj] = jj < width ? omega_t[c * q + j0 + jj] : A(0);
+      }
+      ctx.sync();
+      LSEF_UNROLL
+      for (int s = 0; s < kSlots; ++s) {
+        const int64_t o = ctx.tid + int64_t{s} * kThreads;
+        if (o < outputs) {
+          const int r = static_cast<int>(o % p), c = static_cast<int>(o / p);
+          const A* x = Wc + r * ld;
+          const A* y = c < p ? Wc + c * ld : Oc + (c - p) * ld;
+          A a = acc[s];
+          LSEF_UNROLL
+          for (int jj = 0; jj < kChunk; ++jj) a += x[jj] * y[jj];
+          acc[s] = a;
+        }
+      }
+      ctx.sync();
     }
-    ctx.sync();
+    if (ctx.sync_or(bad)) return write_nan<Ctx, T, A>(ctx, out, k);
+    if (pass == 1) break;
+    shift = rescale_shift(block_max(ctx, amax, red));
+    if (shift == 0) break;
+    scale = pow2(shift, A(0));
   }
-  if (ctx.sync_or(bad)) return write_nan<Ctx, T, A>(ctx, out, k);
   LSEF_UNROLL
   for (int s = 0; s < kSlots; ++s) {
     const int64_t o = ctx.tid + int64_t{s} * kThreads;
@@ -313,7 +340,7 @@ LSEF_BLOCK_FN void fused_matrix(Ctx& ctx, const Wide<T>& W, int l, int k, int n_
       LSEF_UNROLL
       for (int cc = 0; cc < kZCols; ++cc) z[cc] = 0;
       for (int i = 0; i < p; ++i) {
-        const A w = static_cast<A>(W(i, j));
+        const A w = static_cast<A>(W(i, j)) * scale;
         LSEF_UNROLL
         for (int cc = 0; cc < kZCols; ++cc)
           if (c0 + cc < l) z[cc] += w * Q[(c0 + cc) * p + i];
@@ -324,7 +351,7 @@ LSEF_BLOCK_FN void fused_matrix(Ctx& ctx, const Wide<T>& W, int l, int k, int n_
     }
   }
   ctx.sync();
-  tail(ctx, Z, q, l, static_cast<const A*>(Q), p, k, arena, F.tail, out, wide);
+  tail(ctx, Z, q, l, static_cast<const A*>(Q), p, k, arena, F.tail, out, wide, pow2(-shift, A(0)));
 }
 
 }  // namespace block

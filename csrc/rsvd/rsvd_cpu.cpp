@@ -16,6 +16,7 @@
 
 #include "rsvd/dense.h"
 #include "rsvd/rsvd_args.h"
+#include "rsvd/rescale.h"
 #include "rsvd/rsvd_host.h"
 
 namespace lsef {
@@ -24,18 +25,42 @@ namespace {
 
 constexpr const char* kOp = "rsvd";
 
+// Whether a[0, n) is all finite, and its largest magnitude. Eight independent lanes (max |x|,
+// and a sum of x - x that stays 0 unless some x is NaN or +-Inf), so the compiler can keep them
+// in SIMD registers without reassociating anything: one pass over the (cached) matrix.
 template <typename T>
-bool all_finite(const T* a, int64_t n) {
-  bool ok = true;
-  for (int64_t i = 0; i < n; ++i) ok &= std::isfinite(a[i]);
-  return ok;
+__attribute__((target_clones("arch=x86-64-v3", "default"))) bool all_finite(const T* a, int64_t n,
+                                                                            T& amax) {
+  constexpr int kLanes = 8;
+  T mx[kLanes] = {}, chk[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const T x = a[i + j], ax = std::abs(x);
+      mx[j] = ax > mx[j] ? ax : mx[j];
+      chk[j] += x - x;
+    }
+  }
+  for (; i < n; ++i) {
+    const T x = a[i], ax = std::abs(x);
+    mx[0] = ax > mx[0] ? ax : mx[0];
+    chk[0] += x - x;
+  }
+  T m = 0, c = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    m = mx[j] > m ? mx[j] : m;
+    c += chk[j];
+  }
+  amax = m;
+  return c == T(0) && m - m == T(0);
 }
 
 // Writes the first k columns of Ucol (m x r) and Vcol (n x r), column-major, as row-major
-// U (m x k) and V (n x k), flipping each pair so the largest-magnitude entry of u is positive.
+// U (m x k) and V (n x k), flipping each pair so the largest-magnitude entry of u is positive,
+// and S = unscale * s (2^-shift for an input scaled by 2^shift, rescale.h; exact).
 template <typename T>
 void write_factors(const T* Ucol, const T* Vcol, const T* s, int64_t m, int64_t n, int64_t k, T* U,
-                   T* S, T* V) {
+                   T* S, T* V, T unscale) {
   for (int64_t c = 0; c < k; ++c) {
     const T* u = Ucol + c * m;
     int64_t arg = 0;
@@ -44,7 +69,7 @@ void write_factors(const T* Ucol, const T* Vcol, const T* s, int64_t m, int64_t 
     const T sign = u[arg] < T(0) ? T(-1) : T(1);
     for (int64_t i = 0; i < m; ++i) U[i * k + c] = sign * u[i];
     for (int64_t j = 0; j < n; ++j) V[j * k + c] = sign * Vcol[c * n + j];
-    S[c] = s[c];
+    S[c] = s[c] * unscale;
   }
 }
 
@@ -106,20 +131,30 @@ void fill_nan(T* U, T* S, T* V, int64_t m, int64_t n, int64_t k) {
 }
 
 // One matrix of the batch on the fused path. A tall A is factored as its transpose, so the
-// sketch is always taken along the long side (Omega is max(m, n) x l).
+// sketch is always taken along the long side (Omega is max(m, n) x l). A matrix whose largest
+// magnitude is outside rescale.h's band is factored as 2^shift A (a scaled copy).
 template <typename T>
 void rsvd_matrix(const T* A, const Shape& sh, int64_t n_iter, const T* omega_t, T* U, T* S, T* V) {
   const int64_t m = sh.m, n = sh.n;
-  if (!all_finite(A, m * n)) return fill_nan(U, S, V, m, n, sh.k);
+  T amax;
+  if (!all_finite(A, m * n, amax)) return fill_nan(U, S, V, m, n, sh.k);
+  const int shift = rescale_shift(amax);
+  const T scale = pow2(shift, T(0)), unscale = pow2(-shift, T(0));
+  std::vector<T> scaled;
   if (m <= n) {
+    if (shift != 0) {
+      scaled.assign(A, A + m * n);
+      for (T& x : scaled) x *= scale;
+      A = scaled.data();
+    }
     const Factors<T> f = fused_wide(A, m, n, sh.l, n_iter, omega_t);
-    return write_factors(f.Uc.data(), f.Vc.data(), f.s.data(), m, n, sh.k, U, S, V);
+    return write_factors(f.Uc.data(), f.Vc.data(), f.s.data(), m, n, sh.k, U, S, V, unscale);
   }
   std::vector<T> At(n * m);
   for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) At[j * m + i] = A[i * n + j];
+    for (int64_t j = 0; j < n; ++j) At[j * m + i] = A[i * n + j] * scale;
   const Factors<T> f = fused_wide(At.data(), n, m, sh.l, n_iter, omega_t);
-  write_factors(f.Vc.data(), f.Uc.data(), f.s.data(), m, n, sh.k, U, S, V);
+  write_factors(f.Vc.data(), f.Uc.data(), f.s.data(), m, n, sh.k, U, S, V, unscale);
 }
 
 // Matrices whose short side exceeds this take the BLAS path on the randomized branch (the
@@ -162,6 +197,7 @@ void blas(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor
   const at::Tensor Ucol = at::matmul(pr.Q, Vw.mT()).mT().contiguous();  // Q Vw, column-major
   const T* uc = Ucol.data_ptr<T>();
   const bool* ok = pr.finite.data_ptr<bool>();
+  const T* unscale = pr.unscale.data_ptr<T>();
   T *u = U.data_ptr<T>(), *s = S.data_ptr<T>(), *v = V.data_ptr<T>();
   at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -169,9 +205,11 @@ void blas(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor
       if (!ok[b]) {
         fill_nan(ub, sb, vb, sh.m, sh.n, k);
       } else if (pr.wide) {
-        write_factors(uc + b * p * l, vc + b * q * l, ss + b * l, sh.m, sh.n, k, ub, sb, vb);
+        write_factors(uc + b * p * l, vc + b * q * l, ss + b * l, sh.m, sh.n, k, ub, sb, vb,
+                      unscale[b]);
       } else {
-        write_factors(vc + b * q * l, uc + b * p * l, ss + b * l, sh.m, sh.n, k, ub, sb, vb);
+        write_factors(vc + b * q * l, uc + b * p * l, ss + b * l, sh.m, sh.n, k, ub, sb, vb,
+                      unscale[b]);
       }
     }
   });

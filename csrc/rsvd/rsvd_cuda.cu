@@ -100,6 +100,7 @@ struct TailParams {
   A* Z;                // batch of q x l, column-major (destroyed)
   const A* Q;          // batch of p x l, column-major; null on the exact path
   const bool* finite;  // per matrix
+  const A* unscale;    // per matrix: 2^-shift of the input's scaling (rescale.h)
   T *U, *S, *V;
   A* scratch;
   int64_t batch, m, n, p, q, arena;
@@ -119,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) tail_kernel(TailParams<T, A> P) {
     } else {
       const A* Q = P.Q == nullptr ? nullptr : P.Q + b * P.p * P.l;
       block::tail<CudaCtx, T, A>(ctx, P.Z + b * P.q * P.l, P.q, P.l, Q, P.p, P.k, arena, P.L, out,
-                                 P.wide);
+                                 P.wide, P.unscale[b]);
     }
     ctx.sync();
   }
@@ -253,6 +254,7 @@ void large(const at::Tensor& A_in, const Shape& sh, int64_t n_iter, const at::Te
   P.Z = Z.data_ptr<A>();
   P.Q = Q.defined() ? Q.data_ptr<A>() : nullptr;
   P.finite = finite.data_ptr<bool>();
+  P.unscale = pr.unscale.data_ptr<A>();
   P.U = o.U.data_ptr<T>();
   P.S = o.S.data_ptr<T>();
   P.V = o.V.data_ptr<T>();

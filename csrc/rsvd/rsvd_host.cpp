@@ -2,17 +2,23 @@
 // hooks.
 #include "rsvd/rsvd_host.h"
 
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/bitwise_left_shift.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/frexp.h>
 #include <ATen/ops/isfinite.h>
+#include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 
 #include "common/philox.h"
+#include "rsvd/rescale.h"
 
 namespace lsef {
 namespace rsvd {
@@ -31,6 +37,27 @@ int64_t env_int(const char* name, int64_t fallback) {
   return env != nullptr && *env != '\0' ? std::atoll(env) : fallback;
 }
 
+namespace {
+
+// rescale_shift (rescale.h) of every matrix's largest magnitude amax (B,), as int64 (B,).
+at::Tensor rescale_shifts(const at::Tensor& amax) {
+  const bool f32 = amax.scalar_type() == at::kFloat;
+  const double lo = f32 ? ScaleBand<float>::lo : ScaleBand<double>::lo;
+  const double hi = f32 ? ScaleBand<float>::hi : ScaleBand<double>::hi;
+  const int64_t lim = f32 ? ScaleBand<float>::max_shift : ScaleBand<double>::max_shift;
+  const at::Tensor e = std::get<1>(at::frexp(amax)).to(at::kLong);
+  const at::Tensor keep = (amax == 0) | ((amax >= lo) & (amax <= hi)) | ~at::isfinite(amax);
+  return at::where(keep, at::zeros({}, e.options()), (1 - e).clamp(-lim, lim));
+}
+
+// 2^s for integer s with 2^s normal, built from its bits (exact on every backend).
+at::Tensor pow2(const at::Tensor& s, at::ScalarType acc) {
+  if (acc == at::kFloat) return at::bitwise_left_shift(s + 127, 23).to(at::kInt).view(at::kFloat);
+  return at::bitwise_left_shift(s + 1023, 52).view(at::kDouble);
+}
+
+}  // namespace
+
 Projection project(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor& omega_t,
                    at::ScalarType acc, const Orthonormalize& orth) {
   Projection pr;
@@ -42,7 +69,14 @@ Projection project(const at::Tensor& A, const Shape& sh, int64_t n_iter, const a
   // write NaN for them, as the fused paths do.
   pr.finite = at::isfinite(A3).flatten(1).all(1).contiguous();
   const at::Tensor clean = at::where(pr.finite.view({-1, 1, 1}), A3, at::zeros({}, A3.options()));
-  const at::Tensor W = pr.wide ? clean : clean.mT();  // (B, p, q)
+  const at::Tensor shift =
+      rescale_shifts(at::linalg_vector_norm(clean, INFINITY, at::IntArrayRef{1, 2}));
+  pr.unscale = pow2(-shift, acc);
+  // On the CPU a look at the shifts is free and saves a pass over A for the usual all-zero case;
+  // on a GPU it would be a host sync, so the (cheap, elementwise) product is always taken.
+  const bool scale = !clean.is_cpu() || shift.any().item<bool>();
+  const at::Tensor scaled = scale ? clean * pow2(shift, acc).view({-1, 1, 1}) : clean;
+  const at::Tensor W = pr.wide ? scaled : scaled.mT();  // (B, p, q)
   if (sh.exact()) {
     pr.l = pr.p;
     pr.Z = W.contiguous();  // (B, p, q) row-major = W^T column-major

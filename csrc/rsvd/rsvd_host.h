@@ -31,14 +31,16 @@ using Orthonormalize = std::function<at::Tensor(const at::Tensor&)>;
 // What the large path hands to a backend's tail, for the wide orientation W (p x q, p <= q) of
 // each matrix (A itself when m <= n, else A^T).
 struct Projection {
-  at::Tensor finite;  // (B,) bool: the matrix was all finite (the others went through as zeros)
-  at::Tensor Q;       // (B, p, l): orthonormal basis of W's sketched range; undefined when exact
-  at::Tensor Z;       // (B, l, q) contiguous: W^T Q column-major (q x l); W^T itself when exact
-  int64_t p, q, l;    // l = p when exact
-  bool wide;          // m <= n
+  at::Tensor finite;   // (B,) bool: the matrix was all finite (the others went through as zeros)
+  at::Tensor unscale;  // (B,) acc: 2^-shift, the factor S gets back (W below is 2^shift A)
+  at::Tensor Q;        // (B, p, l): orthonormal basis of W's sketched range; undefined when exact
+  at::Tensor Z;        // (B, l, q) contiguous: W^T Q column-major (q x l); W^T itself when exact
+  int64_t p, q, l;     // l = p when exact
+  bool wide;           // m <= n
 };
 
-// The large path up to the tail, in the accumulation dtype `acc`: Q spans
+// The large path up to the tail, in the accumulation dtype `acc`, on each matrix scaled by the
+// power of two 2^shift of rescale.h (1 for most inputs): Q spans
 // (W W^T)^n_iter W Omega, orthonormalised after every product (`orth`); Z = W^T Q. omega_t is
 // test_matrix_t's tensor on A's device in `acc` (undefined when the shape is exact).
 Projection project(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor& omega_t,
