@@ -215,6 +215,27 @@ def _noise_sigma(X: Tensor, noise: Noise) -> Optional[Tensor]:
     return torch.full(X.shape[:-2] + (1, 1), float(noise), dtype=X.dtype, device=X.device)
 
 
+def pow2_normaliser(X: Tensor) -> Tensor:
+    """The power of two ``2^s`` per matrix, shape ``(*, 1, 1)``, that brings the largest
+    magnitude of each matrix of ``X`` into ``[1, 2)`` (1 for a zero or non-finite matrix; ``s``
+    clamped so that ``2^s`` and ``2^-s`` are normal numbers). Multiplying by it is exact, so the
+    solvers, which are scale-equivariant, give ``c`` times their result on ``X`` for ``c X``
+    without squares or norms under- or overflowing anywhere in the dtype's range."""
+    amax = X.detach().abs().amax(dim=(-2, -1), keepdim=True)
+    work = torch.float64 if X.dtype == torch.float64 else torch.float32
+    amax = amax.to(work)
+    limit = math.frexp(torch.finfo(X.dtype).max)[1] - 2
+    e = torch.frexp(amax).exponent.to(torch.int64)
+    ok = (amax > 0) & torch.isfinite(amax)
+    shift = torch.where(ok, 1 - e, torch.zeros_like(e)).clamp(-limit, limit)
+    # 2^shift from its bits: exact on every backend.
+    if work == torch.float64:
+        scale = ((shift + 1023) << 52).view(torch.float64)
+    else:
+        scale = ((shift + 127) << 23).to(torch.int32).view(torch.float32)
+    return scale.to(X.dtype)
+
+
 def lowrank_sparse(
     ops,
     X: Tensor,
@@ -239,13 +260,18 @@ def lowrank_sparse(
         return unrolled(ops, X, k, lam, UNROLLED_STEPS if n_steps is None else n_steps)
     max_iter = n_steps or RPCA_MAX_ITER
     sigma = _noise_sigma(X, noise)
+    # The solvers run on X scaled by a power of two (exact), their results scaled back.
+    scale = pow2_normaliser(X)
+    X = X * scale
     if noise is None or (sigma is not None and noise == 0):  # no noise: the exact constraint
         L, S, _ = rpca_ialm(ops, X, k, lam, max_iter, check_every=check_every)
-        return L, S
+        return L / scale, S / scale
     if noise == "auto":
         # The level from the exact solution: its L is close to the low-rank part (the exact
         # constraint sends the noise to S); a plain rank-k fit would be pulled by the outliers.
         L, _, _ = rpca_ialm(ops, X, k, None, max_iter, check_every=check_every)
         sigma = noise_level(X, L, k)
+    else:
+        sigma = sigma * scale
     L, S, _ = stable_pcp(ops, X, k, sigma, lam, max_iter, check_every=check_every)
-    return L, S
+    return L / scale, S / scale

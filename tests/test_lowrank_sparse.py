@@ -137,6 +137,34 @@ def test_rpca_zero_matrix_gives_zero_parts(device, dtype, impl):
     torch.testing.assert_close(S_b[1], S_alone, rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("impl", ["ext", "ref"])
+@pytest.mark.parametrize("noise", [None, 0.05, "auto"])
+def test_rpca_is_scale_invariant(device, dtype, impl, noise):
+    """lowrank_sparse(c X) = c lowrank_sparse(X) for c across the dtype's range (with the noise
+    level scaled too): float32 once gave NaN at 1e-30, 1e10 and 1e30, from norms whose squares
+    under- or overflowed. One batch holds every scale, so each matrix is also scaled alone."""
+    needs_kernels(device)
+    fn = ops.lowrank_sparse if impl == "ext" else lsef_ref.lowrank_sparse
+    L0, S0 = planted(4, n=24, dtype=torch.float64)
+    X = (L0 + S0)[:16]
+    scales = [1e-30, 1e-10, 1e10, 1e30] if dtype == torch.float32 else [1e-300, 1e-150, 1e300]
+    c = torch.tensor([1.0] + scales, dtype=torch.float64)[:, None, None]
+    batch = (X * c).to(dtype=dtype, device=device)
+    if isinstance(noise, float):
+        # the noise level is absolute: every matrix gets the one at its own scale
+        Ls, Ss = zip(*(fn(batch[i], 4, noise=noise * c[i].item()) for i in range(len(c))))
+        L, S = torch.stack(Ls), torch.stack(Ss)
+    else:
+        L, S = fn(batch, 4, noise=noise)
+    assert torch.isfinite(L).all() and torch.isfinite(S).all()
+    atol = 1e3 * torch.finfo(dtype).eps * X.abs().max().item()
+    L, S = L.cpu().double() / c, S.cpu().double() / c
+    torch.testing.assert_close(L, L[:1].expand_as(L), rtol=0, atol=atol)
+    torch.testing.assert_close(S, S[:1].expand_as(S), rtol=0, atol=atol)
+
+
 def test_torch_compile_fullgraph_unrolled_and_rpca():
     """The unrolled method traces whole and matches eager; rpca's data-dependent stopping test
     does not trace under fullgraph (README says so) and compiles with a graph break without it."""

@@ -115,20 +115,31 @@ def mad_sigma(R: Tensor) -> float:
     return 1.4826 * R.abs().median().item()
 
 
+def _pow2(X: Tensor) -> float:
+    """The power of two that brings max |X| into [1, 2) (1 for a zero or non-finite X)."""
+    amax = X.abs().max().item()
+    if not (amax > 0 and math.isfinite(amax)):
+        return 1.0
+    limit = math.frexp(torch.finfo(X.dtype).max)[1] - 2
+    return math.ldexp(1.0, max(-limit, min(limit, 1 - math.frexp(amax)[1])))
+
+
 def _one(X: Tensor, k: int, lam, n_steps: Optional[int], noise):
-    """lowrank_sparse(method="rpca") of one matrix."""
+    """lowrank_sparse(method="rpca") of one matrix, solved for X scaled by a power of two (exact;
+    the solvers are scale-equivariant) so that no norm under- or overflows."""
     max_iter = n_steps or RPCA_MAX_ITER
+    c = _pow2(X)
+    X = X * c
     if noise is None or (not isinstance(noise, str) and noise == 0):
         L, S, _ = rpca_ialm(X, k, lam, max_iter=max_iter)
-        return L, S
-    if noise == "auto":  # the noise level from the exact solution's residual
+    elif noise == "auto":  # the noise level from the exact solution's residual
         m, n = X.shape
         L, _, _ = rpca_ialm(X, k, max_iter=max_iter)
         sigma = mad_sigma(X - L) * math.sqrt(m * n / max(1, (m - k) * (n - k)))
         L, S, _ = stable_pcp(X, k, sigma, lam, max_iter)
-        return L, S
-    L, S, _ = stable_pcp(X, k, float(noise), lam, max_iter)
-    return L, S
+    else:
+        L, S, _ = stable_pcp(X, k, float(noise) * c, lam, max_iter)
+    return L / c, S / c
 
 
 def lowrank_sparse(
