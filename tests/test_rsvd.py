@@ -472,6 +472,13 @@ def test_torch_compile_fullgraph():
 # ---- bad input ---------------------------------------------------------------------------
 
 
+def test_huge_oversample_is_the_exact_path():
+    """k + oversample once overflowed int64 (2**63 - 1 gave std::vector's length error)."""
+    A = torch.randn(2, 6, 9, dtype=torch.float64)
+    for a, b in zip(ops.rsvd(A, 2, oversample=2**63 - 1), ops.rsvd(A, 2, oversample=6)):
+        assert torch.equal(a, b)
+
+
 def test_bad_input():
     A = torch.randn(2, 6, 9)
     with pytest.raises(

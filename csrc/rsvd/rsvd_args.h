@@ -27,7 +27,8 @@ inline Shape check(const char* op, const at::Tensor& A, int64_t k, int64_t overs
                     "] for A of shape ", A.sizes(), ", got ", k);
   TORCH_CHECK_VALUE(oversample >= 0, op, ": oversample must be >= 0, got ", oversample);
   TORCH_CHECK_VALUE(n_iter >= 0, op, ": n_iter must be >= 0, got ", n_iter);
-  Shape s{1, m, n, k, std::min(k + oversample, mn)};
+  // l = min(k + oversample, mn), without overflowing for a huge oversample.
+  Shape s{1, m, n, k, oversample >= mn - k ? mn : k + oversample};
   for (int64_t d = 0; d < A.dim() - 2; ++d) s.batch *= A.size(d);
   return s;
 }
