@@ -30,6 +30,35 @@ __all__ = [
 ]
 
 
+# --------------------------------------------------------------------------------------------
+# argument checks shared by the Python layers (nn, optim and data use them too)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_tensor(where: str, name: str, value) -> None:
+    """A TypeError naming ``name`` unless ``value`` is a tensor."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{where}: {name} must be a tensor, got {type(value).__name__}")
+
+
+def _check_int(where: str, name: str, value, minimum: Optional[int] = None) -> None:
+    """A TypeError unless ``value`` is an integer (``bool`` is not one here), then a ValueError
+    if it is below ``minimum``. A symbolic integer (``torch.SymInt``, under tracing) passes: the
+    kernels' own checks see its value."""
+    if isinstance(value, torch.SymInt):
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: {name} must be an integer, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{where}: {name} must be >= {minimum}, got {value}")
+
+
+def _check_number(where: str, name: str, value) -> None:
+    """A TypeError unless ``value`` is a real number (``bool`` is not one here)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: {name} must be a number, got {type(value).__name__} {value!r}")
+
+
 def _as_tensor(value: Scalar, like: Tensor, op: str, name: str) -> Tensor:
     """Python numbers become 0-d tensors of ``like``'s dtype and device; tensors pass through
     unchanged (the op checks their dtype and device); anything else is a TypeError naming the
@@ -69,9 +98,13 @@ def soft_threshold(X: Tensor, L: Optional[Tensor], lam: Scalar, hard: bool = Fal
         matching outputs, and so does NaN in ``lam`` when soft; when hard, an entry whose
         ``lam`` is NaN is 0 (the test ``|R| > lam`` is false). Nothing else is affected.
     """
-    return torch.ops.lsef.soft_threshold.default(
-        X, L, _as_tensor(lam, X, "soft_threshold", "lam"), hard
-    )
+    op = "soft_threshold"
+    _check_tensor(op, "X", X)
+    if L is not None and not isinstance(L, Tensor):
+        raise TypeError(f"{op}: L must be a tensor or None, got {type(L).__name__}")
+    if not isinstance(hard, bool):
+        raise TypeError(f"{op}: hard must be a bool, got {type(hard).__name__} {hard!r}")
+    return torch.ops.lsef.soft_threshold.default(X, L, _as_tensor(lam, X, op, "lam"), hard)
 
 
 def _broadcastable(shape: Sequence[int], target: Sequence[int]) -> bool:
@@ -81,16 +114,33 @@ def _broadcastable(shape: Sequence[int], target: Sequence[int]) -> bool:
 
 
 def _check_soft_threshold(op: str, X: Tensor, L: Optional[Tensor], lam: Tensor) -> None:
-    torch._check(X.dtype.is_floating_point, lambda: f"{op}: X must be a floating-point tensor")
-    if L is not None:
-        torch._check(
-            L.shape == X.shape, lambda: f"{op}: L must have the shape of X {list(X.shape)}"
-        )
-        torch._check(L.dtype == X.dtype, lambda: f"{op}: L must have the dtype of X ({X.dtype})")
-        torch._check(L.device == X.device, lambda: f"{op}: L must be on the device of X")
-    torch._check(lam.dtype == X.dtype, lambda: f"{op}: lam must have the dtype of X ({X.dtype})")
-    torch._check(lam.device == X.device, lambda: f"{op}: lam must be on the device of X")
+    """The kernels' checks, messages and exception types (shapes: ValueError; dtypes and
+    devices: RuntimeError), for the fake kernels."""
     torch._check(
+        X.dtype.is_floating_point, lambda: f"{op}: X must be a floating-point tensor, got {X.dtype}"
+    )
+    if L is not None:
+        torch._check_value(
+            L.shape == X.shape,
+            lambda: f"{op}: L must have the shape of X {list(X.shape)}, got {list(L.shape)}",
+        )
+        torch._check(
+            L.dtype == X.dtype,
+            lambda: f"{op}: L must have the dtype of X ({X.dtype}), got {L.dtype}",
+        )
+        torch._check(
+            L.device == X.device,
+            lambda: f"{op}: L must be on the device of X ({X.device}), got {L.device}",
+        )
+    torch._check(
+        lam.dtype == X.dtype,
+        lambda: f"{op}: lam must have the dtype of X ({X.dtype}), got {lam.dtype}",
+    )
+    torch._check(
+        lam.device == X.device,
+        lambda: f"{op}: lam must be on the device of X ({X.device}), got {lam.device}",
+    )
+    torch._check_value(
         _broadcastable(lam.shape, X.shape),
         lambda: (
             f"{op}: lam of shape {list(lam.shape)} is not broadcastable to X of shape "
@@ -153,8 +203,11 @@ def rank_scale(G: Tensor, U: Tensor, alpha: Scalar, beta: Scalar) -> Tensor:
         ``G'`` of ``G``'s shape, contiguous. Gradients flow to ``G``, ``U``, ``alpha`` and
         ``beta``.
     """
+    op = "rank_scale"
+    _check_tensor(op, "G", G)
+    _check_tensor(op, "U", U)
     return torch.ops.lsef.rank_scale.default(
-        G, U, _as_tensor(alpha, G, "rank_scale", "alpha"), _as_tensor(beta, G, "rank_scale", "beta")
+        G, U, _as_tensor(alpha, G, op, "alpha"), _as_tensor(beta, G, op, "beta")
     )
 
 
@@ -166,6 +219,8 @@ def _check_rank_scale(
     rank_aware_grad_scale (``op``, with ``g`` naming its first argument). Plain Python, so that
     torch.compile traces them."""
     batch = list(G.shape[:-2])
+    if not G.dtype.is_floating_point:
+        raise RuntimeError(f"{op}: {g} must be a floating-point tensor, got {G.dtype}")
     if G.dim() < 2:
         raise ValueError(
             f"{op}: {g} must have at least 2 dimensions (*, m, n), got shape {list(G.shape)}"
@@ -283,8 +338,14 @@ def rank_aware_grad_scale(x: Tensor, U: Tensor, alpha: Scalar, beta: Scalar) -> 
     the forward, rather than when the gradient arrives.
     """
     op = "rank_aware_grad_scale"
+    _check_tensor(op, "x", x)
+    _check_tensor(op, "U", U)
     alpha, beta = _as_tensor(alpha, x, op, "alpha"), _as_tensor(beta, x, op, "beta")
     _check_rank_scale(x, U, alpha, beta, op, "x")
+    # The backward runs rank_scale on a gradient of x's dtype: a dtype its CPU kernel lacks is
+    # reported now, under this op's name, rather than from rank_scale during the backward.
+    if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(f"{op}: x must be float32 or float64 on the CPU, got {x.dtype}")
     return _RankAwareGradScale.apply(x, U, alpha, beta)
 
 
@@ -312,6 +373,7 @@ def rsvd(A: Tensor, k: int, oversample: int = 8, n_iter: int = 2, seed: int = 0)
     values taken as zero: exact where ``rank(A) <= k`` or ``k == min(m, n)``, an approximation
     elsewhere; close, repeated and zero singular values are regularised (docs/DESIGN.md §6).
     """
+    _check_rsvd_types("rsvd", A, k, oversample, n_iter, seed)
     return torch.ops.lsef.rsvd.default(A, k, oversample, n_iter, seed)
 
 
@@ -323,17 +385,35 @@ def lowrank(A: Tensor, k: int, oversample: int = 8, n_iter: int = 2, seed: int =
     ``P_U G + G P_V - P_U G P_V`` (exact where ``rank(A) <= k``): no division by singular-value
     gaps, so it is stable where ``rsvd``'s is not.
     """
+    _check_rsvd_types("lowrank", A, k, oversample, n_iter, seed)
     return torch.ops.lsef.lowrank.default(A, k, oversample, n_iter, seed)[0]
 
 
-def _check_rsvd(A: Tensor, k: int, oversample: int, n_iter: int) -> None:
-    op = "rsvd"
-    torch._check(A.dtype.is_floating_point, lambda: f"{op}: A must be a floating-point tensor")
-    torch._check(A.dim() >= 2, lambda: f"{op}: A must have at least 2 dimensions (*, m, n)")
+def _check_rsvd_types(op: str, A, k, oversample, n_iter, seed) -> None:
+    """TypeErrors naming the argument (the kernels check the values)."""
+    _check_tensor(op, "A", A)
+    for name, value in (("k", k), ("oversample", oversample), ("n_iter", n_iter), ("seed", seed)):
+        _check_int(op, name, value)
+
+
+def _check_rsvd(A: Tensor, k: int, oversample: int, n_iter: int, op: str = "rsvd") -> None:
+    """The kernels' checks, messages and exception types, for the fake kernels."""
+    torch._check(
+        A.dtype.is_floating_point, lambda: f"{op}: A must be a floating-point tensor, got {A.dtype}"
+    )
+    torch._check_value(
+        A.dim() >= 2,
+        lambda: f"{op}: A must have at least 2 dimensions (*, m, n), got shape {list(A.shape)}",
+    )
     mn = min(A.shape[-2], A.shape[-1])
-    torch._check(1 <= k <= mn, lambda: f"{op}: k must be in [1, min(m, n)] = [1, {mn}]")
-    torch._check(oversample >= 0, lambda: f"{op}: oversample must be >= 0")
-    torch._check(n_iter >= 0, lambda: f"{op}: n_iter must be >= 0")
+    torch._check_value(
+        1 <= k <= mn,
+        lambda: (
+            f"{op}: k must be in [1, min(m, n)] = [1, {mn}] for A of shape {list(A.shape)}, got {k}"
+        ),
+    )
+    torch._check_value(oversample >= 0, lambda: f"{op}: oversample must be >= 0, got {oversample}")
+    torch._check_value(n_iter >= 0, lambda: f"{op}: n_iter must be >= 0, got {n_iter}")
 
 
 def _rsvd_shapes(A: Tensor, k: int):
@@ -349,7 +429,7 @@ def _rsvd_fake(A, k, oversample=8, n_iter=2, seed=0):
 
 @torch.library.register_fake("lsef::lowrank")
 def _lowrank_fake(A, k, oversample=8, n_iter=2, seed=0):
-    _check_rsvd(A, k, oversample, n_iter)
+    _check_rsvd(A, k, oversample, n_iter, "lowrank")
     U, _, V = _rsvd_shapes(A, k)
     return A.new_empty(A.shape), U, V
 
@@ -432,13 +512,55 @@ def lowrank_sparse(
     ``sigma sqrt(2 log(m n))`` with ``sigma = 1.4826 median |X - lowrank(X, k)|`` (no gradient).
 
     The algorithms are in :mod:`lsef_ext.rpca`, written over this module's ops.
+
+    Raises:
+        TypeError: ``X`` not a tensor; ``k`` or ``n_steps`` not an integer; ``lam`` neither
+            None, a number nor a tensor.
+        ValueError: ``X`` with fewer than 2 dimensions or an empty matrix; ``k`` outside
+            ``[1, min(m, n)]``; a number ``lam`` below 0 or NaN; ``n_steps < 1``; an unknown
+            ``method`` or ``noise``.
+        RuntimeError: ``X`` not floating-point; ``method="rpca"`` on an ``X`` that requires
+            a gradient with grad mode on.
     """
+    _check_lowrank_sparse(X, k, lam, n_steps)
     if method == "rpca" and torch.is_grad_enabled() and X.requires_grad:
         raise RuntimeError(
             "lowrank_sparse(method='rpca') is not differentiable; call it under torch.no_grad() "
             "or use method='unrolled'"
         )
     return _rpca.lowrank_sparse(sys.modules[__name__], X, k, lam, n_steps, method, noise)
+
+
+def _check_lowrank_sparse(X, k, lam, n_steps) -> None:
+    """The argument checks of lowrank_sparse (``method`` and ``noise`` are checked in
+    :mod:`lsef_ext.rpca`); on arguments and shapes only, never on tensor values."""
+    op = "lowrank_sparse"
+    _check_tensor(op, "X", X)
+    if X.dim() < 2:
+        raise ValueError(
+            f"{op}: X must have at least 2 dimensions (*, m, n), got shape {list(X.shape)}"
+        )
+    if not X.dtype.is_floating_point:
+        raise RuntimeError(f"{op}: X must be a floating-point tensor, got {X.dtype}")
+    m, n = X.shape[-2:]
+    if m == 0 or n == 0:
+        raise ValueError(f"{op}: X must have matrices of m, n >= 1, got shape {list(X.shape)}")
+    _check_int(op, "k", k)
+    if not isinstance(k, torch.SymInt) and not 1 <= k <= min(m, n):
+        raise ValueError(
+            f"{op}: k must be in [1, min(m, n)] = [1, {min(m, n)}] for X of shape "
+            f"{list(X.shape)}, got {k}"
+        )
+    if lam is not None and not isinstance(lam, Tensor):
+        if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+            raise TypeError(
+                f"{op}: lam must be None, a number >= 0 or a tensor, got {type(lam).__name__} "
+                f"{lam!r}"
+            )
+        if not lam >= 0:
+            raise ValueError(f"{op}: lam must be a number >= 0, got {lam}")
+    if n_steps is not None:
+        _check_int(op, "n_steps", n_steps, 1)
 
 
 # --------------------------------------------------------------------------------------------
