@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "rsvd/rsvd_args.h"
+#include "rsvd/rsvd_host.h"
 
 namespace lsef {
 namespace rsvd {
@@ -57,9 +58,14 @@ at::Tensor regularisation_scale(const at::Tensor& S) {
 // F_ij = E / (E^2 + tau^2) with E = s_j^2 - s_i^2, 1/s = s / (s^2 + tau_s^2), tau_s = sqrt(eps)
 // s_max, tau = tau_s^2: finite for repeated and zero singular values, unchanged to O(eps)
 // relative error where gaps are O(s_max^2).
+// Scale: every term but diag(gS) is homogeneous of degree -1 in S, so it is computed from
+// S w (w the power of two that brings s_max into [1, 2): exact) and multiplied by w; squares
+// of S itself would overflow from s ~ 1e19 in float32 and underflow below 1e-19.
 at::Tensor rsvd_backward(const std::optional<at::Tensor>& gU, const std::optional<at::Tensor>& gS,
                          const std::optional<at::Tensor>& gV, const at::Tensor& U,
-                         const at::Tensor& S, const at::Tensor& V) {
+                         const at::Tensor& S_in, const at::Tensor& V) {
+  const at::Tensor w = unit_scale(std::get<0>(S_in.max(-1, true))).unsqueeze(-1);  // (*, 1, 1)
+  const at::Tensor S = S_in * w.squeeze(-1);
   const at::Tensor tau_s = regularisation_scale(S);  // (*, 1)
   const at::Tensor s2 = S * S;
   const at::Tensor E = s2.unsqueeze(-2) - s2.unsqueeze(-1);  // E[i, j] = s_j^2 - s_i^2
@@ -69,7 +75,7 @@ at::Tensor rsvd_backward(const std::optional<at::Tensor>& gU, const std::optiona
   const at::Tensor F = at::where(E != 0, E / (E * E + tau2 * tau2), zero);  // 0 on the diagonal
   const at::Tensor S_inv = at::where(S > 0, S / (s2 + tau_s * tau_s), zero);
 
-  at::Tensor inner = gS.has_value() ? at::diag_embed(*gS) : at::zeros_like(E);
+  at::Tensor inner = at::zeros_like(E);
   at::Tensor outer;  // terms outside span(U) x span(V)
   if (gU.has_value()) {
     const at::Tensor UtgU = at::matmul(U.mT(), *gU);
@@ -84,8 +90,10 @@ at::Tensor rsvd_backward(const std::optional<at::Tensor>& gU, const std::optiona
     const at::Tensor term = at::matmul(U * S_inv.unsqueeze(-2), gV_perp.mT());
     outer = outer.defined() ? outer + term : term;
   }
+  inner = inner * w;
+  if (gS.has_value()) inner = inner + at::diag_embed(*gS);
   at::Tensor dA = at::matmul(at::matmul(U, inner), V.mT());
-  return outer.defined() ? dA + outer : dA;
+  return outer.defined() ? dA + outer * w : dA;
 }
 
 at::Tensor lowrank_backward(const at::Tensor& grad, const at::Tensor& U, const at::Tensor& V) {

@@ -39,24 +39,43 @@ int64_t env_int(const char* name, int64_t fallback) {
 
 namespace {
 
-// rescale_shift (rescale.h) of every matrix's largest magnitude amax (B,), as int64 (B,).
-at::Tensor rescale_shifts(const at::Tensor& amax) {
-  const bool f32 = amax.scalar_type() == at::kFloat;
-  const double lo = f32 ? ScaleBand<float>::lo : ScaleBand<double>::lo;
-  const double hi = f32 ? ScaleBand<float>::hi : ScaleBand<double>::hi;
-  const int64_t lim = f32 ? ScaleBand<float>::max_shift : ScaleBand<double>::max_shift;
-  const at::Tensor e = std::get<1>(at::frexp(amax)).to(at::kLong);
-  const at::Tensor keep = (amax == 0) | ((amax >= lo) & (amax <= hi)) | ~at::isfinite(amax);
-  return at::where(keep, at::zeros({}, e.options()), (1 - e).clamp(-lim, lim));
-}
-
-// 2^s for integer s with 2^s normal, built from its bits (exact on every backend).
+// 2^s for integer s with 2^s normal in `acc` (float or double), built from its bits: exact on
+// every backend.
 at::Tensor pow2(const at::Tensor& s, at::ScalarType acc) {
   if (acc == at::kFloat) return at::bitwise_left_shift(s + 127, 23).to(at::kInt).view(at::kFloat);
   return at::bitwise_left_shift(s + 1023, 52).view(at::kDouble);
 }
 
+// rescale_shift (rescale.h) of every matrix's largest magnitude amax, as int64; with
+// band = false, the shift that brings every nonzero finite amax into [1, 2).
+at::Tensor shifts(const at::Tensor& amax, bool band, int64_t lim) {
+  const bool f32 = amax.scalar_type() == at::kFloat;
+  const double lo = f32 ? ScaleBand<float>::lo : ScaleBand<double>::lo;
+  const double hi = f32 ? ScaleBand<float>::hi : ScaleBand<double>::hi;
+  const at::Tensor e = std::get<1>(at::frexp(amax)).to(at::kLong);
+  at::Tensor keep = (amax == 0) | ~at::isfinite(amax);
+  if (band) keep = keep | ((amax >= lo) & (amax <= hi));
+  return at::where(keep, at::zeros({}, e.options()), (1 - e).clamp(-lim, lim));
+}
+
+int64_t max_shift(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble:
+      return ScaleBand<double>::max_shift;
+    case at::kHalf:
+      return 14;  // 2^+-14 are normal float16 numbers
+    default:
+      return ScaleBand<float>::max_shift;  // float32, bfloat16
+  }
+}
+
 }  // namespace
+
+at::Tensor unit_scale(const at::Tensor& amax) {
+  const at::ScalarType work = amax.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor s = shifts(amax.to(work), false, max_shift(amax.scalar_type()));
+  return pow2(s, work).to(amax.scalar_type());
+}
 
 Projection project(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor& omega_t,
                    at::ScalarType acc, const Orthonormalize& orth) {
@@ -70,7 +89,7 @@ Projection project(const at::Tensor& A, const Shape& sh, int64_t n_iter, const a
   pr.finite = at::isfinite(A3).flatten(1).all(1).contiguous();
   const at::Tensor clean = at::where(pr.finite.view({-1, 1, 1}), A3, at::zeros({}, A3.options()));
   const at::Tensor shift =
-      rescale_shifts(at::linalg_vector_norm(clean, INFINITY, at::IntArrayRef{1, 2}));
+      shifts(at::linalg_vector_norm(clean, INFINITY, at::IntArrayRef{1, 2}), true, max_shift(acc));
   pr.unscale = pow2(-shift, acc);
   // On the CPU a look at the shifts is free and saves a pass over A for the usual all-zero case;
   // on a GPU it would be a host sync, so the (cheap, elementwise) product is always taken.

@@ -25,6 +25,10 @@ at::Tensor test_matrix_t(int64_t q, int64_t l, int64_t seed, at::ScalarType dtyp
 // paths inside one process.
 int64_t env_int(const char* name, int64_t fallback);
 
+// The power of two w, elementwise, with amax * w in [1, 2) (1 where amax is zero or not finite;
+// w and 1 / w normal numbers of amax's dtype): exact scaling for scale-equivariant formulas.
+at::Tensor unit_scale(const at::Tensor& amax);
+
 // Householder-orthonormalises every matrix of Y (B, p, l); returns Q (B, p, l).
 using Orthonormalize = std::function<at::Tensor(const at::Tensor&)>;
 
