@@ -10,6 +10,7 @@ each is written out in docs/DESIGN.md §10. Each LSEF module takes ``ops="ext"``
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import get_ops
+from .ops import _check_int, _check_number, _check_tensor, get_ops
 
 __all__ = [
     "get_ops",
@@ -33,11 +34,40 @@ __all__ = [
 ]
 
 
-def _check_input(module: str, X: Tensor, D: int) -> None:
+def _check_input(module: str, X: Tensor, D: int, name: str = "X") -> None:
+    """The input of a module's forward: a floating-point tensor (B, T, D) with T >= 2 (shape
+    and dtype only, never values). B = 0 is allowed: the output is empty too."""
+    _check_tensor(module, name, X)
+    if not X.dtype.is_floating_point:
+        raise TypeError(f"{module}: {name} must be a floating-point tensor, got {X.dtype}")
     if X.dim() != 3 or X.shape[-1] != D:
-        raise ValueError(f"{module}: expected X of shape (B, T, {D}), got {tuple(X.shape)}")
+        raise ValueError(f"{module}: expected {name} of shape (B, T, {D}), got {tuple(X.shape)}")
     if X.shape[1] < 2:
         raise ValueError(f"{module}: needs at least 2 frames, got T = {X.shape[1]}")
+
+
+def _check_sizes(module: str, **sizes) -> None:
+    """Each size an integer >= 1 (TypeError, ValueError naming it)."""
+    for name, value in sizes.items():
+        _check_int(module, name, value, 1)
+
+
+def _check_task(module: str, task) -> None:
+    if task not in ("classification", "regression"):
+        raise ValueError(f"{module}: task must be 'classification' or 'regression', got {task!r}")
+
+
+def _check_dropout(module: str, dropout) -> None:
+    _check_number(module, "dropout", dropout)
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"{module}: dropout must be in [0, 1], got {dropout}")
+
+
+def _check_positive(module: str, name: str, value) -> None:
+    """A finite number > 0."""
+    _check_number(module, name, value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{module}: {name} must be a finite number > 0, got {value}")
 
 
 def _inverse_softplus(y: float) -> float:
@@ -86,10 +116,10 @@ class SEM(nn.Module):
         ops: str = "ext",
     ):
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"SEM: rank must be >= 1, got {rank}")
-        if rpca_steps < 0:
-            raise ValueError(f"SEM: rpca_steps must be >= 0, got {rpca_steps}")
+        _check_sizes("SEM", d_in=d_in, d_model=d_model, rank=rank)
+        _check_int("SEM", "rpca_steps", rpca_steps, 0)
+        if rpca_lam is not None:
+            _check_positive("SEM", "rpca_lam", rpca_lam)
         self.d_in, self.d_model, self.rank, self.rpca_steps = d_in, d_model, rank, rpca_steps
         self.rpca_lam = rpca_lam
         self.ops = get_ops(ops)
@@ -151,10 +181,14 @@ class DDM(nn.Module):
         ops: str = "ext",
     ):
         super().__init__()
-        if refine < 0:
-            raise ValueError(f"DDM: refine must be >= 0, got {refine}")
-        if lam_init <= 0 or sat_init <= 0:
-            raise ValueError(f"DDM: lam_init and sat_init must be > 0, got {lam_init}, {sat_init}")
+        _check_sizes("DDM", d_in=d_in, d_model=d_model, rank=rank)
+        _check_int("DDM", "refine", refine, 0)
+        _check_number("DDM", "lam_init", lam_init)
+        _check_number("DDM", "sat_init", sat_init)
+        if not all(v > 0 and math.isfinite(v) for v in (lam_init, sat_init)):
+            raise ValueError(
+                f"DDM: lam_init and sat_init must be > 0 and finite, got {lam_init}, {sat_init}"
+            )
         self.d_in, self.d_model, self.rank, self.refine = d_in, d_model, rank, refine
         self.ops = get_ops(ops)
         self.theta = nn.Parameter(torch.full((d_in,), _inverse_softplus(lam_init)))
@@ -170,6 +204,7 @@ class DDM(nn.Module):
 
     def forward(self, X: Tensor, L: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         _check_input("DDM", X, self.d_in)
+        _check_tensor("DDM", "L", L)
         if L.shape != X.shape:
             raise ValueError(f"DDM: L must have X's shape {tuple(X.shape)}, got {tuple(L.shape)}")
         sigma = robust_scale(X - L).to(X.dtype)
@@ -208,6 +243,14 @@ class CIM(nn.Module):
 
     def __init__(self, d_model: int = 64, scales: Sequence[int] = (1, 2, 4)):
         super().__init__()
+        _check_sizes("CIM", d_model=d_model)
+        if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence):
+            raise TypeError(
+                f"CIM: scales must be a sequence of positive integers, got "
+                f"{type(scales).__name__} {scales!r}"
+            )
+        if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in scales):
+            raise TypeError(f"CIM: scales must be positive integers, got {tuple(scales)}")
         if not scales or any(s < 1 for s in scales):
             raise ValueError(f"CIM: scales must be positive integers, got {tuple(scales)}")
         self.d_model, self.scales = d_model, tuple(scales)
@@ -231,7 +274,12 @@ class CIM(nn.Module):
         return torch.where(hi >= -lo, hi, lo)
 
     def forward(self, ZL: Tensor, ZS: Tensor) -> Tuple[Tensor, Tensor]:
-        _check_input("CIM", ZL, self.d_model)
+        _check_input("CIM", ZL, self.d_model, "Z_L")
+        _check_tensor("CIM", "Z_S", ZS)
+        if ZS.shape != ZL.shape:
+            raise ValueError(
+                f"CIM: Z_S must have Z_L's shape {tuple(ZL.shape)}, got {tuple(ZS.shape)}"
+            )
         hs = []
         for s in self.scales:
             Ls, Ss = self._pool(ZL, s, False), self._pool(ZS, s, True)
@@ -274,6 +322,12 @@ class LSEF(nn.Module):
       agreement term is absent.
 
     ``loss_weights`` weigh (recon, sparsity, agreement) in :meth:`regulariser`.
+
+    Sizes (``d_in``, ``num_classes``, ``d_model``, ``rank``) must be integers >= 1; a bad
+    argument raises TypeError or ValueError naming it (and the part, SEM, DDM or CIM, that
+    checks it). An empty batch (``B = 0``) is valid: ``pred`` is ``(0, num_classes)`` (or
+    ``(0, 2)``), ``L`` and ``S`` are ``(0, T, d_in)``, and the consistency terms, sums over no
+    clips, are 0 (means over nothing would be NaN and would poison a loss they are added to).
     """
 
     def __init__(
@@ -295,8 +349,25 @@ class LSEF(nn.Module):
         ops: str = "ext",
     ):
         super().__init__()
-        if task not in ("classification", "regression"):
-            raise ValueError(f"LSEF: task must be 'classification' or 'regression', got {task!r}")
+        _check_task("LSEF", task)
+        _check_sizes("LSEF", num_classes=num_classes)
+        _check_dropout("LSEF", dropout)
+        if isinstance(loss_weights, (str, bytes)) or not isinstance(loss_weights, Sequence):
+            raise TypeError(
+                "LSEF: loss_weights must be a sequence of three numbers (recon, sparsity, "
+                f"agreement), got {type(loss_weights).__name__}"
+            )
+        if len(loss_weights) != 3:
+            raise ValueError(
+                "LSEF: loss_weights must be three numbers (recon, sparsity, agreement), got "
+                f"{len(loss_weights)}: {tuple(loss_weights)}"
+            )
+        for w in loss_weights:
+            _check_number("LSEF", "each of loss_weights", w)
+            if not (w >= 0 and math.isfinite(w)):
+                raise ValueError(
+                    f"LSEF: loss_weights must be finite numbers >= 0, got {tuple(loss_weights)}"
+                )
         self.task, self.d_in, self.d_model = task, d_in, d_model
         self.use_sem, self.use_ddm, self.use_cim = use_sem, use_ddm, use_cim
         self.loss_weights = tuple(loss_weights)
@@ -333,10 +404,12 @@ class LSEF(nn.Module):
         else:
             S = X - L
             ZS, transient = self.sparse_proj(S), torch.zeros_like(tone)
-        terms = {"recon": (X - L - S).pow(2).mean(), "sparsity": S.abs().mean()}
+        # An empty batch: sums over no clips (0) where the means would be NaN.
+        reduce = torch.mean if X.shape[0] else torch.sum
+        terms = {"recon": reduce((X - L - S).pow(2)), "sparsity": reduce(S.abs())}
         if self.use_cim:
             fused, H = self.cim(ZL, ZS)
-            terms["agreement"] = CIM.agreement(H)
+            terms["agreement"] = CIM.agreement(H) if X.shape[0] else (H - H.mean(0)).pow(2).sum()
         else:
             fused = self.plain(torch.cat([ZL.mean(1), ZS.mean(1)], -1))
         pred = self.head(torch.cat([tone, transient, fused], -1))
@@ -365,6 +438,9 @@ class MeanPoolMLP(nn.Module):
         dropout: float = 0.1,
     ):
         super().__init__()
+        _check_sizes("MeanPoolMLP", d_in=d_in, num_classes=num_classes, hidden=hidden)
+        _check_task("MeanPoolMLP", task)
+        _check_dropout("MeanPoolMLP", dropout)
         self.d_in, self.task = d_in, task
         out = num_classes if task == "classification" else 2
         self.net = nn.Sequential(
@@ -399,6 +475,23 @@ class TemporalTransformer(nn.Module):
         dropout: float = 0.1,
     ):
         super().__init__()
+        module = "TemporalTransformer"
+        _check_sizes(
+            module,
+            d_in=d_in,
+            num_classes=num_classes,
+            d_model=d_model,
+            layers=layers,
+            heads=heads,
+            max_T=max_T,
+        )
+        if d_model % heads:
+            raise ValueError(
+                f"{module}: d_model must be divisible by heads, got d_model = {d_model}, "
+                f"heads = {heads}"
+            )
+        _check_task(module, task)
+        _check_dropout(module, dropout)
         self.d_in, self.task, self.max_T = d_in, task, max_T
         self.embed = nn.Linear(d_in, d_model)
         self.pos = nn.Parameter(torch.zeros(max_T, d_model))

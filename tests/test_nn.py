@@ -505,7 +505,7 @@ def test_bad_inputs():
         SEM(D, DM)(torch.randn(2, 5, D + 1))
     with pytest.raises(ValueError, match="DDM: L must have X's shape"):
         DDM(D, DM)(torch.randn(2, 5, D), torch.randn(2, 4, D))
-    with pytest.raises(ValueError, match="CIM: expected X of shape"):
+    with pytest.raises(ValueError, match="CIM: expected Z_L of shape"):
         CIM(DM)(torch.randn(2, 5, DM + 1), torch.randn(2, 5, DM + 1))
     with pytest.raises(ValueError, match="MeanPoolMLP: needs at least 2 frames"):
         build_model("meanpool-mlp", D, 7)(torch.randn(2, 1, D))
