@@ -31,15 +31,28 @@ the reasoning and the ablation that measures it.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
-from .ops import get_ops
+from .ops import _check_int, _check_number, get_ops
 
 __all__ = ["RAO"]
+
+# State entries that torch's SGD, Adam, AdamW, RMSprop and Adagrad keep in the shape of their
+# parameter: load_state_dict compares them with the parameters before it loads anything.
+_PARAM_SHAPED_STATE = (
+    "momentum_buffer",
+    "exp_avg",
+    "exp_avg_sq",
+    "max_exp_avg_sq",
+    "square_avg",
+    "grad_avg",
+    "sum",
+)
 
 
 class RAO(torch.optim.Optimizer):
@@ -52,8 +65,9 @@ class RAO(torch.optim.Optimizer):
         update_every: steps between recomputations of ``U``.
         momentum: ``μ`` of the gradient average ``M`` and of ``ρ̄``.
         strength: how far the non-stable part may be damped (``beta ≥ 1 − strength``).
-        alpha_max: cap on ``alpha``.
-        min_size: matrices whose smaller side is below this are left alone.
+        alpha_max: cap on ``alpha`` (``>= 1``; ``float("inf")`` for no cap).
+        min_size: matrices whose smaller side is below this are left alone (``>= 2``: a
+            matrix needs a smaller side of 2 for a subspace of rank >= 1).
         ops: ``"ext"`` (compiled kernels) or ``"ref"`` (lsef_ref), as for the modules.
 
     ``stats()`` reports the current ``alpha``, ``beta`` and ``ρ̄`` of every scaled parameter.
@@ -74,15 +88,16 @@ class RAO(torch.optim.Optimizer):
             raise TypeError(
                 f"RAO: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        if rank < 1:
-            raise ValueError(f"RAO: rank must be >= 1, got {rank}")
-        if update_every < 1:
-            raise ValueError(f"RAO: update_every must be >= 1, got {update_every}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"RAO: momentum must be in [0, 1), got {momentum}")
-        if not 0.0 <= strength < 1.0:
-            raise ValueError(f"RAO: strength must be in [0, 1), got {strength}")
-        if alpha_max < 1.0:
+        # Checked here, not at the first step: integers are integers, numbers are not NaN.
+        _check_int("RAO", "rank", rank, 1)
+        _check_int("RAO", "update_every", update_every, 1)
+        _check_int("RAO", "min_size", min_size, 2)
+        for name, value in (("momentum", momentum), ("strength", strength)):
+            _check_number("RAO", name, value)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"RAO: {name} must be in [0, 1), got {value}")
+        _check_number("RAO", "alpha_max", alpha_max)
+        if not alpha_max >= 1.0:  # NaN too
             raise ValueError(f"RAO: alpha_max must be >= 1, got {alpha_max}")
         self.optimizer = optimizer
         self.rank, self.update_every, self.momentum = rank, update_every, momentum
@@ -205,13 +220,102 @@ class RAO(torch.optim.Optimizer):
         }
         return {"optimizer": self.optimizer.state_dict(), "rao": rao, "step": self._step}
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        if not {"optimizer", "rao", "step"} <= set(state_dict):
+    def _check_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Everything :meth:`load_state_dict` can check before it changes anything: the layout
+        of RAO's own part and that it fits this optimizer's parameters."""
+        where = "RAO.load_state_dict"
+        if not isinstance(state_dict, dict) or not {"optimizer", "rao", "step"} <= set(state_dict):
             raise ValueError(
-                "RAO.load_state_dict: expected a state dict saved by RAO.state_dict() "
+                f"{where}: expected a state dict saved by RAO.state_dict() "
                 "(keys 'optimizer', 'rao', 'step')"
             )
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        step = state_dict["step"]
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"{where}: 'step' must be an integer >= 0, got {step!r}")
+        if not isinstance(state_dict["rao"], dict):
+            raise ValueError(
+                f"{where}: 'rao' must be a dict (parameter index -> state), got "
+                f"{type(state_dict['rao']).__name__}"
+            )
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, s in state_dict["rao"].items():
+            if (
+                isinstance(i, bool)
+                or not isinstance(i, numbers.Integral)
+                or not 0 <= i < len(params)
+            ):
+                raise ValueError(
+                    f"{where}: the state has an entry for parameter {i!r}, but this optimizer "
+                    f"has {len(params)} parameters (indices 0..{len(params) - 1}); is it "
+                    "another model's state?"
+                )
+            if not isinstance(s, dict) or not isinstance(s.get("M"), Tensor):
+                raise ValueError(
+                    f"{where}: the entry for parameter {i} lacks its gradient average 'M'"
+                )
+            p = params[i]
+            matrix = (p.shape[0], math.prod(p.shape[1:])) if p.dim() >= 2 else None
+            if tuple(s["M"].shape) != matrix:
+                raise ValueError(
+                    f"{where}: parameter {i} has shape {tuple(p.shape)} (read as the matrix "
+                    f"{matrix}), but the state's gradient average for it has shape "
+                    f"{tuple(s['M'].shape)}; is it another model's state?"
+                )
+            U = s.get("U")
+            if U is not None and (not isinstance(U, Tensor) or U.shape[0] != matrix[0]):
+                raise ValueError(
+                    f"{where}: the basis U for parameter {i} must have {matrix[0]} rows, got "
+                    f"{tuple(U.shape) if isinstance(U, Tensor) else type(U).__name__}"
+                )
+        # The wrapped optimizer's state: torch compares only the number of parameters per group,
+        # so another model's state of the same size would load and fail at the next step.
+        inner = state_dict["optimizer"]
+        if not isinstance(inner, dict) or not {"state", "param_groups"} <= set(inner):
+            raise ValueError(
+                f"{where}: 'optimizer' must be a torch optimizer's state dict (keys 'state', "
+                "'param_groups')"
+            )
+        saved = [i for g in inner["param_groups"] for i in g.get("params", ())]
+        by_saved_index = dict(zip(saved, params))
+        for i, st in inner["state"].items():
+            p = by_saved_index.get(i)
+            if p is None or not isinstance(st, dict):
+                continue  # torch's own checks report a count mismatch
+            for key in _PARAM_SHAPED_STATE:
+                t = st.get(key)
+                if isinstance(t, Tensor) and t.shape != p.shape:
+                    raise ValueError(
+                        f"{where}: the wrapped optimizer's state {key!r} for parameter "
+                        f"{saved.index(i)} has shape {tuple(t.shape)}, but the parameter has "
+                        f"shape {tuple(p.shape)}; is it another model's state?"
+                    )
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict` of an RAO over the same parameters.
+
+        Raises ValueError, naming what does not match, for a state of another kind or of
+        another model (other parameter count or shapes); nothing is changed then."""
+        self._check_state_dict(state_dict)
+        kind = type(self.optimizer).__name__
+        before = self.optimizer.state_dict()
+        try:
+            self.optimizer.load_state_dict(state_dict["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"RAO.load_state_dict: the wrapped {kind}'s state does not fit (is it another "
+                f"model's or another optimizer's state?): {e}"
+            ) from e
+        # Another optimizer's state loads without a word (its groups replace these) and fails
+        # at the next step: every hyperparameter of this optimizer must be in the loaded groups.
+        missing = sorted(
+            {k for g in self.param_groups for k in self.optimizer.defaults if k not in g}
+        )
+        if missing:
+            self.optimizer.load_state_dict(before)
+            raise ValueError(
+                f"RAO.load_state_dict: the wrapped optimizer's state lacks {kind}'s "
+                f"hyperparameter(s) {missing}; was it saved by another optimizer?"
+            )
         params = [p for g in self.param_groups for p in g["params"]]
         self._rao = {}
         for i, s in state_dict["rao"].items():
