@@ -40,6 +40,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .ops import _check_int, _check_number, _check_tensor
+
 __all__ = [
     "CLASS_NAMES",
     "CLASS_PAIRS",
@@ -122,12 +124,20 @@ def corrupt(
     ``0.05·severity`` of entries replaced by ``±4`` (several times the clean features' RMS).
     ``gaussian``: i.i.d. noise of standard deviation ``0.6·severity`` added. ``None``: a copy.
     """
+    _check_tensor("corrupt", "x", x)
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"corrupt: x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"corrupt: x must have shape (*, T, D), got {tuple(x.shape)}")
     if kind is None or kind == "clean":
         return x.clone()
     if kind not in CORRUPTIONS:
         raise ValueError(f"corrupt: kind must be one of {CORRUPTIONS} or None, got {kind!r}")
+    _check_number("corrupt", "severity", severity)
     if severity < 0:
         raise ValueError(f"corrupt: severity must be >= 0, got {severity}")
+    if not math.isfinite(severity):
+        raise ValueError(f"corrupt: severity must be finite, got {severity}")
     g = generator
     if kind == "frame_drop":
         keep = torch.rand(*x.shape[:-1], 1, generator=g) >= min(0.3 * severity, 1.0)
@@ -197,10 +207,15 @@ class SyntheticAffect(_Clips):
             raise ValueError(
                 f"SyntheticAffect: task must be 'classification' or 'regression', got {task!r}"
             )
+        for name, value in (("n_clips", n_clips), ("T", T), ("D", D), ("seed", seed)):
+            _check_int("SyntheticAffect", name, value)
         if n_clips < 1 or T < 4:
             raise ValueError(
                 f"SyntheticAffect: need n_clips >= 1 and T >= 4, got n_clips={n_clips}, T={T}"
             )
+        _check_number("SyntheticAffect", "noise", noise)
+        if not (noise >= 0 and math.isfinite(noise)):
+            raise ValueError(f"SyntheticAffect: noise must be a finite number >= 0, got {noise}")
         self.T, self.D, self.task, self.split = T, D, task, split
         world = _world(D, seed)
         g = torch.Generator().manual_seed(seed * 1_000_003 + _SPLIT_OFFSETS[split])
@@ -262,9 +277,19 @@ class FeatureFolder(_Clips):
     (centre crop, or zero padding at the end); without ``frames`` all clips must share one
     length.
 
-    Errors name the file and what was expected: a missing ``labels.csv`` or feature file, a
-    missing column, an array that is not 2-D or whose ``D`` differs from the first clip's, an
-    unknown split, or a label not in ``classes``.
+    ``labels.csv`` is read as UTF-8 (a byte-order mark is allowed). A clip name is a path
+    relative to ``features/`` without ``.npy`` (``subject1/clip3`` is fine); a name that is
+    empty, absolute or leads out of ``features/`` (``../x``) is refused. Each feature file is
+    checked once, when the folder is loaded: it must be a ``.npy`` array (read without pickle)
+    of real numbers (integer or floating; complex is refused rather than having its imaginary
+    part dropped), 2-D with ``T, D >= 1``, and finite after conversion to float32 (NaN, Inf, or
+    a value beyond float32's range is refused).
+
+    Errors name the file (and the ``labels.csv`` line where one is at fault) and what was
+    expected: a missing or unreadable ``labels.csv`` or feature file, a missing column or
+    field, a bad clip name, an array that is not 2-D or whose ``D`` differs from the first
+    clip's, a non-real or non-finite array, an unknown split, a label not in ``classes``, or a
+    valence/arousal that is not a finite number. Wrong argument types raise TypeError.
     """
 
     def __init__(
@@ -283,16 +308,30 @@ class FeatureFolder(_Clips):
             raise ValueError(
                 f"FeatureFolder: split must be one of {tuple(_SPLIT_OFFSETS)}, got {split!r}"
             )
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(
+                f"FeatureFolder: root must be a path (str or os.PathLike), got "
+                f"{type(root).__name__}"
+            )
+        if frames is not None:
+            _check_int("FeatureFolder", "frames", frames, 1)
+        if classes is not None:
+            if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
+                raise TypeError(
+                    "FeatureFolder: classes must be a sequence of class names, got "
+                    f"{type(classes).__name__} {classes!r}"
+                )
+            names = [str(c) for c in classes]
+            if len(set(names)) != len(names):
+                twice = sorted({c for c in names if names.count(c) > 1})
+                raise ValueError(f"FeatureFolder: classes lists {twice} more than once")
         csv_path = os.path.join(root, "labels.csv")
         if not os.path.isfile(csv_path):
             raise FileNotFoundError(
                 f"FeatureFolder: {csv_path} not found (expected a labels CSV with "
                 "columns clip,label,split or clip,valence,arousal,split)"
             )
-        with open(csv_path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = reader.fieldnames or []
+        rows, columns = _read_labels(csv_path)
         need = ["clip", "split"] + (
             ["label"] if task == "classification" else ["valence", "arousal"]
         )
@@ -301,7 +340,16 @@ class FeatureFolder(_Clips):
             raise ValueError(
                 f"FeatureFolder: {csv_path} lacks column(s) {missing}; it has {columns}"
             )
+        features = os.path.join(root, "features")
         for i, r in enumerate(rows):
+            if any(r[c] is None for c in columns) or None in r:  # too few or too many fields
+                got = sum(v is not None for k, v in r.items() if k is not None)
+                raise ValueError(
+                    f"FeatureFolder: {csv_path} line {i + 2}: has "
+                    f"{got + len(r.get(None, ()))} fields, expected {len(columns)} "
+                    f"({','.join(columns)})"
+                )
+            _check_clip_name(r["clip"], features, f"{csv_path} line {i + 2}")
             if r["split"] not in _SPLIT_OFFSETS:
                 raise ValueError(
                     f"FeatureFolder: {csv_path} line {i + 2}: unknown split {r['split']!r} "
@@ -330,23 +378,15 @@ class FeatureFolder(_Clips):
             raise ValueError(f"FeatureFolder: {csv_path} has no clips in split {split!r}")
         xs, D = [], None
         for r in rows:
-            path = os.path.join(root, "features", r["clip"] + ".npy")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"FeatureFolder: feature file {path} for clip {r['clip']!r} not found"
-                )
-            a = np.load(path)
-            if a.ndim != 2:
-                raise ValueError(
-                    f"FeatureFolder: {path} has shape {a.shape}; expected a 2-D (T, D) array"
-                )
+            path = os.path.join(features, r["clip"] + ".npy")
+            a = _load_features(path, r["clip"])
             if D is None:
                 D = a.shape[1]
             elif a.shape[1] != D:
                 raise ValueError(
                     f"FeatureFolder: {path} has D = {a.shape[1]}, but the first clip has D = {D}"
                 )
-            xs.append(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)))
+            xs.append(torch.from_numpy(a))
         lengths = {a.shape[0] for a in xs}
         if frames is None and len(lengths) > 1:
             raise ValueError(
@@ -361,12 +401,98 @@ class FeatureFolder(_Clips):
         if task == "classification":
             self.y = torch.tensor([index[r["label"]] for r in rows])
         else:
-            try:
-                self.va = torch.tensor([[float(r["valence"]), float(r["arousal"])] for r in rows])
-            except ValueError as e:
-                raise ValueError(
-                    f"FeatureFolder: {csv_path}: valence/arousal must be numbers ({e})"
-                ) from None
+            va = []
+            for r in rows:
+                try:
+                    v = (float(r["valence"]), float(r["arousal"]))
+                except ValueError as e:
+                    raise ValueError(
+                        f"FeatureFolder: {csv_path}: clip {r['clip']!r}: valence/arousal must be "
+                        f"numbers ({e})"
+                    ) from None
+                if not all(map(math.isfinite, v)):
+                    raise ValueError(
+                        f"FeatureFolder: {csv_path}: clip {r['clip']!r}: valence/arousal must be "
+                        f"finite numbers, got {r['valence']!r}, {r['arousal']!r}"
+                    )
+                va.append(v)
+            self.va = torch.tensor(va)
+
+
+def _read_labels(csv_path: str):
+    """``(rows, columns)`` of a labels CSV, read as UTF-8 (with or without a byte-order mark);
+    a file that is not UTF-8 text or not CSV is a ValueError naming it."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = list(reader.fieldnames or [])
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"FeatureFolder: {csv_path} is not UTF-8 text (byte {e.object[e.start : e.end]!r} at "
+            f"offset {e.start}); save it as UTF-8"
+        ) from None
+    except csv.Error as e:
+        raise ValueError(f"FeatureFolder: {csv_path} is not a readable CSV file: {e}") from None
+    return rows, columns
+
+
+def _check_clip_name(clip: str, features: str, where: str) -> None:
+    """A clip name must name a file inside ``features`` (checked on the names, not by
+    resolving links, so a features folder of symbolic links still works)."""
+    target = os.path.normpath(os.path.join(features, clip + ".npy"))
+    inside = os.path.normpath(features) + os.sep
+    if not clip or "\0" in clip or os.path.isabs(clip) or not target.startswith(inside):
+        raise ValueError(
+            f"FeatureFolder: {where}: clip name {clip!r} must be a path inside "
+            f"{features} (relative, without '..' leading out of it)"
+        )
+
+
+def _load_features(path: str, clip: str) -> np.ndarray:
+    """The float32 (T, D) array of one feature file, checked: errors name the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"FeatureFolder: feature file {path} for clip {clip!r} not found")
+    if not os.path.isfile(path):
+        raise ValueError(f"FeatureFolder: feature file {path} for clip {clip!r} is not a file")
+    try:
+        a = np.load(path, allow_pickle=False)
+    except OSError as e:  # unreadable (permissions, I/O); keeps the kind (PermissionError...)
+        raise type(e)(
+            f"FeatureFolder: cannot read feature file {path} for clip {clip!r}: {e}"
+        ) from e
+    except (ValueError, EOFError) as e:  # not a .npy file, truncated, or pickled objects
+        raise ValueError(
+            f"FeatureFolder: {path} is not a readable .npy array (written by numpy.save, no "
+            f"pickled objects): {e}"
+        ) from e
+    if not isinstance(a, np.ndarray):  # a .npz archive under a .npy name
+        getattr(a, "close", lambda: None)()
+        raise ValueError(f"FeatureFolder: {path} is a .npz archive; expected one .npy array")
+    if a.dtype.kind not in "biuf":
+        what = "complex" if a.dtype.kind == "c" else "not numeric"
+        raise ValueError(
+            f"FeatureFolder: {path} has dtype {a.dtype} ({what}); expected real numbers "
+            "(integer or floating)"
+        )
+    if a.ndim != 2:
+        raise ValueError(f"FeatureFolder: {path} has shape {a.shape}; expected a 2-D (T, D) array")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(
+            f"FeatureFolder: {path} has shape {a.shape}; a clip needs T >= 1 frames and D >= 1 "
+            "channels"
+        )
+    with np.errstate(over="ignore"):  # values beyond float32's range become inf: refused below
+        x = np.ascontiguousarray(a, dtype=np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        t, d = np.argwhere(bad)[0]
+        raise ValueError(
+            f"FeatureFolder: {path} has {int(bad.sum())} non-finite value(s) (NaN, Inf, or "
+            f"beyond float32's range), the first at frame {t}, channel {d} "
+            f"(value {a[t, d].item()!r}); clean or drop the clip"
+        )
+    return x
 
 
 def _fit_frames(a: Tensor, T: int) -> Tensor:
