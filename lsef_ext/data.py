@@ -30,6 +30,7 @@ leaves them), ``impulse`` (a fraction of entries replaced by large spikes) and `
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -422,16 +423,20 @@ class FeatureFolder(_Clips):
 def _read_labels(csv_path: str):
     """``(rows, columns)`` of a labels CSV, read as UTF-8 (with or without a byte-order mark);
     a file that is not UTF-8 text or not CSV is a ValueError naming it."""
+    with open(csv_path, "rb") as f:
+        data = f.read()
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = list(reader.fieldnames or [])
+        text = data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is no header
     except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
         raise ValueError(
-            f"FeatureFolder: {csv_path} is not UTF-8 text (byte {e.object[e.start : e.end]!r} at "
-            f"offset {e.start}); save it as UTF-8"
+            f"FeatureFolder: {csv_path} is not UTF-8 text (byte {data[e.start : e.end]!r} on line "
+            f"{line}, offset {e.start}); save it as UTF-8"
         ) from None
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])
     except csv.Error as e:
         raise ValueError(f"FeatureFolder: {csv_path} is not a readable CSV file: {e}") from None
     return rows, columns
