@@ -376,6 +376,24 @@ MODULES = [
         r"^LSEF: loss_weights must be a sequence of three numbers",
     ),
     case(
+        "LSEF-loss_weights-entry-str",
+        lambda: LSEF(D, loss_weights=(0.1, "0.1", 0.1)),
+        TypeError,
+        r"^LSEF: each of loss_weights must be a number, got str '0.1'$",
+    ),
+    case(
+        "DDM-lam_init-str",
+        lambda: DDM(D, lam_init="1"),
+        TypeError,
+        r"^DDM: lam_init must be a number, got str '1'$",
+    ),
+    case(
+        "TemporalTransformer-heads-0",
+        lambda: TemporalTransformer(D, heads=0),
+        ValueError,
+        r"^TemporalTransformer: heads must be >= 1, got 0$",
+    ),
+    case(
         "SEM-rank-float",
         lambda: SEM(D, rank=2.5),
         TypeError,
@@ -589,6 +607,17 @@ def with_step(step):
     return make
 
 
+def edited(edit, shapes=((16, 12),), cls=torch.optim.SGD):
+    """A saved RAO state (after one step) changed by ``edit(state_dict)``."""
+
+    def make():
+        sd = stepped(*shapes, cls=cls).state_dict()
+        edit(sd)
+        return sd
+
+    return make
+
+
 RAO_CASES = [
     case(
         "RAO-alpha_max-nan",
@@ -662,6 +691,30 @@ RAO_CASES = [
         load_into([(16, 12)], with_step(2.5)),
         ValueError,
         r"^RAO.load_state_dict: 'step' must be an integer >= 0, got 2.5$",
+    ),
+    case(
+        "RAO.load_state_dict-rao-not-a-dict",
+        load_into([(16, 12)], edited(lambda sd: sd.update(rao=[]))),
+        ValueError,
+        r"^RAO.load_state_dict: 'rao' must be a dict \(parameter index -> state\), got list$",
+    ),
+    case(
+        "RAO.load_state_dict-entry-without-average",
+        load_into([(16, 12)], edited(lambda sd: sd["rao"][0].pop("M"))),
+        ValueError,
+        r"^RAO.load_state_dict: the entry for parameter 0 lacks its gradient average 'M'$",
+    ),
+    case(
+        "RAO.load_state_dict-basis-rows",
+        load_into([(16, 12)], edited(lambda sd: sd["rao"][0].update(U=torch.zeros(15, 2)))),
+        ValueError,
+        r"^RAO.load_state_dict: the basis U for parameter 0 must have 16 rows, got \(15, 2\)$",
+    ),
+    case(
+        "RAO.load_state_dict-optimizer-not-a-state-dict",
+        load_into([(16, 12)], edited(lambda sd: sd.update(optimizer={"lr": 0.1}))),
+        ValueError,
+        r"^RAO.load_state_dict: 'optimizer' must be a torch optimizer's state dict",
     ),
     case(
         "RAO.load_state_dict-other-parameter-shape",
@@ -1001,6 +1054,18 @@ FILES = [
         rf"FeatureFolder: .*{CSV} is not UTF-8 text \(byte b'\\xe9' on line 2, offset 22\)",
     ),
     case(
+        "FeatureFolder-labels-not-csv",
+        with_raw(b"clip,label,split\n" + b"a" * 200_000 + b",x,train\n"),
+        ValueError,
+        rf"FeatureFolder: .*{CSV} is not a readable CSV file: field larger than field limit",
+    ),
+    case(
+        "FeatureFolder-clip-nul",
+        with_raw(b"clip,label,split\na\x00b,x,train\n"),
+        ValueError,
+        rf"FeatureFolder: .*{CSV} line 2: clip name 'a\\x00b' must be a path inside",
+    ),
+    case(
         "FeatureFolder-labels-too-many-fields",
         with_raw(b"clip,label,split\na,x,train\nb,y,train,extra\n"),
         ValueError,
@@ -1085,3 +1150,20 @@ def test_feature_folder_file_checks_do_not_refuse_good_folders(tmp_path):
     assert ds.x.shape == (4, 5, 6) and ds.x.dtype == torch.float32
     np.testing.assert_array_equal(ds.x[2].numpy(), linked.astype(np.float32))
     assert (ds.x[3] == 1).all()
+
+
+def test_unreadable_feature_file_keeps_its_error_kind_and_names_the_file(tmp_path, monkeypatch):
+    """An OSError while reading (permissions, I/O) stays an OSError of the same kind, now
+    naming the file and the clip (a test run as root cannot make a file unreadable, so the read
+    fails by substitution)."""
+    root = folder(tmp_path, ROWS)
+
+    def refuse(path, *args, **kw):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(np, "load", refuse)
+    with pytest.raises(
+        PermissionError,
+        match=r"^FeatureFolder: cannot read feature file .*features[/\\]a\.npy for clip 'a': ",
+    ):
+        FeatureFolder(root)
