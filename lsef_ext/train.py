@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -35,6 +36,9 @@ __all__ = [
     "load_data",
     "load_test_sets",
     "distributed_env",
+    "RunError",
+    "RUN_FILES",
+    "check_run_folder",
 ]
 
 
@@ -101,9 +105,124 @@ class TrainConfig:
     device: str = "cpu"
     ops: str = "ext"
     out: Optional[str] = None  # folder for checkpoint.pt, metrics.csv, metrics.json
-    resume: bool = False
+    resume: bool = False  # continue the run in ``out`` (its checkpoint.pt)
+    overwrite: bool = False  # start a new run in an ``out`` that holds one (else refused)
+    accept_changes: bool = False  # resume although RESUME_SETTINGS differ from the checkpoint's
     extra: Dict[str, object] = field(default_factory=dict)  # more LSEF keyword arguments
     rao_options: Dict[str, object] = field(default_factory=dict)  # more RAO keyword arguments
+
+
+class RunError(ValueError):
+    """A run that cannot start as configured: its ``out`` folder cannot be written or already
+    holds a run, or its checkpoint is damaged, foreign or of differently configured training.
+    The message names the folder or file and what is wrong (``lsef train`` prints it as one
+    ``lsef: error:`` line)."""
+
+
+# The files a run writes to cfg.out; an out folder holding any of them holds a run.
+RUN_FILES = ("checkpoint.pt", "metrics.json", "metrics.csv")
+
+# What a resumed run must share with its checkpoint. The first set decides the model's shape
+# and kind: no resume across a change. The second set is refused unless cfg.accept_changes
+# (--accept-changes); D, n_train and data_seed count only for synthetic data (a FeatureFolder's
+# D is the files', and a changed one fails as a model that does not fit).
+RESUME_IDENTITY = ("model", "task", "d_model", "rank", "rao")
+RESUME_SETTINGS = ("lr", "weight_decay", "ops", "data", "batch_size", "seed", "T")
+RESUME_SYNTHETIC = ("D", "n_train", "data_seed")
+
+
+def _why(e: BaseException) -> str:
+    """``TypeName: first line of the message`` of an exception (and the next line where the
+    first ends in a colon; at most 300 characters), or an OSError's ``strerror``."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    text = lines[0] + (" " + lines[1] if lines[0].endswith(":") and len(lines) > 1 else "")
+    return f"{type(e).__name__}: {text if len(text) <= 300 else text[:297] + '...'}"
+
+
+def check_run_folder(cfg: TrainConfig, write_test: bool = True) -> None:
+    """Checks ``cfg.out`` before anything is trained (:class:`Trainer` calls it first):
+
+    * without ``cfg.resume``, an ``out`` that holds a run (any of ``RUN_FILES``) is refused
+      unless ``cfg.overwrite`` (its files are then replaced when the first epoch is saved);
+    * with ``cfg.resume``, ``out`` must hold ``checkpoint.pt`` (FileNotFoundError), and
+      ``cfg.overwrite`` is refused as a contradiction;
+    * ``out`` must be a folder this process can create and write in (``write_test``: creates
+      the folder and a temporary file in it, then removes the file).
+
+    Raises :class:`RunError` (a ValueError) or FileNotFoundError naming the folder or file."""
+    out = cfg.out
+    if not out:
+        if cfg.resume:
+            raise FileNotFoundError(
+                "resume: no run folder to resume from: set out (--out DIR) to the folder of "
+                "an earlier run"
+            )
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunError(f"out folder {out} exists and is not a folder")
+    if cfg.resume:
+        if cfg.overwrite:
+            raise RunError(
+                f"resume and overwrite exclude each other: continue the run in {out} "
+                "(--resume) or replace it (--overwrite)"
+            )
+        path = os.path.join(out, "checkpoint.pt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"resume: no checkpoint at {path} (pass --out of an earlier run)"
+            )
+    elif not cfg.overwrite:
+        held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+        if held:
+            raise RunError(
+                f"out folder {out} already holds a run ({', '.join(held)}): continue it with "
+                "--resume, or replace it with --overwrite"
+            )
+    if write_test:
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot create the out folder {out}: {_why(e)}") from e
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".lsef-write-test-", dir=out)
+            os.close(fd)
+            os.remove(probe)
+        except OSError as e:
+            raise RunError(f"cannot write in the out folder {out}: {_why(e)}") from e
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    """The numbers of a TrainConfig that the loop divides by or counts with (ValueError or
+    TypeError naming the field)."""
+    for name, low in (("epochs", 0), ("batch_size", 1)):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(
+                f"TrainConfig: {name} must be an integer, got {type(value).__name__} {value!r}"
+            )
+        if value < low:
+            raise ValueError(f"TrainConfig: {name} must be >= {low}, got {value}")
+    for name, positive in (("lr", True), ("weight_decay", False)):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"TrainConfig: {name} must be a number, got {type(value).__name__} {value!r}"
+            )
+        if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            raise ValueError(
+                f"TrainConfig: {name} must be a finite number {'> 0' if positive else '>= 0'}, "
+                f"got {value}"
+            )
+
+
+def _same_setting(key: str, saved, now) -> bool:
+    if key == "data" and saved and now:  # one folder, however it was spelled
+        return os.path.realpath(saved) == os.path.realpath(now)
+    return saved == now
 
 
 def load_data(
@@ -225,6 +344,14 @@ class Trainer:
     ``1 − CCC``) plus the model's consistency regulariser (LSEF models), and records one row of
     metrics per epoch. With ``cfg.out`` it writes ``checkpoint.pt`` after every epoch and
     ``metrics.csv`` / ``metrics.json``; ``cfg.resume`` continues from that checkpoint.
+
+    Before anything is built, :func:`check_run_folder` checks ``cfg.out``: a folder that
+    cannot be written, or that holds a run while neither ``cfg.resume`` nor ``cfg.overwrite``
+    is set, raises :class:`RunError`. A resumed run must match its checkpoint in
+    ``RESUME_IDENTITY`` (always) and in ``RESUME_SETTINGS`` (unless ``cfg.accept_changes``,
+    when the new learning rate and weight decay take effect from the next step); a damaged or
+    foreign checkpoint, or one whose tensors do not fit this model, raises :class:`RunError`
+    naming the file.
     """
 
     def __init__(
@@ -239,6 +366,8 @@ class Trainer:
 
         self.cfg, self.progress, self.desc = cfg, progress, desc or cfg.model
         self.rank, self.world, local = distributed_env()
+        _check_config(cfg)
+        check_run_folder(cfg, write_test=self.rank == 0)
         self.distributed = self.world > 1
         self.device = torch.device(cfg.device)
         if self.distributed:
@@ -268,6 +397,7 @@ class Trainer:
             )
         inner = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.opt = RAO(inner, rank=cfg.rank, ops=cfg.ops, **cfg.rao_options) if cfg.rao else inner
+        self._inner = inner
         self.steps_per_epoch = math.ceil(self.x.shape[0] / (cfg.batch_size * self.world))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             inner,
@@ -314,31 +444,65 @@ class Trainer:
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise ValueError(
-                f"resume: cannot read checkpoint {path} ({type(e).__name__}: {first}); "
+            raise RunError(
+                f"resume: cannot read checkpoint {path} ({_why(e)}); "
                 "it is damaged, or it was not written by lsef train"
             ) from e
         missing = {"config", "epoch", "history", "model", "optimizer", "scheduler", "rng"} - (
             set(state) if isinstance(state, dict) else set()
         )
         if missing:
-            raise ValueError(
+            raise RunError(
                 f"resume: {path} is not a checkpoint of lsef train (missing "
                 f"{', '.join(sorted(missing))})"
             )
-        saved = state["config"]
-        for key in ("model", "task", "d_model", "rank", "rao"):
+        saved, epoch, history = state["config"], state["epoch"], state["history"]
+        if not (
+            isinstance(saved, dict)
+            and isinstance(epoch, int)
+            and epoch >= 0
+            and isinstance(history, list)
+            and all(isinstance(row, dict) for row in history)
+        ):
+            raise RunError(
+                f"resume: {path} is not a checkpoint of lsef train (its config, epoch or "
+                f"history is not what lsef train writes: {type(saved).__name__}, "
+                f"{type(epoch).__name__} {epoch!r}, {type(history).__name__})"
+            )
+        for key in RESUME_IDENTITY:
             if saved.get(key) != getattr(self.cfg, key):
-                raise ValueError(
+                raise RunError(
                     f"resume: checkpoint {path} has {key}={saved.get(key)!r}, this run "
                     f"has {key}={getattr(self.cfg, key)!r}"
                 )
-        _unwrap(self.model).load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        self.epoch, self.history = state["epoch"], state["history"]
+        keys = RESUME_SETTINGS + (RESUME_SYNTHETIC if not self.cfg.data else ())
+        changed = [
+            k for k in keys if k in saved and not _same_setting(k, saved[k], getattr(self.cfg, k))
+        ]
+        if changed and not self.cfg.accept_changes:
+            was = ", ".join(f"{k}={saved[k]!r}" for k in changed)
+            now = ", ".join(f"{k}={getattr(self.cfg, k)!r}" for k in changed)
+            raise RunError(
+                f"resume: checkpoint {path} was trained with {was}; this run has {now}. "
+                "Resume with the checkpoint's values, or pass --accept-changes "
+                "(accept_changes=True) to continue with the new ones"
+            )
+        try:
+            _unwrap(self.model).load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise RunError(f"resume: checkpoint {path} does not fit this run ({_why(e)})") from e
+        if changed:  # accepted: the new learning rate and weight decay apply from here on
+            self.sched.base_lrs = [self.cfg.lr] * len(self._inner.param_groups)
+            factor = self.sched.lr_lambdas[0](self.sched.last_epoch)
+            for group in self._inner.param_groups:
+                group["initial_lr"] = self.cfg.lr
+                group["lr"] = self.cfg.lr * factor
+                group["weight_decay"] = self.cfg.weight_decay
+            self.sched._last_lr = [g["lr"] for g in self._inner.param_groups]
+        self.epoch, self.history = epoch, history
 
     def write_metrics(self) -> None:
         if not self.cfg.out or self.rank != 0 or not self.history:

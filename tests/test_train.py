@@ -4,6 +4,7 @@ import json
 import csv
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 from lsef_ext.data import CONDITIONS, CORRUPTIONS
 from lsef_ext.nn import LSEF
 from lsef_ext.train import (
+    RunError,
     TrainConfig,
     Trainer,
     ccc,
@@ -285,7 +287,7 @@ def test_resume_errors(tmp_path):
     data = load_data(config(), "train")
     with pytest.raises(FileNotFoundError, match="resume: no checkpoint at"):
         Trainer(config(out=str(tmp_path / "none"), resume=True), data, progress=False)
-    with pytest.raises(FileNotFoundError, match="resume: no checkpoint at None"):
+    with pytest.raises(FileNotFoundError, match=r"resume: no run folder .*set out \(--out DIR\)"):
         Trainer(config(resume=True), data, progress=False)
     Trainer(config(epochs=1, n_train=64, out=str(tmp_path)), data, progress=False).fit()
     with pytest.raises(ValueError, match=r"resume: checkpoint .* has rank=3, this run has rank=2"):
@@ -294,6 +296,158 @@ def test_resume_errors(tmp_path):
         Trainer(config(model="lsef-no-cim", out=str(tmp_path), resume=True), data, progress=False)
     with pytest.raises(ValueError, match="has rao=True, this run has rao=False"):
         Trainer(config(rao=False, out=str(tmp_path), resume=True), data, progress=False)
+
+
+def test_out_holding_a_run_is_refused_without_resume_or_overwrite(tmp_path):
+    data = load_data(config(n_train=64), "train")
+    first = Trainer(config(epochs=1, n_train=64, out=str(tmp_path)), data, progress=False)
+    first.fit()
+    ckpt = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(
+        RunError,
+        match=rf"out folder {tmp_path} already holds a run \(checkpoint\.pt, metrics\.json, "
+        r"metrics\.csv\): continue it with --resume, or replace it with --overwrite",
+    ):
+        Trainer(config(epochs=1, n_train=64, out=str(tmp_path), lr=1e-3), data, progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == ckpt  # untouched
+    # metrics alone (the checkpoint deleted) still mark a run
+    (tmp_path / "checkpoint.pt").unlink()
+    with pytest.raises(RunError, match=r"holds a run \(metrics\.json, metrics\.csv\)"):
+        Trainer(config(epochs=1, n_train=64, out=str(tmp_path)), data, progress=False)
+    # overwrite: a new run, whose files replace the old ones
+    new = Trainer(
+        config(epochs=1, n_train=64, out=str(tmp_path), seed=5, overwrite=True),
+        data,
+        progress=False,
+    )
+    assert new.epoch == 0
+    new.fit()
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["config"]["seed"] == 5 and saved["epoch"] == 1
+    with pytest.raises(RunError, match="resume and overwrite exclude each other"):
+        Trainer(
+            config(out=str(tmp_path), resume=True, overwrite=True, seed=5), data, progress=False
+        )
+    # an empty folder, or one with other files, is free to use
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    Trainer(config(epochs=1, n_train=64, out=str(tmp_path / "other")), data, progress=False)
+
+
+def test_unwritable_out_is_refused_before_training(tmp_path):
+    data = load_data(config(n_train=64), "train")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(RunError, match=f"out folder {blocker} exists and is not a folder"):
+        Trainer(config(out=str(blocker)), data, progress=False)
+    below = blocker / "run"
+    with pytest.raises(RunError, match=f"cannot create the out folder {below}: "):
+        Trainer(config(out=str(below)), data, progress=False)
+
+
+def test_trainer_refuses_counts_and_rates_that_make_no_sense():
+    data = load_data(config(n_train=64), "train")
+    for kw, message in [
+        (dict(batch_size=0), "TrainConfig: batch_size must be >= 1, got 0"),
+        (dict(batch_size=-8), "TrainConfig: batch_size must be >= 1, got -8"),
+        (dict(epochs=-1), "TrainConfig: epochs must be >= 0, got -1"),
+        (dict(lr=0.0), "TrainConfig: lr must be a finite number > 0, got 0.0"),
+        (dict(lr=float("nan")), "TrainConfig: lr must be a finite number > 0, got nan"),
+        (dict(weight_decay=-1.0), "TrainConfig: weight_decay must be a finite number >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Trainer(config(**kw), data, progress=False)
+    with pytest.raises(TypeError, match="TrainConfig: batch_size must be an integer, got float"):
+        Trainer(config(batch_size=32.0), data, progress=False)
+
+
+def test_resume_refuses_changed_settings_unless_accepted(tmp_path):
+    data = load_data(config(n_train=64), "train")
+    base = dict(epochs=1, n_train=64, out=str(tmp_path))
+    Trainer(config(**base), data, progress=False).fit()
+    for kw, said in [
+        (dict(lr=1e-3), "lr=0.003; this run has lr=0.001"),
+        (dict(ops="ref"), "ops='ext'; this run has ops='ref'"),
+        (dict(data=str(tmp_path)), f"data=None; this run has data='{tmp_path}'"),
+        (dict(batch_size=16), "batch_size=32; this run has batch_size=16"),
+        (dict(lr=1e-3, seed=4), "lr=0.003, seed=0; this run has lr=0.001, seed=4"),
+    ]:
+        with pytest.raises(RunError, match=re.escape(said) + ".*--accept-changes"):
+            Trainer(config(**{**base, "epochs": 2, **kw}, resume=True), data, progress=False)
+    # accepted: the new learning rate and weight decay apply from the next step
+    tr = Trainer(
+        config(
+            **{**base, "epochs": 2}, lr=1e-3, weight_decay=0.5, resume=True, accept_changes=True
+        ),
+        data,
+        progress=False,
+    )
+    steps = tr.steps_per_epoch
+    factor = 0.5 * (1 + math.cos(math.pi * steps / (2 * steps)))
+    for group in tr._inner.param_groups:
+        assert group["lr"] == pytest.approx(1e-3 * factor)
+        assert group["weight_decay"] == 0.5
+    lrs = []
+    step = tr.train_step
+    tr.train_step = lambda xb, tb: (lrs.append(tr._inner.param_groups[0]["lr"]), step(xb, tb))[1]
+    tr.fit()
+    expect = [
+        1e-3 * 0.5 * (1 + math.cos(math.pi * s / (2 * steps))) for s in range(steps, 2 * steps)
+    ]
+    assert lrs == pytest.approx(expect)
+
+
+def test_resume_same_data_folder_spelled_differently(tmp_path):
+    import numpy as np
+
+    root = tmp_path / "feats"
+    (root / "features").mkdir(parents=True)
+    with open(root / "labels.csv", "w") as f:
+        f.write("clip,label,split\n")
+        for i in range(8):
+            f.write(f"c{i},{'ab'[i % 2]},train\n")
+            np.save(root / "features" / f"c{i}.npy", np.random.rand(8, 6).astype("float32"))
+    cfg = config(data=str(root), epochs=1, out=str(tmp_path / "run"), rank=2)
+    data = load_data(cfg, "train")
+    Trainer(cfg, data, progress=False).fit()
+    again = config(
+        data=str(tmp_path / "feats" / ".." / "feats"),
+        epochs=2,
+        out=str(tmp_path / "run"),
+        rank=2,
+        resume=True,
+    )
+    assert Trainer(again, data, progress=False).epoch == 1
+
+
+def test_resume_names_a_checkpoint_that_does_not_fit(tmp_path):
+    data = load_data(config(n_train=64), "train")
+    Trainer(config(epochs=1, n_train=64, out=str(tmp_path)), data, progress=False).fit()
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    # another feature width: the model's tensors have other shapes
+    wide = load_data(config(n_train=64, D=48), "train")
+    with pytest.raises(
+        RunError, match=r"D=24; this run has D=48\. Resume with the checkpoint's values"
+    ):
+        Trainer(config(n_train=64, D=48, out=str(tmp_path), resume=True), wide, progress=False)
+    with pytest.raises(
+        RunError, match=rf"resume: checkpoint {path} does not fit this run \(.*size mismatch"
+    ):
+        Trainer(
+            config(n_train=64, D=48, out=str(tmp_path), resume=True, accept_changes=True),
+            wide,
+            progress=False,
+        )
+    for key, value in [("epoch", "three"), ("epoch", -1), ("history", {}), ("config", [])]:
+        torch.save({**state, key: value}, path)
+        with pytest.raises(
+            RunError, match=rf"resume: {path} is not a checkpoint of lsef train \(its config"
+        ):
+            Trainer(config(n_train=64, out=str(tmp_path), resume=True), data, progress=False)
+    torch.save({**state, "optimizer": {"state": {}, "param_groups": []}}, path)
+    with pytest.raises(RunError, match=rf"checkpoint {path} does not fit this run \(ValueError"):
+        Trainer(config(n_train=64, out=str(tmp_path), resume=True), data, progress=False)
 
 
 class _OpensAFile:
