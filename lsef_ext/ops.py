@@ -45,10 +45,13 @@ def _check_int(where: str, name: str, value, minimum: Optional[int] = None) -> N
     """A TypeError unless ``value`` is an integer (``bool`` is not one here), then a ValueError
     if it is below ``minimum``. A symbolic integer (``torch.SymInt``, under tracing) passes: the
     kernels' own checks see its value."""
-    if isinstance(value, torch.SymInt):
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: {name} must be an integer, got {type(value).__name__} {value!r}")
+    if type(value) is not int:  # the common case first: these checks run on every call
+        if isinstance(value, torch.SymInt):
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(
+                f"{where}: {name} must be an integer, got {type(value).__name__} {value!r}"
+            )
     if minimum is not None and value < minimum:
         raise ValueError(f"{where}: {name} must be >= {minimum}, got {value}")
 
@@ -391,6 +394,8 @@ def lowrank(A: Tensor, k: int, oversample: int = 8, n_iter: int = 2, seed: int =
 
 def _check_rsvd_types(op: str, A, k, oversample, n_iter, seed) -> None:
     """TypeErrors naming the argument (the kernels check the values)."""
+    if isinstance(A, Tensor) and int is type(k) is type(oversample) is type(n_iter) is type(seed):
+        return  # every call of rsvd and lowrank: the common case costs one test
     _check_tensor(op, "A", A)
     for name, value in (("k", k), ("oversample", oversample), ("n_iter", n_iter), ("seed", seed)):
         _check_int(op, name, value)
