@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -37,6 +38,7 @@ class Setup:
     bytes_moved: Optional[int] = None  # for the floor ratio (ext time / floor time)
     floor_target: Optional[float] = None  # maximum ext/floor ratio
     notes: Dict[str, str] = field(default_factory=dict)  # variant -> accuracy etc. (untimed)
+    label: Optional[str] = None  # the case's name with the sizes used, where they differ (quick)
 
 
 @dataclass
@@ -123,6 +125,12 @@ def _soft_threshold_channel(device, quick, dtype=torch.float32):
         targets={"torch composite": 4.0 if device == "cuda" else 3.5},
         bytes_moved=3 * X.numel() * X.element_size(),
         floor_target=1 / 0.85 if device == "cuda" else 1.3,  # GPU: >= 85% of copy bandwidth
+        label=_quick_label(
+            quick,
+            "soft_threshold fwd, per-channel lam"
+            + (", bfloat16" if dtype == torch.bfloat16 else ""),
+            (rows, D),
+        ),
     )
 
 
@@ -144,6 +152,7 @@ def _soft_threshold_scalar(device, quick):
         },
         targets={"F.softshrink(X - L)": 1.3},
         bytes_moved=3 * X.numel() * X.element_size(),
+        label=_quick_label(quick, "soft_threshold fwd, scalar lam", (rows, D)),
     )
 
 
@@ -167,6 +176,7 @@ def _soft_threshold_backward(device, quick):
             "torch composite (autograd)": _grad(composite, inputs, G),
         },
         targets={"torch composite (autograd)": 2.5},
+        label=_quick_label(quick, "soft_threshold fwd+bwd (X, L, per-channel lam)", (rows, D)),
     )
 
 
@@ -184,7 +194,12 @@ def _rank_scale(device, quick):
         },
         targets={"torch composite": 3.0 if device == "cuda" else 2.0},
         bytes_moved=2 * G.numel() * G.element_size(),
+        label=f"rank_scale ({batch},16,512) r=4" if quick else None,
     )
+
+
+def _quick_label(quick: bool, name: str, shape) -> Optional[str]:
+    return f"{name} {tuple(shape)}" if quick else None
 
 
 def _floor_verdict(ratio: float, target: float | None) -> str:
@@ -199,8 +214,10 @@ def _max_rel_error(S: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def _rsvd_setup(device, quick, shape, k):
+    label = None
     if quick:  # a couple of small matrices: exercises every variant in well under a second
         shape = (2, min(shape[1], 64), min(shape[2], 128))
+        label = f"rsvd {shape}, k = {k}"
     A = torch.randn(shape, device=device)
     q = k + 8
     truth = torch.linalg.svdvals(A.double())[..., :k].float()
@@ -219,7 +236,12 @@ def _rsvd_setup(device, quick, shape, k):
         f"{_max_rel_error(torch.svd_lowrank(A, q=q, niter=2)[1], truth):.1e}",
     }
     if device == "cuda":  # reported against the floor of reading A once (no target)
-        return Setup(variants=variants, notes=notes, bytes_moved=A.numel() * A.element_size())
+        return Setup(
+            variants=variants,
+            notes=notes,
+            bytes_moved=A.numel() * A.element_size(),
+            label=label,
+        )
     try:
         from sklearn.utils.extmath import randomized_svd
     except ImportError:
@@ -229,7 +251,7 @@ def _rsvd_setup(device, quick, shape, k):
         variants["sklearn randomized_svd (loop)"] = lambda: [
             randomized_svd(a, k, n_oversamples=8, n_iter=2, random_state=0) for a in mats
         ]
-    return Setup(variants=variants, notes=notes)
+    return Setup(variants=variants, notes=notes, label=label)
 
 
 def _register_rsvd_case(shape, k, targets, device):
@@ -269,6 +291,7 @@ def _rsvd_rank_deficient(device, quick):
             "torch.linalg.svd (exact)": lambda: torch.linalg.svd(A, full_matrices=False),
         },
         notes={EXT: f"max |U^T U - I| {err:.1e}"},
+        label=f"rsvd exact path, rank 7 of ({n}, {n}), k = 7" if quick else None,
     )
 
 
@@ -293,6 +316,7 @@ def _lowrank_backward(device, quick):
         bytes_moved=None
         if device == "cpu"
         else 3 * A.numel() * A.element_size(),  # A, G read, dA written
+        label=f"lowrank fwd+bwd ({batch}, 16, 512), k = 4" if quick else None,
     )
 
 
@@ -328,6 +352,7 @@ def _lowrank_sparse(device, quick):
             "reference": error(lsef_ref.lowrank_sparse(M, 4)[0]),
             "IALM-PCP, full SVD (published)": error(L_published) + f", {iterations} iterations",
         },
+        label=f"lowrank_sparse rpca, planted {n} x {n}, rank 4" if quick else None,
     )
 
 
@@ -378,14 +403,16 @@ def run(
         )
     report["copy_bandwidth_GBps"] = {d: b / 1e9 for d, b in bandwidth.items()}
 
+    width = 60 if quick else 48  # quick labels add the sizes used to names that lack them
     header = (
-        f"{'case':<48} {'dev':<4} {'variant':<30} {'median ms':>10} {'speedup':>8} "
+        f"{'case':<{width}} {'dev':<4} {'variant':<30} {'median ms':>10} {'speedup':>8} "
         f"{'target':>13}  note"
     )
     print(header, file=out)
     print("-" * len(header), file=out)
     for c in selected:
         setup = c.factory(quick)
+        name = setup.label or c.name  # quick runs: the sizes used, not the full run's
         times = {
             v: time_median(fn, c.device, warmup, min_runs, min_seconds)
             for v, fn in setup.variants.items()
@@ -396,7 +423,7 @@ def run(
             # Quick runs use small, cache-resident sizes: targets are only judged on full runs.
             target = None if quick else setup.targets.get(variant)
             row = {
-                "case": c.name,
+                "case": name,
                 "device": c.device,
                 "variant": variant,
                 "median_ms": t * 1e3,
@@ -408,7 +435,7 @@ def run(
             note = setup.notes.get(variant, "")
             row["note"] = note
             print(
-                f"{c.name:<48} {c.device:<4} {variant:<30} {t * 1e3:>10.3f} "
+                f"{name:<{width}} {c.device:<4} {variant:<30} {t * 1e3:>10.3f} "
                 f"{speedup:>7.2f}x {_target_text(target, speedup):>13}  {note}",
                 file=out,
             )
@@ -418,7 +445,7 @@ def run(
             target = None if quick else setup.floor_target
             report["rows"].append(
                 {
-                    "case": c.name,
+                    "case": name,
                     "device": c.device,
                     "variant": "memory floor",
                     "median_ms": floor * 1e3,
@@ -428,7 +455,8 @@ def run(
                 }
             )
             print(
-                f"{c.name:<48} {c.device:<4} {'memory floor (copy bw)':<30} {floor * 1e3:>10.3f} "
+                f"{name:<{width}} {c.device:<4} {'memory floor (copy bw)':<30} "
+                f"{floor * 1e3:>10.3f} "
                 f"{'ext/floor ' + format(ratio, '.2f'):>17} "
                 f"{_floor_verdict(ratio, target)}",
                 file=out,
@@ -457,8 +485,10 @@ def _target_text(target: Optional[float], speedup: float) -> str:
 
 
 def write_json(report: Dict[str, object], path: str) -> None:
-    with open(path, "w") as f:
+    """Writes ``report`` to ``path`` whole: beside it first, then renamed over it."""
+    with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 @case("LSEF training, 10 steps (32, 16, 512): fwd+bwd+RAO", devices=("cpu", "cuda"))
@@ -495,4 +525,5 @@ def _lsef_training_step(device, quick):
         variants={EXT: stepper(ext_model, "ext"), "reference": stepper(ref_model, "ref")},
         # CUDA: the issue asks only that the compiled ops beat the references (ratio > 1).
         targets={"reference": 2.0 if device == "cpu" else 1.0},
+        label=f"LSEF training, 10 steps ({batch}, {T}, {D}): fwd+bwd+RAO" if quick else None,
     )

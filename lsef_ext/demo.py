@@ -195,7 +195,9 @@ def demo(
     print(
         f"lsef demo: SyntheticAffect, {base.n_train} training clips, {base.n_test} test clips per "
         f"condition, T={base.T}, D={base.D}, 7 classes; {base.epochs} epochs per model on {device}"
-        + (" (--quick)" if quick else ""),
+        + (f", {torch.get_num_threads()} thread(s)" if device == "cpu" else "")
+        + (" (--quick)" if quick else "")
+        + f"; figures and results.json go to {out}{os.sep}",
         flush=True,
     )
     test_sets = load_test_sets(base)

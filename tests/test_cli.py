@@ -1,6 +1,14 @@
-"""The `lsef` command, run as users run it: a subprocess."""
+"""The `lsef` command, run as users run it: a subprocess.
+
+Every run uses one thread (OMP_NUM_THREADS=1 in its environment, and --threads 1 where the
+command takes it), so a busy machine slows it down without oversubscribing the cores. Each run
+has its own time limit, about 20 times what it takes on an idle 2-core machine (demo --quick
+18 s, bench --quick 7 s, the train runs 2-4 s each, info 2 s), so that a loaded machine does
+not reach it and a hang still ends.
+"""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,7 +21,8 @@ import torch
 CWD = tempfile.gettempdir()
 
 
-def lsef(*args, timeout=600):
+def lsef(*args, timeout):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, "-m", "lsef_ext.cli", *args],
         capture_output=True,
@@ -21,48 +30,78 @@ def lsef(*args, timeout=600):
         timeout=timeout,
         check=True,
         cwd=CWD,
+        env=env,
     ).stdout
 
 
 def test_info_reports_build():
-    out = lsef("info")
+    out = lsef("info", timeout=60)
     assert "compiled backends" in out and "CPU" in out
     assert f"torch (running)        {torch.__version__}" in out
-    assert f"threads                {torch.get_num_threads()}" in out
+    assert "threads                1\n" in out  # OMP_NUM_THREADS=1
 
 
 def test_bench_quick_writes_json(tmp_path):
     path = tmp_path / "bench.json"
-    out = lsef("bench", "--quick", "--device", "cpu", "--json", str(path))
+    out = lsef(
+        "bench", "--quick", "--device", "cpu", "--threads", "1", "--json", str(path), timeout=180
+    )
     report = json.loads(path.read_text())
     cases = {row["case"] for row in report["rows"]}
+    # quick runs label each case with the sizes they use
     assert {
-        "soft_threshold fwd, per-channel lam",
-        "rank_scale (B,16,512) r=4, B=256 cpu/4096 gpu",
+        "soft_threshold fwd, per-channel lam (2048, 512)",
+        "rank_scale (32,16,512) r=4",
+        "rsvd (2, 16, 128), k = 4",
+        "lowrank fwd+bwd (16, 16, 512), k = 4",
+        "lowrank_sparse rpca, planted 40 x 40, rank 4",
+        "LSEF training, 10 steps (8, 16, 128): fwd+bwd+RAO",
     } <= cases
+    assert not any("B=256" in c or "(256, 16, 512)" in c for c in cases)  # full-run sizes
+    assert report["machine"]["threads"] == 1
+    assert f"wrote {path}" in out and not os.path.exists(str(path) + ".tmp")
     for row in report["rows"]:
         assert row["median_ms"] > 0
         assert row["target"] is None  # quick runs do not judge targets
         if row["variant"] == "lsef_ext":
             assert row["speedup"] == 1.0
     assert report["copy_bandwidth_GBps"]["cpu"] > 0
-    assert "soft_threshold fwd, scalar lam" in out and "memory floor" in out
+    assert "soft_threshold fwd, scalar lam (2048, 512) " in out and "memory floor" in out
 
 
 def test_bench_filter():
-    out = lsef("bench", "--quick", "--device", "cpu", "--filter", "rank_scale")
+    out = lsef(
+        "bench",
+        "--quick",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--filter",
+        "rank_scale",
+        timeout=120,
+    )
     assert "rank_scale" in out and "soft_threshold fwd" not in out
 
 
 def test_unknown_command_fails_with_usage():
     r = subprocess.run(
-        [sys.executable, "-m", "lsef_ext.cli", "nope"], capture_output=True, text=True, cwd=CWD
+        [sys.executable, "-m", "lsef_ext.cli", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=CWD,
+        timeout=60,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
-    assert r.returncode == 2 and "invalid choice" in r.stderr
+    assert r.returncode == 2 and r.stderr == (
+        "lsef: error: argument COMMAND: invalid choice: 'nope' (choose from 'demo', 'train', "
+        "'info', 'bench') (see 'lsef --help')\n"
+    )
 
 
 def test_demo_quick_trains_reports_and_draws(tmp_path):
-    out = lsef("demo", "--quick", "--out", str(tmp_path / "demo"))
+    out = lsef("demo", "--quick", "--threads", "1", "--out", str(tmp_path / "demo"), timeout=600)
+    assert f"figures and results.json go to {tmp_path / 'demo'}" in out
     assert (
         "| LSEF (+RAO) |" in out
         and "| temporal transformer |" in out
@@ -94,10 +133,18 @@ def test_train_writes_checkpoint_and_resumes(tmp_path):
         "--out",
         str(run),
         "--no-progress",
+        "--threads",
+        "1",
     ]
-    out = lsef(*common, "--epochs", "1")
+    out = lsef(*common, "--epochs", "1", timeout=120)
     assert "epoch 1" in out and (run / "checkpoint.pt").is_file()
-    out = lsef(*common, "--epochs", "2", "--resume")
+    assert "1 process(es) of 1 thread(s)" in out
+    assert f"run folder {run}: checkpoint.pt after every epoch, metrics.csv, metrics.json\n" in out
+    out = lsef(*common, "--epochs", "2", "--resume", timeout=120)
+    assert (
+        f"run folder {run}: checkpoint.pt after every epoch, metrics.csv, metrics.json (resumed)"
+        in out
+    )
     history = json.loads((run / "metrics.json").read_text())["history"]
     assert [row["epoch"] for row in history] == [1, 2]
     # one line per corruption, in the order of CORRUPTIONS, after the epoch rows
@@ -120,5 +167,8 @@ def test_train_bad_data_folder_fails_clearly(tmp_path):
         capture_output=True,
         text=True,
         cwd=CWD,
+        timeout=60,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
-    assert r.returncode != 0 and "labels.csv not found" in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith(f"lsef: error: --data {tmp_path}: ")
+    assert "labels.csv not found" in r.stderr and len(r.stderr.splitlines()) == 1
