@@ -412,6 +412,12 @@ def _check_rsvd(A: Tensor, k: int, oversample: int, n_iter: int, op: str = "rsvd
     )
     mn = min(A.shape[-2], A.shape[-1])
     torch._check_value(
+        mn >= 1,
+        lambda: (
+            f"{op}: A must have matrices of m, n >= 1 (A is (*, m, n)), got shape {list(A.shape)}"
+        ),
+    )
+    torch._check_value(
         1 <= k <= mn,
         lambda: (
             f"{op}: k must be in [1, min(m, n)] = [1, {mn}] for A of shape {list(A.shape)}, got {k}"

@@ -94,6 +94,12 @@ OPS = [
         r"^rank_scale: U must be a tensor, got NoneType$",
     ),
     case(
+        "torch.ops-rank_scale-U-None",
+        lambda: torch.ops.lsef.rank_scale(X(6, 7), None, torch.tensor(0.5), torch.tensor(2.0)),
+        TypeError,
+        r"^rank_scale: U must be a tensor, got None$",
+    ),
+    case(
         "rank_scale-U-1d",
         lambda: ops.rank_scale(X(6, 7), X(6), 0.5, 2.0),
         ValueError,
@@ -183,7 +189,7 @@ OPS = [
         "rsvd-empty-matrix",
         lambda: ops.rsvd(X(0, 6), 1),
         ValueError,
-        r"rsvd: k must be in \[1, min\(m, n\)\] = \[1, 0\] for A of shape \[0, 6\], got 1",
+        r"^rsvd: A must have matrices of m, n >= 1 \(A is \(\*, m, n\)\), got shape \[0, 6\]$",
     ),
     case(
         "rsvd-A-complex",

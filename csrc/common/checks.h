@@ -8,13 +8,20 @@
 
 namespace lsef {
 
+// A tensor argument given as None (torch.ops passes an undefined tensor).
+inline void check_defined(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.defined(), op, ": ", name, " must be a tensor, got None");
+}
+
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  check_defined(op, name, t);
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
               " must be a floating-point tensor, got ", t.scalar_type());
 }
 
 inline void check_same_dtype(const char* op, const char* name, const at::Tensor& t,
                              const char* ref_name, const at::Tensor& ref) {
+  check_defined(op, name, t);
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ",
               ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
 }

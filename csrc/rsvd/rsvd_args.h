@@ -23,6 +23,8 @@ inline Shape check(const char* op, const at::Tensor& A, int64_t k, int64_t overs
   check_floating(op, "A", A);
   check_min_dim(op, "A", A, 2, "(*, m, n)");
   const int64_t m = A.size(-2), n = A.size(-1), mn = std::min(m, n);
+  TORCH_CHECK_VALUE(mn >= 1, op, ": A must have matrices of m, n >= 1 (A is (*, m, n)), got shape ",
+                    A.sizes());
   TORCH_CHECK_VALUE(1 <= k && k <= mn, op, ": k must be in [1, min(m, n)] = [1, ", mn,
                     "] for A of shape ", A.sizes(), ", got ", k);
   TORCH_CHECK_VALUE(oversample >= 0, op, ": oversample must be >= 0, got ", oversample);
