@@ -317,3 +317,10 @@ def test_bad_noise():
         ops.lowrank_sparse(X, 2, noise=[0.1])
     with pytest.raises(ValueError, match=r"noise applies to method='rpca' only"):
         ops.lowrank_sparse(X, 2, method="unrolled", noise=0.1)
+
+
+def test_reference_refuses_k_out_of_range():
+    """The reference once returned a zero low-rank part for k = 0."""
+    for k in (0, 7):
+        with pytest.raises(ValueError, match=r"lowrank_sparse: k must be in \[1, min\(m, n\)\]"):
+            lsef_ref.lowrank_sparse(torch.randn(8, 6), k)

@@ -159,6 +159,9 @@ def lowrank_sparse(
         raise ValueError(f"lowrank_sparse: method must be 'rpca' or 'unrolled', got {method!r}")
     if n_steps is not None and n_steps < 1:
         raise ValueError(f"lowrank_sparse: n_steps must be >= 1, got {n_steps}")
+    mn = min(X.shape[-2:])
+    if not 1 <= k <= mn:
+        raise ValueError(f"lowrank_sparse: k must be in [1, min(m, n)] = [1, {mn}], got {k}")
     if method == "unrolled":
         if lam is None:
             with torch.no_grad():
