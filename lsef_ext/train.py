@@ -150,8 +150,9 @@ def check_run_folder(cfg: TrainConfig, write_test: bool = True) -> None:
       unless ``cfg.overwrite`` (its files are then replaced when the first epoch is saved);
     * with ``cfg.resume``, ``out`` must hold ``checkpoint.pt`` (FileNotFoundError), and
       ``cfg.overwrite`` is refused as a contradiction;
-    * ``out`` must be a folder this process can create and write in (``write_test``: creates
-      the folder and a temporary file in it, then removes the file).
+    * ``out`` must be a folder this process can create and write in (``write_test``: a
+      temporary file is created and removed in ``out``, or, where ``out`` does not exist yet,
+      in the folder it would be created in).
 
     Raises :class:`RunError` (a ValueError) or FileNotFoundError naming the folder or file."""
     out = cfg.out
@@ -183,16 +184,21 @@ def check_run_folder(cfg: TrainConfig, write_test: bool = True) -> None:
                 "--resume, or replace it with --overwrite"
             )
     if write_test:
+        # A file is created (and removed) in out, or where out would be created: nothing is
+        # left behind, not even an empty folder, when the run stops before its first epoch.
+        here = os.path.abspath(out)
+        while not os.path.exists(here) and os.path.dirname(here) != here:
+            here = os.path.dirname(here)
+        if not os.path.isdir(here):
+            raise RunError(f"cannot create the out folder {out}: {here} is not a folder")
         try:
-            os.makedirs(out, exist_ok=True)
-        except OSError as e:
-            raise RunError(f"cannot create the out folder {out}: {_why(e)}") from e
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".lsef-write-test-", dir=out)
+            fd, probe = tempfile.mkstemp(prefix=".lsef-write-test-", dir=here)
             os.close(fd)
             os.remove(probe)
         except OSError as e:
-            raise RunError(f"cannot write in the out folder {out}: {_why(e)}") from e
+            if here == os.path.abspath(out):
+                raise RunError(f"cannot write in the out folder {out}: {_why(e)}") from e
+            raise RunError(f"cannot create the out folder {out}: {here}: {_why(e)}") from e
 
 
 def _check_config(cfg: TrainConfig) -> None:

@@ -228,6 +228,24 @@ def test_debug_shows_the_traceback(capsys, tmp_path):
             cli.main(argv)
 
 
+def test_bugs_keep_their_traceback_and_an_interrupt_is_one_line(capsys, monkeypatch):
+    def bug(args):
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr(cli, "_info", bug)
+    with pytest.raises(RuntimeError, match="a bug, not a user error"):
+        cli.main(["info"])
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_info", interrupted)
+    rc, out, err = run_main(capsys, ["info"])
+    assert rc == 130 and err == "lsef: interrupted\n"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--debug", "info"])
+
+
 # --------------------------------------------------------------------------------------------
 # as users run it: subprocesses
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from lsef_ext.train import (
     TrainConfig,
     Trainer,
     ccc,
+    check_run_folder,
     corrupted_average,
     distributed_env,
     evaluate,
@@ -341,8 +342,17 @@ def test_unwritable_out_is_refused_before_training(tmp_path):
     with pytest.raises(RunError, match=f"out folder {blocker} exists and is not a folder"):
         Trainer(config(out=str(blocker)), data, progress=False)
     below = blocker / "run"
-    with pytest.raises(RunError, match=f"cannot create the out folder {below}: "):
+    with pytest.raises(
+        RunError, match=f"cannot create the out folder {below}: {blocker} is not a folder"
+    ):
         Trainer(config(out=str(below)), data, progress=False)
+    # checked without leaving anything behind; created when the first epoch is saved
+    new = tmp_path / "new" / "run"
+    check_run_folder(config(out=str(new)))
+    assert not (tmp_path / "new").exists()
+    Trainer(config(out=str(new), epochs=1, n_train=64), data, progress=False).fit()
+    assert (new / "checkpoint.pt").is_file()
+    assert sorted(p.name for p in new.iterdir()) == ["checkpoint.pt", "metrics.csv", "metrics.json"]
 
 
 def test_trainer_refuses_counts_and_rates_that_make_no_sense():
