@@ -19,6 +19,35 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 
+NO_TORCH = """
+lsef_ext: cannot import torch in the build environment.
+The extension compiles against the torch it will run with, so build it in the environment
+that has torch installed, without build isolation:
+    pip install torch ninja "setuptools>=77"
+    pip install --no-build-isolation .
+(With plain `pip install .`, pip builds in a fresh isolated environment without torch.)
+"""
+
+
+def torch_version():
+    """The installed torch's version, or None where torch cannot be imported."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.__version__
+
+
+def torch_requirement():
+    """The torch series this build is compiled for (its C++ ABI is not stable across minor
+    releases), as torch-scatter and flash-attn pin theirs; any torch >= 2.4 where the metadata is
+    prepared without torch (the build itself then stops with NO_TORCH)."""
+    version = torch_version()
+    if version is None:
+        return "torch>=2.4"
+    major, minor = (int(x) for x in version.split("+")[0].split(".")[:2])
+    return f"torch>={major}.{minor},<{major}.{minor + 1}"
+
 
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
@@ -27,7 +56,16 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
+        version = torch_version()
+        if version is None:
+            sys.stderr.write(NO_TORCH)
+            raise SystemExit(1)
         output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        output_dir.mkdir(parents=True, exist_ok=True)
+        # The torch this build is for, read by lsef_ext/__init__.py before it loads the library.
+        (output_dir / "_build_torch.py").write_text(
+            f'"""Written by setup.py at build time."""\n\nTORCH_VERSION = "{version}"\n'
+        )
         # A fixed folder in the source tree (not setuptools' temporary one), so a rebuild after
         # touching one kernel recompiles only that file, editable installs included. One per
         # Python environment: CMake's cache remembers the torch it configured against.
@@ -55,6 +93,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
+    install_requires=[torch_requirement(), "numpy", "tqdm", "matplotlib"],
     ext_modules=[CMakeExtension("lsef_ext._C")],
     cmdclass={"build_ext": CMakeBuild},
 )
