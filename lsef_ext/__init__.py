@@ -3,6 +3,8 @@
 Importing the package loads the compiled kernels, which register ``torch.ops.lsef.*``.
 """
 
+import glob
+import os
 import warnings
 
 import torch  # noqa: F401  (the compiled library needs libtorch loaded first)
@@ -24,6 +26,15 @@ def _load_library():
     try:
         from . import _C  # noqa: F401  (registers the op schemas and kernels)
     except ImportError as e:
+        here = os.path.dirname(os.path.abspath(__file__))
+        if not glob.glob(os.path.join(here, "_C.*")):
+            raise ImportError(
+                f"lsef_ext: the compiled library (_C) is not in {here}: this is a source tree "
+                "that was never built. From a clone's root, `import lsef_ext` finds this folder "
+                "before the installed package. Either run from another folder (the installed "
+                "package is then used), or build in place: "
+                "pip install --no-build-isolation -e ."
+            ) from e
         if mismatch:
             raise ImportError(
                 f"lsef_ext was built for torch {built} but torch {torch.__version__} is "

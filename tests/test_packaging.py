@@ -39,3 +39,26 @@ def test_package_metadata_files():
     cff = (ROOT / "CITATION.cff").read_text()
     assert "cff-version: 1.2.0" in cff and "arXiv:2511.11406" in cff
     assert "## [Unreleased]" in (ROOT / "CHANGELOG.md").read_text()
+
+
+def test_unbuilt_source_tree_gives_one_clear_error(tmp_path):
+    """A copy of the package's Python files without the compiled library (what `import
+    lsef_ext` finds from an unbuilt clone's root) fails with what happened and the two ways out,
+    not with a circular-import message."""
+    import shutil
+    import subprocess
+
+    src = Path(lsef_ext.__file__).parent
+    shutil.copytree(src, tmp_path / "lsef_ext", ignore=shutil.ignore_patterns("_C.*", "_build_*"))
+    done = subprocess.run(
+        [sys.executable, "-c", "import lsef_ext"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: lsef_ext: the compiled library (_C) is not in")
+    assert "run from another folder" in last and "pip install --no-build-isolation -e ." in last
