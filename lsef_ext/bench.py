@@ -410,15 +410,25 @@ def run(
     )
     print(header, file=out)
     print("-" * len(header), file=out)
-    for c in selected:
+    out.flush()
+    from tqdm.auto import tqdm
+
+    # A bar over the cases on stderr (on a terminal only); each variant's row is printed as soon
+    # as it is timed, lsef_ext's first (the others' speedups are relative to it).
+    bar = tqdm(selected, desc="lsef bench", unit="case", disable=None, leave=False)
+
+    def emit(line: str) -> None:
+        tqdm.write(line, file=out)
+        out.flush()
+
+    for c in bar:
+        bar.set_postfix_str(c.name[:40])
         setup = c.factory(quick)
         name = setup.label or c.name  # quick runs: the sizes used, not the full run's
-        times = {
-            v: time_median(fn, c.device, warmup, min_runs, min_seconds)
-            for v, fn in setup.variants.items()
-        }
-        ext = times[EXT]
-        for variant, t in times.items():
+        ext = None
+        for variant in [EXT] + [v for v in setup.variants if v != EXT]:
+            t = time_median(setup.variants[variant], c.device, warmup, min_runs, min_seconds)
+            ext = t if ext is None else ext
             speedup = t / ext
             # Quick runs use small, cache-resident sizes: targets are only judged on full runs.
             target = None if quick else setup.targets.get(variant)
@@ -434,10 +444,9 @@ def run(
             report["rows"].append(row)
             note = setup.notes.get(variant, "")
             row["note"] = note
-            print(
+            emit(
                 f"{name:<{width}} {c.device:<4} {variant:<30} {t * 1e3:>10.3f} "
-                f"{speedup:>7.2f}x {_target_text(target, speedup):>13}  {note}",
-                file=out,
+                f"{speedup:>7.2f}x {_target_text(target, speedup):>13}  {note}"
             )
         if setup.bytes_moved is not None:
             floor = setup.bytes_moved / bandwidth[c.device]
@@ -454,14 +463,13 @@ def run(
                     "met": None if target is None else ratio <= target,
                 }
             )
-            print(
+            emit(
                 f"{name:<{width}} {c.device:<4} {'memory floor (copy bw)':<30} "
                 f"{floor * 1e3:>10.3f} "
                 f"{'ext/floor ' + format(ratio, '.2f'):>17} "
-                f"{_floor_verdict(ratio, target)}",
-                file=out,
+                f"{_floor_verdict(ratio, target)}"
             )
-        out.flush()
+    bar.close()
     if quick:
         print(
             "\n--quick: small sizes and few runs, to exercise the harness; targets not judged.",

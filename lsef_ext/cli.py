@@ -377,7 +377,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"  the run already has {trainer.epoch} epochs (--epochs {cfg.epochs}): none to add")
     history = trainer.fit()
     if rank == 0:
-        for row in history:
+        for row in history if args.no_progress else ():  # else printed as each epoch ended
             print(
                 "  "
                 + "  ".join(
@@ -565,7 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint's run; the new values apply from the next step. Without it such a resume "
         "is refused",
     )
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars and no line per epoch (the history is printed at the end)",
+    )
     _threads_flag(t)
     t.set_defaults(fn=_train)
 

@@ -99,9 +99,11 @@ def plot_decomposition(
     model, clips: Dict[str, torch.Tensor], path: str, channels: int = 48
 ) -> None:
     """Heatmaps over time of a clip's X and of the L and S the trained LSEF finds in it, for the
-    clean clip and its corrupted versions (one row each)."""
+    clean clip and its corrupted versions (one row each). X and L share one symmetric colour
+    scale per row (so L reads as a part of X); S has its own, so that the small transient events
+    of a clean clip stay visible beside the large corruption spikes of the others."""
     plt = _plt()
-    fig, axes = plt.subplots(len(clips), 3, figsize=(11, 2.3 * len(clips)), squeeze=False)
+    fig, axes = plt.subplots(len(clips), 3, figsize=(12, 2.4 * len(clips)), squeeze=False)
     model.eval()
     with torch.no_grad():
         for row, (name, x) in enumerate(clips.items()):
@@ -111,9 +113,11 @@ def plot_decomposition(
                 "L (stable, low-rank)": out.L[0],
                 "S (transient, sparse)": out.S[0],
             }
-            vmax = float(x[:, :channels].abs().max())
+            scale_xl = float(x[:, :channels].abs().max()) or 1.0
+            scale_s = float(out.S[0][:, :channels].abs().max()) or 1.0
             for col, (title, a) in enumerate(parts.items()):
                 ax = axes[row, col]
+                vmax = scale_s if col == 2 else scale_xl
                 im = ax.imshow(
                     a[:, :channels].T.numpy(),
                     aspect="auto",
@@ -126,16 +130,30 @@ def plot_decomposition(
                 ax.set_ylabel(f"{name}\nchannel" if col == 0 else "", fontsize=8)
                 ax.set_xlabel("frame" if row == len(clips) - 1 else "", fontsize=8)
                 ax.tick_params(labelsize=7)
-            fig.colorbar(im, ax=axes[row, :].tolist(), fraction=0.02, pad=0.01)
-    fig.suptitle("One test clip and its LSEF decomposition (first channels)", fontsize=10)
+                if col >= 1:  # one colour bar for X and L, one for S
+                    bar = fig.colorbar(
+                        im, ax=axes[row, :2].tolist() if col == 1 else ax, fraction=0.03, pad=0.01
+                    )
+                    bar.set_label("value of X, L" if col == 1 else "value of S", fontsize=7)
+                    bar.ax.tick_params(labelsize=6)
+    fig.suptitle(
+        "One test clip and its LSEF decomposition X ≈ L + S (first channels; S on its own scale)",
+        fontsize=10,
+    )
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def _legend_below(fig, ax, n: int) -> None:
+    """The legend in a row under the axes, where it cannot cover data."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=n, fontsize=8, frameon=False)
 
 
 def plot_training(results: Dict[str, Dict[str, object]], path: str) -> None:
     """Training loss and clean validation WAR per epoch, one line per model."""
     plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, r in results.items():
         h = r["history"]
         ep = [row["epoch"] for row in h]
@@ -143,32 +161,41 @@ def plot_training(results: Dict[str, Dict[str, object]], path: str) -> None:
         b.plot(
             ep, [100 * row["val_war"] for row in h], marker="o", ms=3, label=LABELS.get(name, name)
         )
-    a.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
-    b.set(xlabel="epoch", ylabel="WAR (%)", title="clean test WAR")
-    b.legend(fontsize=8)
+    a.set(xlabel="epoch", ylabel="training loss", yscale="log", title="Training loss per epoch")
+    b.set(xlabel="epoch", ylabel="WAR (%)", title="Clean test WAR per epoch")
     for ax in (a, b):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    _legend_below(fig, a, len(results))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_robustness(results: Dict[str, Dict[str, object]], path: str) -> None:
-    """Grouped bars: WAR per condition, one bar per model."""
+    """Grouped bars: WAR per condition, one bar per model, on an axis that starts near the
+    lowest bar so that the differences between models show."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 3.4))
+    fig, ax = plt.subplots(figsize=(8.5, 3.8))
     n = len(results)
     width = 0.8 / n
+    lowest = 100.0
     for i, (name, r) in enumerate(results.items()):
         vals = [100 * r["metrics"][c]["war"] for c in CONDITIONS]
+        lowest = min([lowest] + vals)
         xs = [j + (i - (n - 1) / 2) * width for j in range(len(CONDITIONS))]
         bars = ax.bar(xs, vals, width, label=LABELS.get(name, name))
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
     ax.set_xticks(range(len(CONDITIONS)), [c.replace("_", " ") for c in CONDITIONS])
-    ax.set(ylabel="WAR (%)", title="Accuracy clean and under test-time corruptions", ylim=(0, 105))
-    ax.legend(fontsize=8, loc="lower left")
+    bottom = max(0.0, 10 * (lowest // 10) - 10)
+    ax.set(
+        ylabel="WAR (%)",
+        title="Test accuracy (WAR), clean and under test-time corruptions never seen in training",
+        ylim=(bottom, 102),
+    )
+    ax.title.set_fontsize(10)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    _legend_below(fig, ax, n)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

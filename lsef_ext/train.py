@@ -600,7 +600,21 @@ class Trainer:
             self.history.append(row)
             self.save()
             self.write_metrics()
+            if self.progress and self.rank == 0:  # one line per epoch, terminal or not
+                print(self._epoch_line(row), flush=True)
         return self.history
+
+    def _epoch_line(self, row: Dict[str, float]) -> str:
+        parts = [f"{self.desc} epoch {row['epoch']}/{self.cfg.epochs}", f"loss {row['loss']:.4f}"]
+        for key, value in row.items():
+            if key.startswith("val_"):
+                name = key[4:]
+                if name in ("war", "uar"):
+                    parts.append(f"val {name.upper()} {100 * value:.1f}%")
+                else:
+                    parts.append(f"val {name} {value:.4f}")
+        parts.append(f"{row['seconds']:.1f} s")
+        return "  ".join(parts)
 
     @property
     def net(self) -> nn.Module:
