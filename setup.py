@@ -12,6 +12,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -88,8 +89,20 @@ class CMakeBuild(build_ext):
             configure.append(f"-DLSEF_CUDA={os.environ['LSEF_CUDA']}")
         configure += shlex.split(os.environ.get("CMAKE_ARGS", ""))
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        start = time.monotonic()
+        say(f"configuring with CMake against torch {version}, in {build_dir}")
         subprocess.run(configure, check=True)
+        say(
+            f"compiling with {jobs} parallel jobs (MAX_JOBS); Ninja prints a line per file; a "
+            "first CPU build takes about 2 minutes on 2 cores, the CUDA kernels several more"
+        )
         subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
+        say(f"built {ext.name} in {time.monotonic() - start:.0f} s")
+
+
+def say(line: str) -> None:
+    """A stage line of the build (pip shows the build's output with -v)."""
+    print(f"lsef_ext build: {line}", flush=True)
 
 
 setup(

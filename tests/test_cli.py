@@ -24,7 +24,7 @@ CWD = tempfile.gettempdir()
 def lsef(*args, timeout):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(
-        [sys.executable, "-m", "lsef_ext.cli", *args],
+        [sys.executable, "-m", "lsef_cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -86,7 +86,7 @@ def test_bench_filter():
 
 def test_unknown_command_fails_with_usage():
     r = subprocess.run(
-        [sys.executable, "-m", "lsef_ext.cli", "nope"],
+        [sys.executable, "-m", "lsef_cli", "nope"],
         capture_output=True,
         text=True,
         cwd=CWD,
@@ -163,7 +163,7 @@ def test_train_writes_checkpoint_and_resumes(tmp_path):
 
 def test_train_bad_data_folder_fails_clearly(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "lsef_ext.cli", "train", "--data", str(tmp_path)],
+        [sys.executable, "-m", "lsef_cli", "train", "--data", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=CWD,

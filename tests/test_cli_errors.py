@@ -6,6 +6,7 @@ run the command as users do, in a subprocess. The threads chooser and the parser
 (help text with defaults, --version, no heavy imports) are tested here too.
 """
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import tempfile
 import pytest
 import torch
 
-from lsef_ext import cli
+import lsef_cli as cli
 
 CUDA = torch.cuda.is_available()
 CWD = tempfile.gettempdir()  # outside the source tree, as users run it
@@ -253,7 +254,7 @@ def test_bugs_keep_their_traceback_and_an_interrupt_is_one_line(capsys, monkeypa
 
 def lsef(*args, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "lsef_ext.cli", *args]
+    cmd = [sys.executable, "-m", "lsef_cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=CWD, env=env)
 
 
@@ -316,14 +317,17 @@ def test_model_names_match_the_models():
     assert cli.MODEL_NAMES == MODEL_NAMES
 
 
-def test_building_the_parser_imports_no_models_or_torch_code():
-    # what `lsef --help` and `lsef train --help` need beyond importing the package
+def test_help_and_version_import_no_torch():
+    # `lsef --help` must be quick: lsef_cli, its parser, every command's --help and --version
+    # import nothing heavy (importing anything inside lsef_ext would load torch)
     code = (
-        "import sys, lsef_ext.cli as c\n"
+        "import sys\n"
         "before = set(sys.modules)\n"
-        "for argv in (['--help'], ['train', '--help'], ['demo', '--help'], ['bench', '--help']):\n"
+        "import lsef_cli as c\n"
+        "for argv in (['--help'], ['train', '--help'], ['demo', '--help'], ['bench', '--help'],\n"
+        "             ['info', '--help'], ['--version']):\n"
         "    try:\n"
-        "        c.build_parser().parse_args(argv)\n"
+        "        c.main(argv)\n"
         "    except SystemExit:\n"
         "        pass\n"
         "new = sorted(m for m in set(sys.modules) - before\n"
@@ -335,8 +339,16 @@ def test_building_the_parser_imports_no_models_or_torch_code():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=CWD, env=env
     )
     assert r.returncode == 0, r.stderr
-    assert "usage: lsef train" in r.stdout
+    assert "usage: lsef train" in r.stdout and "usage: lsef info" in r.stdout
+    assert r.stdout.endswith(f"\nlsef {importlib.metadata.version('lsef_ext')}\n")
     assert r.stderr.strip() == "[]"
+
+
+def test_the_old_module_path_still_runs_the_command():
+    # python -m lsef_ext.cli (torchrun -m lsef_ext.cli, scripts written before lsef_cli)
+    import lsef_ext.cli
+
+    assert lsef_ext.cli.main is cli.main
 
 
 # --------------------------------------------------------------------------------------------
