@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,38 @@ def _check_input(module: str, X: Tensor, D: int, name: str = "X") -> None:
         raise ValueError(f"{module}: expected {name} of shape (B, T, {D}), got {tuple(X.shape)}")
     if X.shape[1] < 2:
         raise ValueError(f"{module}: needs at least 2 frames, got T = {X.shape[1]}")
+
+
+def _check_lengths(module: str, lengths, X: Tensor) -> Optional[List[int]]:
+    """The ``lengths`` of a model's forward (``X`` checked): ``None`` or a 1-D integer tensor
+    ``(B,)`` of values in ``[1, T]``, the valid (leading) frames of each clip. Returns the
+    lengths as a list, or ``None`` when there are none or every clip has all ``T`` frames (the
+    unmasked path). Reads the values once (one device synchronisation on a GPU)."""
+    if lengths is None:
+        return None
+    if not isinstance(lengths, Tensor):
+        raise TypeError(
+            f"{module}: lengths must be an integer tensor of shape (B,), got "
+            f"{type(lengths).__name__}"
+        )
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"{module}: lengths must be an integer tensor, got {lengths.dtype}")
+    B, T = X.shape[:2]
+    if lengths.shape != (B,):
+        raise ValueError(
+            f"{module}: lengths must have shape (B,) = ({B},), got {tuple(lengths.shape)}"
+        )
+    lens = lengths.tolist()
+    for v in lens:
+        if not 1 <= v <= T:
+            raise ValueError(f"{module}: lengths must be in [1, T] = [1, {T}], got {v}")
+    return None if all(v == T for v in lens) else lens
+
+
+def _frame_mask(lens: List[int], X: Tensor) -> Tensor:
+    """``(B, T, 1)`` bool, True at the valid frames of each clip."""
+    lengths = torch.tensor(lens, device=X.device)
+    return (torch.arange(X.shape[1], device=X.device) < lengths[:, None])[..., None]
 
 
 def _check_sizes(module: str, **sizes) -> None:
@@ -149,6 +181,10 @@ class SEM(nn.Module):
 
     def forward(self, X: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         _check_input("SEM", X, self.d_in)
+        return self._forward(X)
+
+    def _forward(self, X: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward` without the checks (LSEF's own, which also runs one-frame clips)."""
         L = self.decompose(X)
         Z, tone = self.embed(L)
         return L, Z, tone
@@ -207,6 +243,10 @@ class DDM(nn.Module):
         _check_tensor("DDM", "L", L)
         if L.shape != X.shape:
             raise ValueError(f"DDM: L must have X's shape {tuple(X.shape)}, got {tuple(L.shape)}")
+        return self._forward(X, L)
+
+    def _forward(self, X: Tensor, L: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`forward` without the checks (LSEF's own, which also runs one-frame clips)."""
         sigma = robust_scale(X - L).to(X.dtype)
         lam = self.lam.to(X.dtype) * sigma
         S = self.ops.soft_threshold(X, L, lam)
@@ -280,6 +320,10 @@ class CIM(nn.Module):
             raise ValueError(
                 f"CIM: Z_S must have Z_L's shape {tuple(ZL.shape)}, got {tuple(ZS.shape)}"
             )
+        return self._forward(ZL, ZS)
+
+    def _forward(self, ZL: Tensor, ZS: Tensor) -> Tuple[Tensor, Tensor]:
+        """:meth:`forward` without the checks (LSEF's own, which also runs one-frame clips)."""
         hs = []
         for s in self.scales:
             Ls, Ss = self._pool(ZL, s, False), self._pool(ZS, s, True)
@@ -300,18 +344,29 @@ class CIM(nn.Module):
 class LSEFOutput:
     """What :class:`LSEF` returns: the prediction, the decomposition and the consistency terms."""
 
-    pred: Tensor  # (B, num_classes) logits or (B, 2) valence/arousal
-    L: Tensor  # (B, T, d_in) stable part
-    S: Tensor  # (B, T, d_in) sparse part
+    pred: Tensor  # (B, num_classes) logits or (B, num_targets) regression values in [-1, 1]
+    L: Tensor  # (B, T, d_in) stable part (0 in padded frames)
+    S: Tensor  # (B, T, d_in) sparse part (0 in padded frames)
     terms: Dict[str, Tensor] = field(default_factory=dict)
 
 
 class LSEF(nn.Module):
     """SEM + DDM + CIM + a head: the LSEF model on ``(B, T, d_in)`` feature sequences.
 
-    ``task="classification"`` gives ``num_classes`` logits; ``"regression"`` gives valence and
-    arousal in ``[-1, 1]`` (tanh). The head (LayerNorm, dropout, two layers) reads
-    ``[tone, transient, fused]``.
+    ``task="classification"`` gives ``num_classes`` logits; ``"regression"`` gives
+    ``num_targets`` values in ``[-1, 1]`` (tanh; the default 2 is valence and arousal). The head
+    (LayerNorm, dropout, two layers) reads ``[tone, transient, fused]``.
+
+    ``forward(X, lengths=None)``: ``lengths (B,)``, an integer tensor of values in ``[1, T]``,
+    says that clip ``i`` has ``lengths[i]`` valid frames and is padded after them (None: every
+    clip has all ``T``). Padded frames change no output: SEM's robust PCA, DDM's noise scale,
+    the low-rank projections and CIM's pooling all depend on the clip's length and on every
+    frame, so a per-entry mask would not be exact; instead the clips are grouped by length and
+    each group runs on its valid frames only (one pass per distinct length in the batch), with
+    the results put back in batch order. ``pred`` is then the prediction of each clip alone;
+    ``L`` and ``S`` are 0 in padded frames; ``recon`` and ``sparsity`` are means over valid
+    entries, and ``agreement`` is taken over the per-scale summaries of every clip. When every
+    length is ``T`` the batch takes the single-pass path, exactly as without ``lengths``.
 
     Ablations (``use_sem``, ``use_ddm``, ``use_cim``):
 
@@ -323,11 +378,12 @@ class LSEF(nn.Module):
 
     ``loss_weights`` weigh (recon, sparsity, agreement) in :meth:`regulariser`.
 
-    Sizes (``d_in``, ``num_classes``, ``d_model``, ``rank``) must be integers >= 1; a bad
-    argument raises TypeError or ValueError naming it (and the part, SEM, DDM or CIM, that
-    checks it). An empty batch (``B = 0``) is valid: ``pred`` is ``(0, num_classes)`` (or
-    ``(0, 2)``), ``L`` and ``S`` are ``(0, T, d_in)``, and the consistency terms, sums over no
-    clips, are 0 (means over nothing would be NaN and would poison a loss they are added to).
+    Sizes (``d_in``, ``num_classes``, ``num_targets``, ``d_model``, ``rank``) must be integers
+    >= 1; a bad argument raises TypeError or ValueError naming it (and the part, SEM, DDM or CIM,
+    that checks it), and so does a bad ``lengths``. An empty batch (``B = 0``) is valid:
+    ``pred`` is ``(0, num_classes)`` (or ``(0, num_targets)``), ``L`` and ``S`` are
+    ``(0, T, d_in)``, and the consistency terms, sums over no clips, are 0 (means over nothing
+    would be NaN and would poison a loss they are added to).
     """
 
     def __init__(
@@ -347,10 +403,11 @@ class LSEF(nn.Module):
         loss_weights: Tuple[float, float, float] = (0.01, 0.01, 0.1),
         dropout: float = 0.1,
         ops: str = "ext",
+        num_targets: int = 2,
     ):
         super().__init__()
         _check_task("LSEF", task)
-        _check_sizes("LSEF", num_classes=num_classes)
+        _check_sizes("LSEF", num_classes=num_classes, num_targets=num_targets)
         _check_dropout("LSEF", dropout)
         if isinstance(loss_weights, (str, bytes)) or not isinstance(loss_weights, Sequence):
             raise TypeError(
@@ -369,6 +426,7 @@ class LSEF(nn.Module):
                     f"LSEF: loss_weights must be finite numbers >= 0, got {tuple(loss_weights)}"
                 )
         self.task, self.d_in, self.d_model = task, d_in, d_model
+        self.num_targets = num_targets
         self.use_sem, self.use_ddm, self.use_cim = use_sem, use_ddm, use_cim
         self.loss_weights = tuple(loss_weights)
         self.sem = SEM(d_in, d_model, rank, rpca_steps, rpca_lam, ops)
@@ -381,7 +439,7 @@ class LSEF(nn.Module):
             self.cim = CIM(d_model, scales)
         else:
             self.plain = nn.Linear(2 * d_model, d_model)
-        out = num_classes if task == "classification" else 2
+        out = num_classes if task == "classification" else num_targets
         self.head = nn.Sequential(
             nn.LayerNorm(3 * d_model),
             nn.Dropout(dropout),
@@ -390,32 +448,73 @@ class LSEF(nn.Module):
             nn.Linear(d_model, out),
         )
 
-    def forward(self, X: Tensor) -> LSEFOutput:
+    def forward(self, X: Tensor, lengths: Optional[Tensor] = None) -> LSEFOutput:
+        """``X (B, T, d_in)``; ``lengths (B,)``, the valid frames of each clip (see the class
+        docstring: clips are grouped by length, one pass per distinct length)."""
         _check_input("LSEF", X, self.d_in)
+        lens = _check_lengths("LSEF", lengths, X)
+        if lens is not None:
+            return self._forward_grouped(X, lens)
+        pred, L, S, H = self._forward_full(X)
+        # An empty batch: sums over no clips (0) where the means would be NaN.
+        reduce = torch.mean if X.shape[0] else torch.sum
+        terms = {"recon": reduce((X - L - S).pow(2)), "sparsity": reduce(S.abs())}
+        if H is not None:
+            terms["agreement"] = CIM.agreement(H) if X.shape[0] else (H - H.mean(0)).pow(2).sum()
+        return LSEFOutput(pred, L, S, terms)
+
+    def _forward_full(self, X: Tensor) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """``(pred, L, S, H)`` of clips that all have their ``T`` frames (``X`` checked, any
+        ``T >= 1``: a group of one-frame clips comes here too); ``H (n_scales, B, d_model)`` is
+        CIM's per-scale summaries, None without CIM."""
         if self.use_sem:
-            L, ZL, tone = self.sem(X)
+            L, ZL, tone = self.sem._forward(X)
         else:
             L = torch.zeros_like(X)
             ZL, tone = self.sem.embed(X)
         if self.use_ddm:
-            L, S, ZS, transient = self.ddm(X, L)
+            L, S, ZS, transient = self.ddm._forward(X, L)
             if self.use_sem:  # the stable stream follows the refined L
                 ZL = self.sem.proj(L)
         else:
             S = X - L
             ZS, transient = self.sparse_proj(S), torch.zeros_like(tone)
-        # An empty batch: sums over no clips (0) where the means would be NaN.
-        reduce = torch.mean if X.shape[0] else torch.sum
-        terms = {"recon": reduce((X - L - S).pow(2)), "sparsity": reduce(S.abs())}
         if self.use_cim:
-            fused, H = self.cim(ZL, ZS)
-            terms["agreement"] = CIM.agreement(H) if X.shape[0] else (H - H.mean(0)).pow(2).sum()
+            fused, H = self.cim._forward(ZL, ZS)
         else:
-            fused = self.plain(torch.cat([ZL.mean(1), ZS.mean(1)], -1))
+            fused, H = self.plain(torch.cat([ZL.mean(1), ZS.mean(1)], -1)), None
         pred = self.head(torch.cat([tone, transient, fused], -1))
         if self.task == "regression":
             pred = torch.tanh(pred)
-        return LSEFOutput(pred, L, S, terms)
+        return pred, L, S, H
+
+    def _forward_grouped(self, X: Tensor, lens: List[int]) -> LSEFOutput:
+        """The forward of clips of lengths ``lens`` (``B >= 1``, not all ``T``): one
+        :meth:`_forward_full` per distinct length, on that group's valid frames, the results
+        put back in batch order (``L``, ``S`` padded with zeros)."""
+        T = X.shape[1]
+        groups: Dict[int, List[int]] = {}
+        for i, n in enumerate(lens):
+            groups.setdefault(n, []).append(i)
+        order, preds, Ls, Ss, Hs = [], [], [], [], []
+        recon = sparsity = X.new_zeros(())
+        for n, members in groups.items():
+            idx = torch.tensor(members, device=X.device)
+            Xg = X[idx, :n]
+            pred, L, S, H = self._forward_full(Xg)
+            recon = recon + (Xg - L - S).pow(2).sum()
+            sparsity = sparsity + S.abs().sum()
+            order += members
+            preds.append(pred)
+            Ls.append(F.pad(L, (0, 0, 0, T - n)))
+            Ss.append(F.pad(S, (0, 0, 0, T - n)))
+            Hs.append(H)
+        inv = torch.tensor(order, device=X.device).argsort()  # batch position -> row of cat
+        valid = sum(lens) * X.shape[2]
+        terms = {"recon": recon / valid, "sparsity": sparsity / valid}
+        if self.use_cim:
+            terms["agreement"] = CIM.agreement(torch.cat(Hs, 1)[:, inv])
+        return LSEFOutput(torch.cat(preds)[inv], torch.cat(Ls)[inv], torch.cat(Ss)[inv], terms)
 
     def regulariser(self, out: LSEFOutput) -> Tensor:
         """``w_recon·recon + w_sparsity·sparsity + w_agreement·agreement`` of an output."""
@@ -427,7 +526,13 @@ class LSEF(nn.Module):
 
 
 class MeanPoolMLP(nn.Module):
-    """Baseline: LayerNorm, temporal mean-pool, two-layer MLP."""
+    """Baseline: LayerNorm, temporal mean-pool, two-layer MLP.
+
+    ``task="classification"`` gives ``num_classes`` logits, ``"regression"`` ``num_targets``
+    values in ``[-1, 1]`` (tanh). ``forward(X, lengths=None)``: with ``lengths (B,)`` (integers
+    in ``[1, T]``, the valid frames of each clip) the mean runs over the valid frames only
+    (the LayerNorm is per frame), so padded frames change no output.
+    """
 
     def __init__(
         self,
@@ -436,13 +541,20 @@ class MeanPoolMLP(nn.Module):
         hidden: int = 192,
         task: str = "classification",
         dropout: float = 0.1,
+        num_targets: int = 2,
     ):
         super().__init__()
-        _check_sizes("MeanPoolMLP", d_in=d_in, num_classes=num_classes, hidden=hidden)
+        _check_sizes(
+            "MeanPoolMLP",
+            d_in=d_in,
+            num_classes=num_classes,
+            hidden=hidden,
+            num_targets=num_targets,
+        )
         _check_task("MeanPoolMLP", task)
         _check_dropout("MeanPoolMLP", dropout)
-        self.d_in, self.task = d_in, task
-        out = num_classes if task == "classification" else 2
+        self.d_in, self.task, self.num_targets = d_in, task, num_targets
+        out = num_classes if task == "classification" else num_targets
         self.net = nn.Sequential(
             nn.LayerNorm(d_in),
             nn.Linear(d_in, hidden),
@@ -453,15 +565,30 @@ class MeanPoolMLP(nn.Module):
             nn.Linear(hidden, out),
         )
 
-    def forward(self, X: Tensor) -> Tensor:
+    def forward(self, X: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         _check_input("MeanPoolMLP", X, self.d_in)
-        y = self.net[1:](self.net[0](X).mean(1))
+        lens = _check_lengths("MeanPoolMLP", lengths, X)
+        if lens is None:
+            pooled = self.net[0](X).mean(1)
+        else:  # padded frames zeroed first: whatever they hold reaches neither output nor grad
+            mask = _frame_mask(lens, X)
+            h = self.net[0](torch.where(mask, X, 0.0))
+            n = torch.tensor(lens, dtype=X.dtype, device=X.device)[:, None]
+            pooled = torch.where(mask, h, 0.0).sum(1) / n
+        y = self.net[1:](pooled)
         return torch.tanh(y) if self.task == "regression" else y
 
 
 class TemporalTransformer(nn.Module):
     """Baseline: linear embedding + learned positions, a small pre-norm transformer encoder,
-    mean-pool over time, linear head."""
+    mean-pool over time, linear head.
+
+    ``task="classification"`` gives ``num_classes`` logits, ``"regression"`` ``num_targets``
+    values in ``[-1, 1]`` (tanh). ``forward(X, lengths=None)``: with ``lengths (B,)`` (integers
+    in ``[1, T]``, the valid frames of each clip) padded frames are masked out of attention as
+    keys (``src_key_padding_mask``) and out of the mean, so they change no output (in eval
+    mode a clip gives what it gives alone, unpadded).
+    """
 
     def __init__(
         self,
@@ -473,6 +600,7 @@ class TemporalTransformer(nn.Module):
         max_T: int = 256,
         task: str = "classification",
         dropout: float = 0.1,
+        num_targets: int = 2,
     ):
         super().__init__()
         module = "TemporalTransformer"
@@ -484,6 +612,7 @@ class TemporalTransformer(nn.Module):
             layers=layers,
             heads=heads,
             max_T=max_T,
+            num_targets=num_targets,
         )
         if d_model % heads:
             raise ValueError(
@@ -492,7 +621,7 @@ class TemporalTransformer(nn.Module):
             )
         _check_task(module, task)
         _check_dropout(module, dropout)
-        self.d_in, self.task, self.max_T = d_in, task, max_T
+        self.d_in, self.task, self.max_T, self.num_targets = d_in, task, max_T, num_targets
         self.embed = nn.Linear(d_in, d_model)
         self.pos = nn.Parameter(torch.zeros(max_T, d_model))
         nn.init.normal_(self.pos, std=0.02)
@@ -507,14 +636,23 @@ class TemporalTransformer(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, num_classes if task == "classification" else 2)
+        self.head = nn.Linear(d_model, num_classes if task == "classification" else num_targets)
 
-    def forward(self, X: Tensor) -> Tensor:
+    def forward(self, X: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         _check_input("TemporalTransformer", X, self.d_in)
         if X.shape[1] > self.max_T:
             raise ValueError(f"TemporalTransformer: T = {X.shape[1]} exceeds max_T = {self.max_T}")
-        h = self.encoder(self.embed(X) + self.pos[: X.shape[1]])
-        y = self.head(self.norm(h).mean(1))
+        lens = _check_lengths("TemporalTransformer", lengths, X)
+        if lens is None:
+            h = self.encoder(self.embed(X) + self.pos[: X.shape[1]])
+            pooled = self.norm(h).mean(1)
+        else:  # padded frames zeroed first: whatever they hold reaches neither output nor grad
+            mask = _frame_mask(lens, X)
+            h = self.embed(torch.where(mask, X, 0.0)) + self.pos[: X.shape[1]]
+            h = self.norm(self.encoder(h, src_key_padding_mask=~mask[..., 0]))
+            n = torch.tensor(lens, dtype=X.dtype, device=X.device)[:, None]
+            pooled = torch.where(mask, h, 0.0).sum(1) / n
+        y = self.head(pooled)
         return torch.tanh(y) if self.task == "regression" else y
 
 
@@ -522,18 +660,26 @@ MODEL_NAMES = ("lsef", "lsef-no-sem", "lsef-no-ddm", "lsef-no-cim", "meanpool-ml
 
 
 def build_model(
-    name: str, d_in: int, num_classes: int, task: str = "classification", ops: str = "ext", **kw
+    name: str,
+    d_in: int,
+    num_classes: int,
+    task: str = "classification",
+    ops: str = "ext",
+    num_targets: int = 2,
+    **kw,
 ) -> nn.Module:
-    """A model by name (``MODEL_NAMES``); LSEF variants take LSEF's keyword arguments."""
+    """A model by name (``MODEL_NAMES``); LSEF variants take LSEF's keyword arguments.
+    ``num_targets`` is the number of regression outputs (``task="regression"``)."""
+    t = {"task": task, "num_targets": num_targets}
     if name == "lsef":
-        return LSEF(d_in, num_classes, task=task, ops=ops, **kw)
+        return LSEF(d_in, num_classes, ops=ops, **t, **kw)
     if name.startswith("lsef-no-"):
         part = name[len("lsef-no-") :]
         if part not in ("sem", "ddm", "cim"):
             raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
-        return LSEF(d_in, num_classes, task=task, ops=ops, **{f"use_{part}": False}, **kw)
+        return LSEF(d_in, num_classes, ops=ops, **t, **{f"use_{part}": False}, **kw)
     if name == "meanpool-mlp":
-        return MeanPoolMLP(d_in, num_classes, task=task)
+        return MeanPoolMLP(d_in, num_classes, **t)
     if name == "transformer":
-        return TemporalTransformer(d_in, num_classes, task=task)
+        return TemporalTransformer(d_in, num_classes, **t)
     raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
