@@ -34,7 +34,7 @@ import io
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -50,7 +50,11 @@ __all__ = [
     "CONDITIONS",
     "SyntheticAffect",
     "FeatureFolder",
+    "AUTO_FRAMES_CAP",
     "corrupt",
+    "channel_stats",
+    "standardise",
+    "stratified_split",
 ]
 
 CLASS_NAMES = ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")
@@ -76,6 +80,8 @@ CORRUPTIONS = ("frame_drop", "impulse", "gaussian")
 # The test conditions: the clean test set and each corruption of it.
 CONDITIONS = ("clean",) + CORRUPTIONS
 _SPLIT_OFFSETS = {"train": 1, "val": 2, "test": 3}
+# frames="auto": the longest clip's length, up to this many frames.
+AUTO_FRAMES_CAP = 256
 
 
 @dataclass(frozen=True)
@@ -269,14 +275,23 @@ class FeatureFolder(_Clips):
     Layout::
 
         root/
-          labels.csv          # header: clip,label,split   or   clip,valence,arousal,split
+          labels.csv          # header: clip,label,split   or   clip,<target>,...,split
           features/<clip>.npy # one float array of shape (T, D) per clip
 
     ``label`` is a class name or an integer index; ``split`` is ``train``, ``val`` or ``test``.
     Class names are mapped to indices in the order given by ``classes`` (default: sorted names,
-    or the integers themselves). Clips of different lengths are brought to ``frames`` frames
-    (centre crop, or zero padding at the end); without ``frames`` all clips must share one
-    length.
+    or the integers themselves). For ``task="regression"`` the targets are the columns named in
+    ``targets`` (default: every column but ``clip``, ``split`` and ``label``, in file order, e.g.
+    ``valence,arousal``), any number of them, each a finite number.
+
+    ``split=None`` reads every clip; ``labelled=False`` reads clips without targets (only the
+    ``clip`` column is needed; ``y``/``targets`` are then absent), as ``lsef predict`` does.
+
+    Lengths: ``frames=None`` requires every clip to have the same length; ``frames=T`` brings
+    every clip to ``T`` frames: longer clips are centre-cropped (``cropped`` counts them),
+    shorter ones are zero-padded at the end; ``frames="auto"`` is the longest clip's length, up to
+    ``AUTO_FRAMES_CAP``. ``lengths (N,)`` holds each clip's valid frames (after cropping): the
+    models take it (``model(x, lengths)``) so that padded frames change no output.
 
     ``labels.csv`` is read as UTF-8 (a byte-order mark is allowed). A clip name is a path
     relative to ``features/`` without ``.npy`` (``subject1/clip3`` is fine); a name that is
@@ -290,52 +305,70 @@ class FeatureFolder(_Clips):
     expected: a missing or unreadable ``labels.csv`` or feature file, a missing column or
     field, a bad clip name, an array that is not 2-D or whose ``D`` differs from the first
     clip's, a non-real or non-finite array, an unknown split, a label not in ``classes``, or a
-    valence/arousal that is not a finite number. Wrong argument types raise TypeError.
+    target that is not a finite number. Wrong argument types raise TypeError.
     """
 
     def __init__(
         self,
         root: str,
-        split: str = "train",
-        frames: Optional[int] = None,
+        split: Optional[str] = "train",
+        frames: Union[int, str, None] = None,
         classes: Optional[Sequence[str]] = None,
         task: str = "classification",
+        targets: Optional[Sequence[str]] = None,
+        labelled: bool = True,
     ):
         if task not in ("classification", "regression"):
             raise ValueError(
                 f"FeatureFolder: task must be 'classification' or 'regression', got {task!r}"
             )
-        if split not in _SPLIT_OFFSETS:
+        if split is not None and split not in _SPLIT_OFFSETS:
             raise ValueError(
-                f"FeatureFolder: split must be one of {tuple(_SPLIT_OFFSETS)}, got {split!r}"
+                f"FeatureFolder: split must be one of {tuple(_SPLIT_OFFSETS)} or None, got "
+                f"{split!r}"
             )
         if not isinstance(root, (str, os.PathLike)):
             raise TypeError(
                 f"FeatureFolder: root must be a path (str or os.PathLike), got "
                 f"{type(root).__name__}"
             )
-        if frames is not None:
+        if frames is not None and frames != "auto":
             _check_int("FeatureFolder", "frames", frames, 1)
-        if classes is not None:
-            if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
+        for name, names in (("classes", classes), ("targets", targets)):
+            if names is None:
+                continue
+            if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
                 raise TypeError(
-                    "FeatureFolder: classes must be a sequence of class names, got "
-                    f"{type(classes).__name__} {classes!r}"
+                    f"FeatureFolder: {name} must be a sequence of names, got "
+                    f"{type(names).__name__} {names!r}"
                 )
-            names = [str(c) for c in classes]
-            if len(set(names)) != len(names):
-                twice = sorted({c for c in names if names.count(c) > 1})
-                raise ValueError(f"FeatureFolder: classes lists {twice} more than once")
+            listed = [str(c) for c in names]
+            if len(set(listed)) != len(listed):
+                twice = sorted({c for c in listed if listed.count(c) > 1})
+                raise ValueError(f"FeatureFolder: {name} lists {twice} more than once")
+            if not listed:
+                raise ValueError(f"FeatureFolder: {name} is empty")
         csv_path = os.path.join(root, "labels.csv")
         if not os.path.isfile(csv_path):
             raise FileNotFoundError(
                 f"FeatureFolder: {csv_path} not found (expected a labels CSV with "
-                "columns clip,label,split or clip,valence,arousal,split)"
+                "columns clip,label,split or clip,<target>,...,split)"
             )
         rows, columns = _read_labels(csv_path)
-        need = ["clip", "split"] + (
-            ["label"] if task == "classification" else ["valence", "arousal"]
-        )
+        if labelled and task == "regression":
+            if targets is None:
+                targets = [c for c in columns if c not in ("clip", "split", "label")]
+                if not targets:
+                    raise ValueError(
+                        f"FeatureFolder: {csv_path} has no target columns (columns: {columns}); "
+                        "regression needs clip,<target>,...,split"
+                    )
+            self.target_names = tuple(str(c) for c in targets)
+        need = ["clip"]
+        if labelled:
+            need += ["split"] + (["label"] if task == "classification" else list(self.target_names))
+        elif split is not None:
+            need += ["split"]
         missing = [c for c in need if c not in columns]
         if missing:
             raise ValueError(
@@ -351,13 +384,13 @@ class FeatureFolder(_Clips):
                     f"({','.join(columns)})"
                 )
             _check_clip_name(r["clip"], features, f"{csv_path} line {i + 2}")
-            if r["split"] not in _SPLIT_OFFSETS:
+            if "split" in columns and r["split"] not in _SPLIT_OFFSETS:
                 raise ValueError(
                     f"FeatureFolder: {csv_path} line {i + 2}: unknown split {r['split']!r} "
                     f"(expected one of {tuple(_SPLIT_OFFSETS)})"
                 )
-        self.task, self.split, self.frames = task, split, frames
-        if task == "classification":
+        self.task, self.split, self.labelled = task, split, labelled
+        if labelled and task == "classification":
             names = [r["label"] for r in rows]
             if classes is None:
                 classes = (
@@ -374,9 +407,11 @@ class FeatureFolder(_Clips):
                         f"is not one of the classes {list(self.class_names)}"
                     )
             self.num_classes = len(self.class_names)
-        rows = [r for r in rows if r["split"] == split]
+        if split is not None:
+            rows = [r for r in rows if r["split"] == split]
         if not rows:
-            raise ValueError(f"FeatureFolder: {csv_path} has no clips in split {split!r}")
+            where = f"in split {split!r}" if split is not None else "listed"
+            raise ValueError(f"FeatureFolder: {csv_path} has no clips {where}")
         xs, D = [], None
         for r in rows:
             path = os.path.join(features, r["clip"] + ".npy")
@@ -388,36 +423,50 @@ class FeatureFolder(_Clips):
                     f"FeatureFolder: {path} has D = {a.shape[1]}, but the first clip has D = {D}"
                 )
             xs.append(torch.from_numpy(a))
-        lengths = {a.shape[0] for a in xs}
-        if frames is None and len(lengths) > 1:
+        lengths = [a.shape[0] for a in xs]
+        if frames is None and len(set(lengths)) > 1:
             raise ValueError(
-                f"FeatureFolder: clips have different lengths {sorted(lengths)}; pass frames=T "
-                "to crop or pad them to T frames"
+                f"FeatureFolder: clips have different lengths {sorted(set(lengths))}; pass "
+                "frames=T (crop or pad them to T frames) or frames='auto'"
             )
-        if frames is not None:
-            xs = [_fit_frames(a, frames) for a in xs]
-        self.x = torch.stack(xs)
+        if frames is None:
+            frames = lengths[0]
+        elif frames == "auto":
+            frames = min(max(lengths), AUTO_FRAMES_CAP)
+        self.frames = frames
+        self.cropped = sum(n > frames for n in lengths)
+        self.lengths = torch.tensor([min(n, frames) for n in lengths])
+        self.x = torch.stack([_fit_frames(a, frames) for a in xs])
         self.T, self.D = self.x.shape[1:]
         self.clips = [r["clip"] for r in rows]
+        if not labelled:
+            return
         if task == "classification":
             self.y = torch.tensor([index[r["label"]] for r in rows])
         else:
-            va = []
+            values = []
             for r in rows:
                 try:
-                    v = (float(r["valence"]), float(r["arousal"]))
+                    v = tuple(float(r[c]) for c in self.target_names)
                 except ValueError as e:
                     raise ValueError(
-                        f"FeatureFolder: {csv_path}: clip {r['clip']!r}: valence/arousal must be "
-                        f"numbers ({e})"
+                        f"FeatureFolder: {csv_path}: clip {r['clip']!r}: targets "
+                        f"{list(self.target_names)} must be numbers ({e})"
                     ) from None
                 if not all(map(math.isfinite, v)):
                     raise ValueError(
-                        f"FeatureFolder: {csv_path}: clip {r['clip']!r}: valence/arousal must be "
-                        f"finite numbers, got {r['valence']!r}, {r['arousal']!r}"
+                        f"FeatureFolder: {csv_path}: clip {r['clip']!r}: targets "
+                        f"{list(self.target_names)} must be finite numbers, got "
+                        f"{[r[c] for c in self.target_names]}"
                     )
-                va.append(v)
-            self.va = torch.tensor(va)
+                values.append(v)
+            self.va = torch.tensor(values)
+
+    @staticmethod
+    def splits(root: str) -> Tuple[str, ...]:
+        """The splits ``root/labels.csv`` lists clips in (sorted; empty without a split column)."""
+        rows, columns = _read_labels(os.path.join(root, "labels.csv"))
+        return tuple(sorted({r["split"] for r in rows})) if "split" in columns else ()
 
 
 def _read_labels(csv_path: str):
@@ -498,6 +547,58 @@ def _load_features(path: str, clip: str) -> np.ndarray:
             f"(value {a[t, d].item()!r}); clean or drop the clip"
         )
     return x
+
+
+def channel_stats(x: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, std)`` (each ``(D,)``, float32) of clips ``x (N, T, D)`` over their
+    valid frames (the first ``lengths[i]`` of clip ``i``; all frames without ``lengths``),
+    accumulated in float64. A channel that is constant has std 1 (it is then only centred)."""
+    valid = _valid_mask(x, lengths).to(torch.float64)
+    n = valid.sum()
+    xd = x.to(torch.float64)
+    mean = (xd * valid).sum((0, 1)) / n
+    var = ((xd - mean).pow(2) * valid).sum((0, 1)) / n
+    std = var.sqrt()
+    std = torch.where(std > 1e-12 * (1 + mean.abs()), std, torch.ones_like(std))
+    return mean.float(), std.float()
+
+
+def standardise(x: Tensor, mean: Tensor, std: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+    """``(x − mean) / std`` per channel, with padded frames (beyond ``lengths``) kept at 0."""
+    z = (x - mean.to(x.dtype)) / std.to(x.dtype)
+    return z * _valid_mask(x, lengths).to(x.dtype) if lengths is not None else z
+
+
+def _valid_mask(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """``(N, T, 1)`` True at the valid frames of clips ``x (N, T, D)``."""
+    if lengths is None:
+        return torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.bool)
+    return (torch.arange(x.shape[1])[None, :] < lengths[:, None])[..., None]
+
+
+def stratified_split(
+    n: int, labels: Optional[Tensor], fraction: float, seed: int
+) -> Tuple[Tensor, Tensor]:
+    """``(keep, held_out)`` index tensors: a seeded random ``fraction`` of ``n`` items held out,
+    per class where ``labels`` (class indices) are given: ``round(fraction · n_c)`` of each class,
+    at least one of every class with two or more items and never all of a class."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"stratified_split: fraction must be in (0, 1), got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    groups = (
+        [torch.arange(n)]
+        if labels is None
+        else [torch.nonzero(labels == c).flatten() for c in torch.unique(labels)]
+    )
+    held = []
+    for idx in groups:
+        m = idx.numel()
+        k = min(max(round(fraction * m), 1 if m >= 2 else 0), m - 1)
+        held.append(idx[torch.randperm(m, generator=g)[:k]])
+    held_out = torch.cat(held).sort().values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[held_out] = False
+    return torch.nonzero(keep).flatten(), held_out
 
 
 def _fit_frames(a: Tensor, T: int) -> Tensor:

@@ -200,6 +200,39 @@ def plot_robustness(results: Dict[str, Dict[str, object]], path: str) -> None:
     plt.close(fig)
 
 
+def plot_confusion(confusion, class_names, path: str, title: str) -> None:
+    """A confusion matrix (rows: true class, columns: predicted), each row normalised to the
+    share of its clips, with the count and share in every cell and a labelled colour bar."""
+    plt = _plt()
+    cm = torch.tensor(confusion, dtype=torch.float64)
+    share = cm / cm.sum(1, keepdim=True).clamp_min(1)
+    K = cm.shape[0]
+    size = max(4.0, 0.6 * K + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    im = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
+    for i in range(K):
+        for j in range(K):
+            if cm[i, j] or i == j:
+                ax.text(
+                    j,
+                    i,
+                    f"{int(cm[i, j])}\n{100 * share[i, j]:.0f}%",
+                    ha="center",
+                    va="center",
+                    fontsize=7 if K > 8 else 8,
+                    color="white" if share[i, j] > 0.55 else "black",
+                )
+    ax.set_xticks(range(K), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(K), class_names)
+    ax.set(xlabel="predicted class", ylabel="true class")
+    ax.set_title(title, fontsize=10)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("share of the true class's clips")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------------------------
 # the demo
 # --------------------------------------------------------------------------------------------

@@ -14,13 +14,23 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import CONDITIONS, CORRUPTIONS, FeatureFolder, SyntheticAffect, corrupt
+from .data import (
+    CLASS_NAMES,
+    CONDITIONS,
+    CORRUPTIONS,
+    FeatureFolder,
+    SyntheticAffect,
+    channel_stats,
+    corrupt,
+    standardise,
+    stratified_split,
+)
 from .nn import LSEF, LSEFOutput, build_model
 
 __all__ = [
@@ -33,6 +43,11 @@ __all__ = [
     "evaluate_conditions",
     "corrupted_average",
     "predict",
+    "ClipSet",
+    "prepare_data",
+    "load_checkpoint",
+    "detailed_metrics",
+    "CHECKPOINT_FORMAT",
     "load_data",
     "load_test_sets",
     "distributed_env",
@@ -91,7 +106,7 @@ class TrainConfig:
     data: Optional[str] = None  # a FeatureFolder root; None: SyntheticAffect
     n_train: int = 2048
     n_test: int = 1024
-    T: int = 16
+    T: Union[int, str, None] = 16  # frames; a FeatureFolder also takes "auto" (None: "auto")
     D: int = 64
     data_seed: int = 0
     epochs: int = 15
@@ -104,7 +119,12 @@ class TrainConfig:
     rank: int = 4
     device: str = "cpu"
     ops: str = "ext"
-    out: Optional[str] = None  # folder for checkpoint.pt, metrics.csv, metrics.json
+    out: Optional[str] = None  # folder for checkpoint.pt, best.pt, metrics.csv, metrics.json
+    normalise: Optional[bool] = None  # per-channel standardisation (None: FeatureFolder only)
+    class_weights: Optional[str] = None  # None or "balanced" (cross-entropy weights n / (K n_c))
+    patience: Optional[int] = None  # stop after this many epochs without a better val score
+    select: str = "war"  # the val metric best.pt maximises: "war" or "uar" (regression: CCC)
+    val_fraction: float = 0.1  # of train held out as val where a FeatureFolder has no val split
     resume: bool = False  # continue the run in ``out`` (its checkpoint.pt)
     overwrite: bool = False  # start a new run in an ``out`` that holds one (else refused)
     accept_changes: bool = False  # resume although RESUME_SETTINGS differ from the checkpoint's
@@ -120,14 +140,30 @@ class RunError(ValueError):
 
 
 # The files a run writes to cfg.out; an out folder holding any of them holds a run.
-RUN_FILES = ("checkpoint.pt", "metrics.json", "metrics.csv")
+RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.json", "metrics.csv")
+
+# Checkpoints carry this number; one without it (or with another) was written by another
+# version of lsef_ext and is refused with a clear message.
+CHECKPOINT_FORMAT = 2
 
 # What a resumed run must share with its checkpoint. The first set decides the model's shape
 # and kind: no resume across a change. The second set is refused unless cfg.accept_changes
 # (--accept-changes); D, n_train and data_seed count only for synthetic data (a FeatureFolder's
 # D is the files', and a changed one fails as a model that does not fit).
 RESUME_IDENTITY = ("model", "task", "d_model", "rank", "rao")
-RESUME_SETTINGS = ("lr", "weight_decay", "ops", "data", "batch_size", "seed", "T")
+RESUME_SETTINGS = (
+    "lr",
+    "weight_decay",
+    "ops",
+    "data",
+    "batch_size",
+    "seed",
+    "T",
+    "normalise",
+    "class_weights",
+    "select",
+    "val_fraction",
+)
 RESUME_SYNTHETIC = ("D", "n_train", "data_seed")
 
 
@@ -212,6 +248,20 @@ def _check_config(cfg: TrainConfig) -> None:
             )
         if value < low:
             raise ValueError(f"TrainConfig: {name} must be >= {low}, got {value}")
+    if cfg.patience is not None and (
+        isinstance(cfg.patience, bool) or not isinstance(cfg.patience, int) or cfg.patience < 1
+    ):
+        raise ValueError(
+            f"TrainConfig: patience must be None or an integer >= 1, got {cfg.patience!r}"
+        )
+    if cfg.select not in ("war", "uar"):
+        raise ValueError(f"TrainConfig: select must be 'war' or 'uar', got {cfg.select!r}")
+    if cfg.class_weights not in (None, "balanced"):
+        raise ValueError(
+            f"TrainConfig: class_weights must be None or 'balanced', got {cfg.class_weights!r}"
+        )
+    if not (isinstance(cfg.val_fraction, (int, float)) and 0 < cfg.val_fraction < 1):
+        raise ValueError(f"TrainConfig: val_fraction must be in (0, 1), got {cfg.val_fraction!r}")
     for name, positive in (("lr", True), ("weight_decay", False)):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -231,16 +281,138 @@ def _same_setting(key: str, saved, now) -> bool:
     return saved == now
 
 
+class ClipSet(NamedTuple):
+    """One split, ready for a model: clips ``x (N, T, D)``, targets ``t`` (class indices
+    ``(N,)`` or regression targets ``(N, n_targets)``), ``num_classes`` (classification; the
+    number of targets for regression) and ``lengths (N,)``, each clip's valid frames (None: all
+    ``T``)."""
+
+    x: Tensor
+    t: Tensor
+    num_classes: int
+    lengths: Optional[Tensor] = None
+
+
+def _clipset(x: Tensor, t: Tensor, ds, task: str, lengths: Optional[Tensor]) -> ClipSet:
+    n = getattr(ds, "num_classes", 2) if task == "classification" else t.shape[-1]
+    if lengths is not None and bool((lengths == x.shape[1]).all()):
+        lengths = None  # every clip is whole: nothing to mask
+    return ClipSet(x, t, n, lengths)
+
+
+def _resolve_normalise(cfg: "TrainConfig") -> bool:
+    return bool(cfg.data) if cfg.normalise is None else bool(cfg.normalise)
+
+
+def prepare_data(cfg: "TrainConfig") -> Tuple[ClipSet, ClipSet, Dict[str, object], List[str]]:
+    """``(train, val, meta, notes)`` for a training run.
+
+    A FeatureFolder's ``val`` split is used where ``labels.csv`` has one; otherwise a stratified
+    (by class), seeded (``cfg.seed``) ``cfg.val_fraction`` of ``train`` is held out as val. With
+    normalisation (on by default for a FeatureFolder), every split is standardised per channel
+    with the training clips' mean and std (over valid frames). Synthetic data validates on its
+    own ``val`` split (``cfg.n_test`` clips).
+
+    ``meta`` describes the data for the checkpoint (what eval and predict need to rebuild the
+    inputs): ``frames``, ``class_names``, ``target_names``, ``norm`` (``{"mean", "std"}`` lists,
+    or None), ``val`` (where val came from), ``D``. ``notes``: one-line remarks for the user
+    (cropped clips, a carved val split)."""
+    notes: List[str] = []
+    if not cfg.data:
+        train = load_data(cfg, "train")
+        val = load_data(cfg, "val")
+        meta = {
+            "source": "synthetic",
+            "frames": cfg.T,
+            "D": cfg.D,
+            "class_names": list(CLASS_NAMES),
+            "target_names": ["valence", "arousal"],
+            "norm": None,
+            "val": "the synthetic val split",
+        }
+        return train, val, meta, notes
+    frames = "auto" if cfg.T is None else cfg.T
+    ds = FeatureFolder(cfg.data, split="train", frames=frames, task=cfg.task)
+    if ds.cropped:
+        notes.append(
+            f"{ds.cropped} of {len(ds.clips)} training clips are longer than {ds.frames} frames "
+            "and were centre-cropped to it (--frames)"
+        )
+    x, t = ds.tensors()
+    lengths = ds.lengths
+    classes = getattr(ds, "class_names", None)
+    targets = getattr(ds, "target_names", None)
+    if "val" in FeatureFolder.splits(cfg.data):
+        vs = FeatureFolder(
+            cfg.data, "val", frames=ds.frames, classes=classes, task=cfg.task, targets=targets
+        )
+        vx, vt, vlen = vs.x, vs.tensors()[1], vs.lengths
+        where = "the folder's val split"
+    else:
+        keep, held = stratified_split(
+            x.shape[0], t if cfg.task == "classification" else None, cfg.val_fraction, cfg.seed
+        )
+        if held.numel() == 0:
+            raise ValueError(
+                f"{cfg.data} has no val split and too few training clips ({x.shape[0]}) to "
+                "hold some out"
+            )
+        vx, vt, vlen = x[held], t[held], lengths[held]
+        x, t, lengths = x[keep], t[keep], lengths[keep]
+        where = (
+            f"{held.numel()} training clips held out ({100 * cfg.val_fraction:g} %"
+            f"{', stratified by class' if cfg.task == 'classification' else ''}, seed {cfg.seed})"
+        )
+        notes.append(f"labels.csv has no val split: validating on {where}")
+    norm = None
+    if _resolve_normalise(cfg):
+        mean, std = channel_stats(x, lengths)
+        x, vx = standardise(x, mean, std, lengths), standardise(vx, mean, std, vlen)
+        norm = {"mean": mean.tolist(), "std": std.tolist()}
+    meta = {
+        "source": "folder",
+        "frames": ds.frames,
+        "D": ds.D,
+        "class_names": list(classes) if classes else None,
+        "target_names": list(targets) if targets else None,
+        "norm": norm,
+        "val": where,
+    }
+    return _clipset(x, t, ds, cfg.task, lengths), _clipset(vx, vt, ds, cfg.task, vlen), meta, notes
+
+
 def load_data(
-    cfg: TrainConfig, split: str, corruption: Optional[str] = None, severity: float = 1.0
-) -> Tuple[Tensor, Tensor, int]:
-    """``(x, targets, num_classes)`` of one split, from ``cfg.data`` or the synthetic set."""
+    cfg: TrainConfig,
+    split: Optional[str],
+    corruption: Optional[str] = None,
+    severity: float = 1.0,
+    meta: Optional[Dict[str, object]] = None,
+) -> ClipSet:
+    """One split of ``cfg.data`` or of the synthetic set, as a :class:`ClipSet`.
+
+    ``meta`` (a checkpoint's, from :func:`prepare_data`): a FeatureFolder's clips are brought to
+    its ``frames``, its class and target names fix the label order, and its ``norm`` statistics
+    standardise the clips. A corruption is applied after standardisation, so its size is in
+    units of the training features' spread. ``split=None`` reads every clip of a folder."""
     if cfg.data:
-        ds = FeatureFolder(cfg.data, split=split, frames=cfg.T if cfg.T else None, task=cfg.task)
+        meta = meta or {}
+        frames = meta.get("frames") or ("auto" if cfg.T is None else cfg.T)
+        ds = FeatureFolder(
+            cfg.data,
+            split=split,
+            frames=frames,
+            task=cfg.task,
+            classes=meta.get("class_names"),
+            targets=meta.get("target_names"),
+        )
         x, t = ds.tensors()
+        norm = meta.get("norm")
+        if norm:
+            x = standardise(x, torch.tensor(norm["mean"]), torch.tensor(norm["std"]), ds.lengths)
         if corruption:
             x = corrupt(x, corruption, severity, torch.Generator().manual_seed(cfg.data_seed + 99))
-        return x, t, getattr(ds, "num_classes", 2)
+            x = x * (torch.arange(x.shape[1])[None, :, None] < ds.lengths[:, None, None])
+        return _clipset(x, t, ds, cfg.task, ds.lengths)
     n = cfg.n_train if split == "train" else cfg.n_test
     ds = SyntheticAffect(
         n,
@@ -253,15 +425,18 @@ def load_data(
         severity=severity,
     )
     x, t = ds.tensors()
-    return x, t, ds.num_classes
+    return ClipSet(x, t, ds.num_classes if cfg.task == "classification" else t.shape[-1])
 
 
 def load_test_sets(
-    cfg: TrainConfig, conditions: Sequence[str] = CONDITIONS
-) -> Dict[str, Tuple[Tensor, Tensor]]:
-    """``{condition: (x, targets)}``: the test split clean (``"clean"``) and under each named
+    cfg: TrainConfig,
+    conditions: Sequence[str] = CONDITIONS,
+    meta: Optional[Dict[str, object]] = None,
+    split: str = "test",
+) -> Dict[str, ClipSet]:
+    """``{condition: ClipSet}``: the test split clean (``"clean"``) and under each named
     corruption, for :func:`evaluate_conditions` (load once, evaluate several models)."""
-    return {c: load_data(cfg, "test", None if c == "clean" else c)[:2] for c in conditions}
+    return {c: load_data(cfg, split, None if c == "clean" else c, meta=meta) for c in conditions}
 
 
 def distributed_env() -> Tuple[int, int, int]:
@@ -281,35 +456,87 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _call(model: nn.Module, x: Tensor, lengths: Optional[Tensor]):
+    return model(x) if lengths is None else model(x, lengths)
+
+
 @torch.no_grad()
-def predict(model: nn.Module, x: Tensor, batch_size: int = 256, device: str = "cpu") -> Tensor:
-    """The model's outputs (logits or valence/arousal) for all of ``x``, in eval mode."""
+def predict(
+    model: nn.Module,
+    x: Tensor,
+    batch_size: int = 256,
+    device: str = "cpu",
+    lengths: Optional[Tensor] = None,
+) -> Tensor:
+    """The model's outputs (logits or regression values) for all of ``x``, in eval mode;
+    ``lengths``: each clip's valid frames (None: all)."""
     was = model.training
     model.eval()
-    outs = [
-        _output(model(x[i : i + batch_size].to(device))).float().cpu()
-        for i in range(0, x.shape[0], batch_size)
-    ]
+    outs = []
+    for i in range(0, x.shape[0], batch_size):
+        lb = None if lengths is None else lengths[i : i + batch_size].to(device)
+        outs.append(_output(_call(model, x[i : i + batch_size].to(device), lb)).float().cpu())
     model.train(was)
-    return torch.cat(outs)
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def target_names_for(n: int) -> List[str]:
+    """Default regression target names: valence and arousal for two, else t0, t1, ..."""
+    return ["valence", "arousal"] if n == 2 else [f"t{i}" for i in range(n)]
+
+
+def _metrics(p: Tensor, t: Tensor, task: str, target_names=None) -> Dict[str, float]:
+    if task == "classification":
+        return {"war": war(p, t), "uar": uar(p, t, p.shape[-1])}
+    names = target_names or target_names_for(t.shape[-1])
+    c = ccc(p, t.float())
+    out = {f"ccc_{n}": float(v) for n, v in zip(names, c)}
+    out["ccc_mean"] = float(c.mean())
+    return out
 
 
 def evaluate(
-    model: nn.Module, x: Tensor, t: Tensor, task: str = "classification", device: str = "cpu"
+    model: nn.Module,
+    x: Tensor,
+    t: Tensor,
+    task: str = "classification",
+    device: str = "cpu",
+    lengths: Optional[Tensor] = None,
+    target_names: Optional[Sequence[str]] = None,
 ) -> Dict[str, float]:
-    """``{"war", "uar"}`` (classification) or ``{"ccc_valence", "ccc_arousal"}`` (regression)."""
-    p = predict(model, x, device=device)
+    """``{"war", "uar"}`` (classification) or ``{"ccc_<target>", ..., "ccc_mean"}``
+    (regression; targets named ``target_names``, default valence/arousal for two)."""
+    return _metrics(predict(model, x, device=device, lengths=lengths), t, task, target_names)
+
+
+def detailed_metrics(
+    pred: Tensor,
+    t: Tensor,
+    task: str,
+    class_names: Optional[Sequence[str]] = None,
+    target_names: Optional[Sequence[str]] = None,
+) -> Dict[str, object]:
+    """What ``lsef eval`` reports for one condition: WAR, UAR, per-class recall and the
+    confusion matrix (rows: true class, columns: predicted), or CCC per target and their mean."""
+    out: Dict[str, object] = dict(_metrics(pred, t, task, target_names))
     if task == "classification":
-        return {"war": war(p, t), "uar": uar(p, t, p.shape[-1])}
-    c = ccc(p, t.float())
-    return {"ccc_valence": float(c[0]), "ccc_arousal": float(c[1])}
+        K = pred.shape[-1]
+        names = list(class_names) if class_names else [str(i) for i in range(K)]
+        cm = torch.zeros(K, K, dtype=torch.long)
+        cm.index_put_((t.long(), pred.argmax(-1)), torch.ones_like(t, dtype=torch.long), True)
+        out["recall"] = {
+            names[c]: (float(cm[c, c] / cm[c].sum()) if cm[c].sum() else None) for c in range(K)
+        }
+        out["confusion"] = cm.tolist()
+        out["n"] = int(t.numel())
+    return out
 
 
 def evaluate_conditions(
     model: nn.Module,
     cfg: TrainConfig,
     conditions: Sequence[str] = CONDITIONS,
-    test_sets: Optional[Dict[str, Tuple[Tensor, Tensor]]] = None,
+    test_sets: Optional[Dict[str, Tuple[Tensor, ...]]] = None,
     device: Union[str, torch.device, None] = None,
 ) -> Dict[str, Dict[str, float]]:
     """``{condition: evaluate(...)}``: the metrics of ``model`` on the test set of each of
@@ -322,12 +549,14 @@ def evaluate_conditions(
         device = next(model.parameters(), torch.empty(0)).device
     out = {}
     for c in conditions:
-        x, t = (
+        data = (
             test_sets[c]
             if test_sets is not None and c in test_sets
             else load_test_sets(cfg, (c,))[c]
         )
-        out[c] = evaluate(model, x, t, cfg.task, device)
+        x, t = data[0], data[1]
+        lengths = data.lengths if isinstance(data, ClipSet) else None
+        out[c] = evaluate(model, x, t, cfg.task, device, lengths)
     return out
 
 
@@ -342,14 +571,103 @@ def corrupted_average(metrics: Dict[str, Dict[str, float]], key: str = "war") ->
 # --------------------------------------------------------------------------------------------
 
 
+def _build(spec: Dict[str, object], ops: str = "ext") -> nn.Module:
+    kw = dict(spec.get("kwargs") or {})
+    if spec["task"] == "regression":
+        kw["num_targets"] = spec["num_targets"]
+    return build_model(
+        spec["name"], spec["d_in"], spec["num_classes"], task=spec["task"], ops=ops, **kw
+    )
+
+
+def _class_weights(cfg: "TrainConfig", t: Tensor, num_classes: int) -> Optional[Tensor]:
+    """Cross-entropy class weights: ``n / (K · n_c)`` for ``cfg.class_weights == "balanced"``
+    (a class absent from training gets weight 0), else None."""
+    if cfg.class_weights is None or cfg.task != "classification":
+        return None
+    if cfg.class_weights != "balanced":
+        raise ValueError(
+            f"TrainConfig: class_weights must be None or 'balanced', got {cfg.class_weights!r}"
+        )
+    counts = torch.bincount(t.long(), minlength=num_classes).double()
+    w = torch.where(counts > 0, t.numel() / (num_classes * counts.clamp_min(1)), 0.0)
+    return w.float()
+
+
+def _check_format(state, path: str, prefix: str = "") -> None:
+    if not isinstance(state, dict):
+        raise RunError(f"{prefix}{path} is not a checkpoint of lsef train (not a dictionary)")
+    fmt = state.get("format")
+    if fmt != CHECKPOINT_FORMAT:
+        was = "an older lsef_ext (no format number)" if fmt is None else f"format {fmt!r}"
+        raise RunError(
+            f"{prefix}{path} was written by {was}; this lsef_ext reads checkpoint format "
+            f"{CHECKPOINT_FORMAT} (lsef train writes it): train the model again"
+        )
+
+
+class Checkpoint(NamedTuple):
+    """What :func:`load_checkpoint` returns."""
+
+    model: nn.Module  # rebuilt, weights loaded, in eval mode
+    config: Dict[str, object]  # the TrainConfig of the run, as a dictionary
+    meta: Dict[str, object]  # frames, class_names, target_names, norm, D, val
+    epoch: int
+    best: Optional[Dict[str, object]]
+    versions: Dict[str, str]
+
+
+def load_checkpoint(path: str, device: str = "cpu", ops: str = "ext") -> Checkpoint:
+    """Rebuilds the model of a checkpoint written by :class:`Trainer` (``checkpoint.pt`` or
+    ``best.pt``) from the file alone, weights loaded (``weights_only=True``: nothing in the file
+    can run code). A missing file raises FileNotFoundError; a damaged, foreign or old one
+    :class:`RunError` naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise RunError(
+            f"cannot read checkpoint {path} ({_why(e)}); it is damaged, or it was not written "
+            "by lsef train"
+        ) from e
+    _check_format(state, path)
+    missing = {"config", "model_spec", "meta", "model", "epoch"} - set(state)
+    if missing:
+        raise RunError(
+            f"{path} is not a checkpoint of lsef train (missing {', '.join(sorted(missing))})"
+        )
+    try:
+        model = _build(state["model_spec"], ops)
+        model.load_state_dict(state["model"])
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise RunError(f"checkpoint {path}: cannot rebuild its model ({_why(e)})") from e
+    model.to(device).eval()
+    return Checkpoint(
+        model,
+        state["config"],
+        state["meta"],
+        state["epoch"],
+        state.get("best"),
+        state.get("versions", {}),
+    )
+
+
 class Trainer:
     """Trains one model on one data set; under torchrun, with DistributedDataParallel.
 
     ``fit()`` runs ``cfg.epochs`` epochs of AdamW (wrapped in :class:`lsef_ext.optim.RAO` when
-    ``cfg.rao``) with a cosine learning-rate schedule, the task loss (cross-entropy, or MSE plus
-    ``1 − CCC``) plus the model's consistency regulariser (LSEF models), and records one row of
-    metrics per epoch. With ``cfg.out`` it writes ``checkpoint.pt`` after every epoch and
-    ``metrics.csv`` / ``metrics.json``; ``cfg.resume`` continues from that checkpoint.
+    ``cfg.rao``) with a cosine learning-rate schedule, the task loss (cross-entropy, class-
+    weighted with ``cfg.class_weights="balanced"``, or MSE plus ``1 − CCC``) plus the model's
+    consistency regulariser (LSEF models), and records one row of metrics per epoch. ``train``
+    is ``(x, t, num_classes[, lengths])`` (a :class:`ClipSet`), ``val`` ``(x, t[, lengths])``
+    or a ClipSet. With ``cfg.out`` it writes ``checkpoint.pt`` after every epoch, ``best.pt``
+    whenever the val score (``cfg.select``: WAR or UAR; mean CCC for regression) improves, and
+    ``metrics.csv`` / ``metrics.json``; ``cfg.resume`` continues from ``checkpoint.pt``.
+    ``cfg.patience``: stop once the val score has not improved for that many epochs. ``net``
+    is the last epoch's model; ``best.pt`` holds the best one. ``meta`` (from
+    :func:`prepare_data`) is saved in every checkpoint, so that :func:`load_checkpoint`
+    rebuilds the model and its inputs from the file alone.
 
     Before anything is built, :func:`check_run_folder` checks ``cfg.out``: a folder that
     cannot be written, or that holds a run while neither ``cfg.resume`` nor ``cfg.overwrite``
@@ -363,10 +681,11 @@ class Trainer:
     def __init__(
         self,
         cfg: TrainConfig,
-        train: Tuple[Tensor, Tensor, int],
-        val: Optional[Tuple[Tensor, Tensor]] = None,
+        train: Tuple[Tensor, ...],
+        val: Optional[Tuple[Tensor, ...]] = None,
         progress: bool = True,
         desc: Optional[str] = None,
+        meta: Optional[Dict[str, object]] = None,
     ):
         from .optim import RAO
 
@@ -384,18 +703,30 @@ class Trainer:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", local)
                 torch.cuda.set_device(self.device)
-        self.x, self.t, self.num_classes = train
+        self.x, self.t, self.num_classes = train[0], train[1], int(train[2])
+        self.lengths = train[3] if len(train) > 3 else None
+        if val is not None:  # (x, t), (x, t, lengths) or a ClipSet (x, t, n, lengths)
+            vlen = val.lengths if isinstance(val, ClipSet) else val[2] if len(val) > 2 else None
+            val = (val[0], val[1], vlen)
         self.val = val
+        self.meta = dict(meta or {})
+        if cfg.task == "regression":
+            self.meta.setdefault("target_names", target_names_for(self.t.shape[-1]))
+        self.loss_weight = _class_weights(cfg, self.t, self.num_classes)
         torch.manual_seed(cfg.seed)
-        model = build_model(
-            cfg.model,
-            self.x.shape[-1],
-            self.num_classes,
-            task=cfg.task,
-            ops=cfg.ops,
-            **({"d_model": cfg.d_model, "rank": cfg.rank} if cfg.model.startswith("lsef") else {}),
-            **cfg.extra,
-        )
+        kwargs = dict(cfg.extra)
+        if cfg.model.startswith("lsef"):
+            kwargs.update(d_model=cfg.d_model, rank=cfg.rank)
+        # everything build_model needs, saved in every checkpoint (load_checkpoint rebuilds it)
+        self.model_spec = {
+            "name": cfg.model,
+            "d_in": int(self.x.shape[-1]),
+            "num_classes": self.num_classes if cfg.task == "classification" else 2,
+            "num_targets": int(self.t.shape[-1]) if cfg.task == "regression" else 2,
+            "task": cfg.task,
+            "kwargs": kwargs,
+        }
+        model = _build(self.model_spec, cfg.ops)
         self.model = model.to(self.device)
         if self.distributed:
             self.model = nn.parallel.DistributedDataParallel(
@@ -414,6 +745,7 @@ class Trainer:
         )
         self.epoch = 0
         self.history: List[Dict[str, float]] = []
+        self.best: Optional[Dict[str, object]] = None  # {"epoch", "metric", "score"} of best.pt
         if cfg.resume:
             self.load()
 
@@ -421,22 +753,35 @@ class Trainer:
     def _ckpt_path(self) -> Optional[str]:
         return os.path.join(self.cfg.out, "checkpoint.pt") if self.cfg.out else None
 
-    def save(self) -> None:
-        path = self._ckpt_path()
-        if path is None or self.rank != 0:
-            return
-        os.makedirs(self.cfg.out, exist_ok=True)
-        state = {
+    def state(self) -> Dict[str, object]:
+        """The checkpoint: the run (config, epoch, history, optimiser, scheduler and RNG state,
+        to resume it) and everything :func:`load_checkpoint` needs to rebuild the model alone
+        (``model_spec``, ``meta``: frames, class and target names, normalisation statistics;
+        the library and torch versions)."""
+        from . import __version__
+
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "versions": {"lsef_ext": str(__version__), "torch": str(torch.__version__)},
             "config": asdict(self.cfg),
+            "model_spec": self.model_spec,
+            "meta": self.meta,
             "epoch": self.epoch,
             "history": self.history,
+            "best": self.best,
             "model": _unwrap(self.model).state_dict(),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "rng": torch.get_rng_state(),
         }
+
+    def save(self, name: str = "checkpoint.pt") -> None:
+        if not self.cfg.out or self.rank != 0:
+            return
+        os.makedirs(self.cfg.out, exist_ok=True)
+        path = os.path.join(self.cfg.out, name)
         tmp = path + ".tmp"
-        torch.save(state, tmp)
+        torch.save(self.state(), tmp)
         os.replace(tmp, path)
 
     def load(self) -> None:
@@ -454,6 +799,7 @@ class Trainer:
                 f"resume: cannot read checkpoint {path} ({_why(e)}); "
                 "it is damaged, or it was not written by lsef train"
             ) from e
+        _check_format(state, path, "resume: ")
         missing = {"config", "epoch", "history", "model", "optimizer", "scheduler", "rng"} - (
             set(state) if isinstance(state, dict) else set()
         )
@@ -509,6 +855,7 @@ class Trainer:
                 group["weight_decay"] = self.cfg.weight_decay
             self.sched._last_lr = [g["lr"] for g in self._inner.param_groups]
         self.epoch, self.history = epoch, history
+        self.best = state.get("best")
 
     def write_metrics(self) -> None:
         if not self.cfg.out or self.rank != 0 or not self.history:
@@ -518,7 +865,11 @@ class Trainer:
         # mid-write leaves the previous complete file, never a truncated one.
         path = os.path.join(self.cfg.out, "metrics.json")
         with open(path + ".tmp", "w") as f:
-            json.dump({"config": asdict(self.cfg), "history": self.history}, f, indent=2)
+            json.dump(
+                {"config": asdict(self.cfg), "best": self.best, "history": self.history},
+                f,
+                indent=2,
+            )
         os.replace(path + ".tmp", path)
         keys = list(self.history[0])
         path = os.path.join(self.cfg.out, "metrics.csv")
@@ -532,7 +883,8 @@ class Trainer:
     def _loss(self, out, t: Tensor) -> Tensor:
         pred = _output(out)
         if self.cfg.task == "classification":
-            loss = F.cross_entropy(pred, t)
+            w = None if self.loss_weight is None else self.loss_weight.to(pred.device, pred.dtype)
+            loss = F.cross_entropy(pred, t, weight=w)
         else:
             loss = F.mse_loss(pred, t) + (1 - ccc(pred, t)).mean()
         model = _unwrap(self.model)
@@ -540,9 +892,10 @@ class Trainer:
             loss = loss + model.regulariser(out)
         return loss
 
-    def train_step(self, xb: Tensor, tb: Tensor) -> float:
-        """One optimisation step on a batch; returns the loss."""
-        loss = self._loss(self.model(xb), tb)
+    def train_step(self, xb: Tensor, tb: Tensor, lb: Optional[Tensor] = None) -> float:
+        """One optimisation step on a batch (``lb``: its clips' valid frames); returns the
+        loss."""
+        loss = self._loss(_call(self.model, xb, lb), tb)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -578,7 +931,8 @@ class Trainer:
             self.model.train()
             for i in bar:
                 idx = mine[i : i + cfg.batch_size]
-                loss = self.train_step(self.x[idx].to(self.device), self.t[idx].to(self.device))
+                lb = None if self.lengths is None else self.lengths[idx].to(self.device)
+                loss = self.train_step(self.x[idx].to(self.device), self.t[idx].to(self.device), lb)
                 total, n = total + loss * idx.numel(), n + idx.numel()
                 bar.set_postfix(loss=f"{loss:.3f}")
             bar.close()
@@ -588,21 +942,48 @@ class Trainer:
                 "loss": total / max(n, 1),
                 "seconds": time.perf_counter() - t0,
             }
+            improved = False
             if self.val is not None:
-                row.update(
-                    {
-                        f"val_{k}": v
-                        for k, v in evaluate(
-                            _unwrap(self.model), *self.val, cfg.task, self.device
-                        ).items()
-                    }
+                vx, vt, vlen = self.val
+                scores = evaluate(
+                    _unwrap(self.model),
+                    vx,
+                    vt,
+                    cfg.task,
+                    self.device,
+                    vlen,
+                    self.meta.get("target_names"),
                 )
+                row.update({f"val_{k}": v for k, v in scores.items()})
+                metric = cfg.select if cfg.task == "classification" else "ccc_mean"
+                score = scores[metric]
+                if self.best is None or score > self.best["score"]:  # NaN never improves
+                    self.best = {"epoch": self.epoch, "metric": f"val_{metric}", "score": score}
+                    improved = True
             self.history.append(row)
+            if improved:
+                self.save("best.pt")
             self.save()
             self.write_metrics()
             if self.progress and self.rank == 0:  # one line per epoch, terminal or not
-                print(self._epoch_line(row), flush=True)
+                print(self._epoch_line(row) + ("  (best)" if improved else ""), flush=True)
+            if (
+                cfg.patience is not None
+                and self.best is not None
+                and self.epoch - int(self.best["epoch"]) >= cfg.patience
+            ):
+                if self.progress and self.rank == 0:
+                    print(
+                        f"{self.desc}: early stop after epoch {self.epoch}: no better "
+                        f"{self.best['metric']} for {cfg.patience} epochs (best: epoch "
+                        f"{self.best['epoch']}, {self.best['score']:.4f})",
+                        flush=True,
+                    )
+                self.stopped_early = True
+                break
         return self.history
+
+    stopped_early = False
 
     def _epoch_line(self, row: Dict[str, float]) -> str:
         parts = [f"{self.desc} epoch {row['epoch']}/{self.cfg.epochs}", f"loss {row['loss']:.4f}"]

@@ -1,12 +1,14 @@
-"""The ``lsef`` command: ``lsef demo``, ``lsef train``, ``lsef bench`` and ``lsef info``.
+"""The ``lsef`` command: ``lsef demo``, ``train``, ``eval``, ``predict``, ``bench`` and ``info``.
 
 This is a top-level module beside the ``lsef_ext`` package, not inside it: importing anything
 inside ``lsef_ext`` first runs the package's ``__init__``, which loads torch and the compiled
 library (over a second). Here, building the parser, ``lsef --help`` and ``lsef --version``
-import only the standard library; torch and the models load when a command runs. A user error (a bad flag value, a missing or unreadable file or folder, an
-``--out`` that holds another run, a checkpoint that is damaged or does not fit) ends the
-command with one line ``lsef: error: ...`` on stderr and exit status 2; ``lsef --debug ...``
-shows the traceback instead. Any other exception is a bug and shows its traceback.
+import only the standard library; torch and the models load when a command runs.
+
+A user error (a bad flag value, a missing or unreadable file or folder, an ``--out`` that holds
+another run, a checkpoint that is damaged or does not fit) ends the command with one line
+``lsef: error: ...`` on stderr and exit status 2; ``lsef --debug ...`` shows the traceback
+instead. Any other exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -70,6 +72,23 @@ def _number(low: float, strict: bool) -> Callable[[str], float]:
         return value
 
     return number
+
+
+def _frames(text: str):
+    """--frames: an integer >= 2 or 'auto'."""
+    if text == "auto":
+        return text
+    return _integer(2)(text)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
+    return value
 
 
 def _train_device(text: str) -> str:
@@ -297,7 +316,12 @@ def _train(args: argparse.Namespace) -> int:
                 f"--data {args.data}: is not a folder (expected a FeatureFolder: labels.csv "
                 "and features/<clip>.npy)"
             )
-    elif args.frames < 4:
+    elif args.frames == "auto":
+        raise UserError(
+            "--frames auto applies to a FeatureFolder (--data); synthetic clips have "
+            "a fixed length (an integer >= 4, default 16)"
+        )
+    elif args.frames is not None and args.frames < 4:
         raise UserError(f"--frames {args.frames}: the synthetic data needs at least 4 frames")
 
     from lsef_ext.data import CORRUPTIONS
@@ -308,16 +332,17 @@ def _train(args: argparse.Namespace) -> int:
         check_run_folder,
         distributed_env,
         evaluate_conditions,
-        load_data,
+        prepare_data,
     )
 
+    frames = args.frames if args.frames is not None else ("auto" if args.data else 16)
     cfg = TrainConfig(
         model=args.model,
         task=args.task,
         data=os.path.abspath(args.data) if args.data else None,
         n_train=args.n_train,
         n_test=args.n_test,
-        T=args.frames,
+        T=frames,
         D=args.dim,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -333,16 +358,19 @@ def _train(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         accept_changes=args.accept_changes,
+        normalise=False if args.no_normalise else None,
+        class_weights=None if args.class_weights == "none" else args.class_weights,
+        patience=args.patience,
+        select=args.select,
+        val_fraction=args.val_fraction,
     )
     rank, world, _ = distributed_env()
     try:  # before the data is loaded and anything trains
         check_run_folder(cfg, write_test=rank == 0)
     except (RunError, FileNotFoundError) as e:
         raise UserError(str(e)) from e
-    split = "val" if args.data else "test"
     try:
-        train = load_data(cfg, "train")
-        val = load_data(cfg, split)[:2]
+        train, val, meta, notes = prepare_data(cfg)
     except (ValueError, OSError) as e:
         if args.data:  # FeatureFolder's messages name the file and the line
             raise UserError(f"--data {args.data}: {e}") from e
@@ -351,10 +379,12 @@ def _train(args: argparse.Namespace) -> int:
             f"--dim {cfg.D}): {e}"
         ) from e
     # set once the feature width is known, before anything trains (loading is light work)
-    width = max(cfg.d_model, train[0].shape[2])
-    threads = _apply_threads(args, work_cap(cfg.batch_size, cfg.T, width), quiet=rank != 0)
+    width = max(cfg.d_model, train.x.shape[2])
+    threads = _apply_threads(
+        args, work_cap(cfg.batch_size, train.x.shape[1], width), quiet=rank != 0
+    )
     try:
-        trainer = Trainer(cfg, train, val=val, progress=not args.no_progress)
+        trainer = Trainer(cfg, train, val=val, progress=not args.no_progress, meta=meta)
     except RunError as e:  # a checkpoint that cannot be read or does not fit this run
         raise UserError(str(e)) from e
     if rank == 0:
@@ -367,10 +397,12 @@ def _train(args: argparse.Namespace) -> int:
             f"RAO {'on' if cfg.rao else 'off'}",
             flush=True,
         )
+        for note in notes + _model_notes(cfg, train, meta):
+            print(f"  note: {note}", flush=True)
         if cfg.out:
             print(
-                f"  run folder {cfg.out}: checkpoint.pt after every epoch, metrics.csv, "
-                "metrics.json" + (" (resumed)" if cfg.resume else ""),
+                f"  run folder {cfg.out}: checkpoint.pt after every epoch, best.pt at the best "
+                "val score, metrics.csv, metrics.json" + (" (resumed)" if cfg.resume else ""),
                 flush=True,
             )
         else:
@@ -390,14 +422,223 @@ def _train(args: argparse.Namespace) -> int:
             metrics = evaluate_conditions(trainer.net, cfg, CORRUPTIONS, device=trainer.device)
             for c, m in metrics.items():
                 print(f"  test under {c}: WAR {100 * m['war']:.1f}%  UAR {100 * m['uar']:.1f}%")
+        if trainer.best is not None:
+            b = trainer.best
+            print(f"  best {b['metric']} {b['score']:.4f} at epoch {b['epoch']}")
         if cfg.out:
             print(
-                f"checkpoint and metrics in {cfg.out}/ (checkpoint.pt, metrics.csv, metrics.json)"
+                f"checkpoint and metrics in {cfg.out}/ (checkpoint.pt, best.pt, metrics.csv, "
+                "metrics.json); test it: lsef eval "
+                f"{os.path.join(cfg.out, 'best.pt')}"
+                + (f" --data {args.data}" if args.data else "")
             )
     if trainer.distributed:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+    return 0
+
+
+def _model_notes(cfg, train, meta) -> List[str]:
+    """Remarks on settings the model cannot honour as given (printed before training)."""
+    notes = []
+    if cfg.model.startswith("lsef"):
+        T, D = train.x.shape[1], train.x.shape[2]
+        shortest = int(train.lengths.min()) if train.lengths is not None else T
+        if cfg.rank > min(shortest, D):
+            notes.append(
+                f"--rank {cfg.rank} exceeds min(frames, channels) = min({shortest}, {D}) of the "
+                f"shortest clip: LSEF uses rank {min(shortest, D)} there (a T x D clip has rank "
+                "at most min(T, D))"
+            )
+    if train.lengths is not None:
+        notes.append(
+            f"clips have {int(train.lengths.min())} to {int(train.lengths.max())} frames: the "
+            f"shorter ones are zero-padded to {train.x.shape[1]} and masked (padded frames "
+            "change no output)"
+        )
+    return notes
+
+
+def _open_checkpoint(args: argparse.Namespace):
+    if args.device.startswith("cuda"):
+        _need_cuda(f"--device {args.device}", args.device)
+    from lsef_ext.train import RunError, load_checkpoint
+
+    try:
+        return load_checkpoint(args.checkpoint, args.device, args.ops)
+    except (RunError, FileNotFoundError) as e:
+        raise UserError(str(e)) from e
+
+
+def _checkpoint_config(ck, data: Optional[str]):
+    """The TrainConfig of a checkpoint's run, pointed at ``data`` (a folder) where given."""
+    import dataclasses
+
+    from lsef_ext.train import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in ck.config.items() if k in names})
+    if data is not None:
+        if not os.path.isdir(data):
+            raise UserError(f"--data {data}: no such folder")
+        cfg.data = os.path.abspath(data)
+    elif cfg.data and not os.path.isdir(cfg.data):
+        raise UserError(f"the checkpoint's data folder {cfg.data} is gone: pass --data FOLDER")
+    return cfg
+
+
+def _conditions(text: str) -> Tuple[str, ...]:
+    from lsef_ext.data import CONDITIONS, CORRUPTIONS
+
+    if text == "all":
+        return CONDITIONS
+    if text == "none":
+        return ("clean",)
+    chosen = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in chosen if c not in CONDITIONS]
+    if bad or not chosen:
+        raise UserError(
+            f"--corruptions {text!r}: expected all, none, or a comma-separated list of "
+            f"{', '.join(CORRUPTIONS)}"
+        )
+    return ("clean",) + tuple(c for c in chosen if c != "clean")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    conditions = _conditions(args.corruptions)
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    _writable_folder(out, "--out")
+    ck = _open_checkpoint(args)
+    cfg = _checkpoint_config(ck, args.data)
+    _apply_threads(args, cap=None)
+    import json
+
+    from lsef_ext.train import detailed_metrics, load_test_sets, predict
+
+    where = f"FeatureFolder {cfg.data}" if cfg.data else "SyntheticAffect"
+    try:
+        sets = load_test_sets(cfg, conditions, meta=ck.meta, split=args.split)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{'--data ' + cfg.data if cfg.data else 'synthetic data'}: {e}") from e
+    first = sets["clean"]
+    d_in = ck.model.d_in if hasattr(ck.model, "d_in") else first.x.shape[-1]
+    if first.x.shape[-1] != d_in:
+        raise UserError(
+            f"{where} has D = {first.x.shape[-1]} feature channels; the model of "
+            f"{args.checkpoint} takes {d_in}"
+        )
+    task = cfg.task
+    names = ck.meta.get("class_names"), ck.meta.get("target_names")
+    results = {}
+    for c, data in sets.items():
+        p = predict(ck.model, data.x, device=args.device, lengths=data.lengths)
+        results[c] = detailed_metrics(p, data.t, task, *names)
+    print(
+        f"lsef eval: {args.checkpoint} ({cfg.model}, epoch {ck.epoch}) on {where}, split "
+        f"{args.split} ({first.x.shape[0]} clips)"
+    )
+    if task == "classification":
+        print(f"  {'condition':<12} {'WAR %':>7} {'UAR %':>7}")
+        for c, m in results.items():
+            print(f"  {c:<12} {100 * m['war']:7.1f} {100 * m['uar']:7.1f}")
+        recall = results["clean"]["recall"]
+        print(
+            "  clean recall per class: "
+            + ", ".join(f"{k} {'-' if v is None else f'{100 * v:.1f}%'}" for k, v in recall.items())
+        )
+    else:
+        keys = [k for k in results["clean"] if k.startswith("ccc_")]
+        print(f"  {'condition':<12} " + " ".join(f"{k:>14}" for k in keys))
+        for c, m in results.items():
+            print(f"  {c:<12} " + " ".join(f"{m[k]:14.4f}" for k in keys))
+    os.makedirs(out, exist_ok=True)
+    report = {
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "epoch": ck.epoch,
+        "data": cfg.data or "synthetic",
+        "split": args.split,
+        "task": task,
+        "conditions": results,
+    }
+    path = os.path.join(out, "eval.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)
+    written = [path]
+    if task == "classification":
+        from lsef_ext.demo import plot_confusion
+
+        fig = os.path.join(out, "confusion.png")
+        plot_confusion(
+            results["clean"]["confusion"],
+            list(recall),
+            fig,
+            f"{cfg.model}, {args.split} split, clean: confusion (row-normalised)",
+        )
+        written.append(fig)
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.data):
+        raise UserError(f"--data {args.data}: no such folder")
+    _writable_file(args.out, "--out")
+    ck = _open_checkpoint(args)
+    _apply_threads(args, cap=None)
+    import csv
+
+    import torch
+
+    from lsef_ext.data import FeatureFolder, standardise
+    from lsef_ext.train import predict
+
+    meta = ck.meta
+    try:
+        ds = FeatureFolder(
+            args.data,
+            split=None if args.split == "all" else args.split,
+            frames=meta.get("frames"),
+            labelled=False,
+        )
+    except (ValueError, OSError) as e:
+        raise UserError(f"--data {args.data}: {e}") from e
+    x, lengths = ds.x, ds.lengths
+    d_in = getattr(ck.model, "d_in", x.shape[-1])
+    if x.shape[-1] != d_in:
+        raise UserError(
+            f"--data {args.data}: clips have D = {x.shape[-1]}; the model of {args.checkpoint} "
+            f"takes {d_in}"
+        )
+    if meta.get("norm"):
+        norm = meta["norm"]
+        x = standardise(x, torch.tensor(norm["mean"]), torch.tensor(norm["std"]), lengths)
+    full = bool((lengths == x.shape[1]).all())
+    p = predict(ck.model, x, device=args.device, lengths=None if full else lengths)
+    task = ck.config.get("task", "classification")
+    if task == "classification":
+        names = meta.get("class_names") or [str(i) for i in range(p.shape[-1])]
+        probs = p.softmax(-1)
+        header = ["clip", "predicted"] + [f"p_{n}" for n in names]
+        rows = [
+            [clip, names[int(q.argmax())]] + [f"{float(v):.6g}" for v in q]
+            for clip, q in zip(ds.clips, probs)
+        ]
+    else:
+        names = meta.get("target_names") or [f"t{i}" for i in range(p.shape[-1])]
+        header = ["clip"] + list(names)
+        rows = [[clip] + [f"{float(v):.6g}" for v in q] for clip, q in zip(ds.clips, p)]
+    existed = os.path.exists(args.out)
+    with open(args.out + ".tmp", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(args.out + ".tmp", args.out)
+    print(
+        f"lsef predict: {len(rows)} clips of {args.data} by {args.checkpoint}; wrote {args.out}"
+        + (" (replaced)" if existed else "")
+    )
     return 0
 
 
@@ -519,9 +760,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-test", type=_integer(1), default=1024, help="synthetic test clips")
     t.add_argument(
         "--frames",
-        type=_integer(2),
-        default=16,
-        help="frames per clip (synthetic: at least 4; FeatureFolder: crop/pad to this)",
+        type=_frames,
+        default=None,
+        metavar="N|auto",
+        help="frames per clip. Synthetic: an integer >= 4 (default 16). FeatureFolder: longer "
+        "clips are centre-cropped to N, shorter ones zero-padded and masked; auto (the default "
+        "there) is the longest training clip, up to 256",
     )
     t.add_argument("--dim", type=_integer(1), default=64, help="synthetic feature channels D")
     t.add_argument(
@@ -578,12 +822,107 @@ def build_parser() -> argparse.ArgumentParser:
         "is refused",
     )
     t.add_argument(
+        "--no-normalise",
+        action="store_true",
+        help="do not standardise each feature channel with the training clips' mean and std "
+        "(on by default for a FeatureFolder; the statistics go into the checkpoint)",
+    )
+    t.add_argument(
+        "--class-weights",
+        choices=["none", "balanced"],
+        default="none",
+        help="balanced: weigh each class's loss by n / (K n_c), for imbalanced data",
+    )
+    t.add_argument(
+        "--select",
+        choices=["war", "uar"],
+        default="war",
+        help="the val metric best.pt maximises (regression: the mean CCC)",
+    )
+    t.add_argument(
+        "--patience",
+        type=_integer(1),
+        default=None,
+        metavar="N",
+        help="stop when the val score has not improved for N epochs (default: train all epochs)",
+    )
+    t.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=0.1,
+        help="where the folder has no val split: the share of train held out as val "
+        "(stratified by class, seeded by --seed)",
+    )
+    t.add_argument(
         "--no-progress",
         action="store_true",
         help="no progress bars and no line per epoch (the history is printed at the end)",
     )
     _threads_flag(t)
     t.set_defaults(fn=_train)
+
+    e = command(
+        "eval",
+        "test a trained model (checkpoint.pt or best.pt) clean and under each corruption: WAR, "
+        "UAR and per-class recall (or CCC per target); writes eval.json and confusion.png",
+    )
+    e.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by lsef train")
+    e.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="a FeatureFolder (default: the checkpoint's own data, synthetic or folder)",
+    )
+    e.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split")
+    e.add_argument(
+        "--corruptions",
+        default="all",
+        metavar="all|none|LIST",
+        help="test-time corruptions besides clean: all, none, or a comma-separated list of "
+        "frame_drop, impulse, gaussian",
+    )
+    e.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="folder for eval.json and confusion.png (default: the checkpoint's folder)",
+    )
+    e.add_argument("--device", type=_train_device, default="cpu", help="cpu, cuda or cuda:N")
+    e.add_argument(
+        "--ops", default="ext", choices=["ext", "ref"], help="the compiled kernels or lsef_ref"
+    )
+    _threads_flag(e)
+    e.set_defaults(fn=_eval)
+
+    pr = command(
+        "predict",
+        "per-clip predictions of a trained model for a feature folder, labelled or not",
+    )
+    pr.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by lsef train")
+    pr.add_argument(
+        "--data",
+        required=True,
+        metavar="DIR",
+        help="labels.csv (a clip column; split and labels optional) and features/<clip>.npy",
+    )
+    pr.add_argument(
+        "--split",
+        default="all",
+        choices=["all", "train", "val", "test"],
+        help="which clips (all: every clip listed; the others need a split column)",
+    )
+    pr.add_argument(
+        "--out",
+        default="predictions.csv",
+        metavar="CSV",
+        help="where to write one row per clip: class and probabilities, or target values",
+    )
+    pr.add_argument("--device", type=_train_device, default="cpu", help="cpu, cuda or cuda:N")
+    pr.add_argument(
+        "--ops", default="ext", choices=["ext", "ref"], help="the compiled kernels or lsef_ref"
+    )
+    _threads_flag(pr)
+    pr.set_defaults(fn=_predict)
 
     info = command("info", "versions, compiled backends, CUDA architectures, threads")
     info.set_defaults(fn=_info)

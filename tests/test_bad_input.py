@@ -1090,8 +1090,8 @@ FILES = [
             task="regression",
         ),
         ValueError,
-        rf"FeatureFolder: .*{CSV}: clip 'a': valence/arousal must be finite numbers, "
-        r"got '0.5', 'nan'",
+        rf"FeatureFolder: .*{CSV}: clip 'a': targets \['valence', 'arousal'\] must be finite "
+        r"numbers, got \['0.5', 'nan'\]",
     ),
     case(
         "FeatureFolder-frames-0",
@@ -1109,7 +1109,7 @@ FILES = [
         "FeatureFolder-classes-str",
         lambda root: FeatureFolder(folder(root, ROWS), classes="xy"),
         TypeError,
-        r"^FeatureFolder: classes must be a sequence of class names, got str 'xy'$",
+        r"^FeatureFolder: classes must be a sequence of names, got str 'xy'$",
     ),
     case(
         "FeatureFolder-classes-repeated",

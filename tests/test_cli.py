@@ -95,7 +95,7 @@ def test_unknown_command_fails_with_usage():
     )
     assert r.returncode == 2 and r.stderr == (
         "lsef: error: argument COMMAND: invalid choice: 'nope' (choose from 'demo', 'train', "
-        "'info', 'bench') (see 'lsef --help')\n"
+        "'eval', 'predict', 'info', 'bench') (see 'lsef --help')\n"
     )
 
 
@@ -139,12 +139,10 @@ def test_train_writes_checkpoint_and_resumes(tmp_path):
     out = lsef(*common, "--epochs", "1", timeout=120)
     assert "epoch 1" in out and (run / "checkpoint.pt").is_file()
     assert "1 process(es) of 1 thread(s)" in out
-    assert f"run folder {run}: checkpoint.pt after every epoch, metrics.csv, metrics.json\n" in out
+    said = f"run folder {run}: checkpoint.pt after every epoch, best.pt at the best val score, "
+    assert said + "metrics.csv, metrics.json\n" in out
     out = lsef(*common, "--epochs", "2", "--resume", timeout=120)
-    assert (
-        f"run folder {run}: checkpoint.pt after every epoch, metrics.csv, metrics.json (resumed)"
-        in out
-    )
+    assert said + "metrics.csv, metrics.json (resumed)" in out
     history = json.loads((run / "metrics.json").read_text())["history"]
     assert [row["epoch"] for row in history] == [1, 2]
     # one line per corruption, in the order of CORRUPTIONS, after the epoch rows

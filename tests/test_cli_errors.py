@@ -119,7 +119,7 @@ def test_train_refuses_bad_folders_and_combinations(capsys, tmp_path):
         (["--data", str(no_labels)], [str(no_labels / "labels.csv"), "not found"]),
         (["--data", str(bad_column)], [str(bad_column / "labels.csv"), "lacks column(s)"]),
         (["--data", str(leaves)], [str(leaves / "labels.csv"), "line 2", "'../x'"]),
-        (["--data", str(no_val)], [str(no_val / "labels.csv"), "no clips in split 'val'"]),
+        (["--data", str(no_val)], [str(no_val), "no val split and too few training clips (2)"]),
         (["--frames", "3"], ["--frames 3: the synthetic data needs at least 4 frames"]),
         (["--dim", "8"], ["synthetic data (", "--dim 8", "D must be >="]),
         (["--resume"], ["--resume needs --out DIR"]),
@@ -164,6 +164,9 @@ def test_train_names_a_damaged_foreign_or_unfitting_checkpoint(capsys, tmp_path)
     rc, out, err = run_main(capsys, resume)
     assert_user_error(rc, err, f"cannot read checkpoint {ckpt}")
     torch.save({"weights": torch.zeros(2)}, ckpt)
+    rc, out, err = run_main(capsys, resume)
+    assert_user_error(rc, err, f"{ckpt} was written by an older lsef_ext (no format number)")
+    torch.save({"format": 2, "weights": torch.zeros(2)}, ckpt)
     rc, out, err = run_main(capsys, resume)
     assert_user_error(rc, err, f"{ckpt} is not a checkpoint of lsef train (missing config")
 
@@ -305,7 +308,11 @@ def test_every_flag_has_help_and_shows_its_default():
             if not action.option_strings:
                 continue
             assert action.help, (name, action.option_strings)
-            if isinstance(action, switches) or action.default is cli.argparse.SUPPRESS:
+            if (
+                isinstance(action, switches)
+                or action.default is cli.argparse.SUPPRESS
+                or action.required  # nothing to default to
+            ):
                 continue
             shown = sub.formatter_class(sub.prog)._get_help_string(action)
             assert "default" in shown, (name, action.option_strings, shown)

@@ -317,8 +317,10 @@ def test_feature_folder_errors(tmp_path):
     make_folder(r1, [("a", "train")], header="clip,split")
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['label'\]"):
         FeatureFolder(str(r1))
-    with pytest.raises(ValueError, match=r"lacks column\(s\) \['valence', 'arousal'\]"):
+    with pytest.raises(ValueError, match=r"has no target columns \(columns: \['clip', 'split'\]\)"):
         FeatureFolder(str(r1), task="regression")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['valence', 'arousal'\]"):
+        FeatureFolder(str(r1), task="regression", targets=["valence", "arousal"])
 
     r2 = tmp_path / "missing"
     make_folder(r2, [("a", "x", "train"), ("b", "y", "train")])
@@ -365,5 +367,5 @@ def test_feature_folder_errors(tmp_path):
 
     r8 = tmp_path / "va"
     make_folder(r8, [("a", "high", 0.1, "train")], header="clip,valence,arousal,split")
-    with pytest.raises(ValueError, match="valence/arousal must be numbers"):
+    with pytest.raises(ValueError, match=r"targets \['valence', 'arousal'\] must be numbers"):
         FeatureFolder(str(r8), task="regression")

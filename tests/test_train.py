@@ -86,7 +86,7 @@ def test_predict_and_evaluate():
     torch.manual_seed(0)
     model = LSEF(24, 7, d_model=16, rank=3)
     model.train()
-    x, y, _ = load_data(config(n_test=40), "test")
+    x, y = load_data(config(n_test=40), "test")[:2]
     p = predict(model, x, batch_size=16)
     assert p.shape == (40, 7) and model.training  # mode restored
     model.eval()
@@ -96,9 +96,11 @@ def test_predict_and_evaluate():
     assert set(m) == {"war", "uar"}
     assert m["war"] == pytest.approx(war(p, y))
     reg = LSEF(24, 7, d_model=16, rank=3, task="regression")
-    xr, va, _ = load_data(config(task="regression", n_test=40), "test")
+    xr, va = load_data(config(task="regression", n_test=40), "test")[:2]
     mr = evaluate(reg, xr, va, task="regression")
-    assert set(mr) == {"ccc_valence", "ccc_arousal"} and all(-1 <= v <= 1 for v in mr.values())
+    assert set(mr) == {"ccc_valence", "ccc_arousal", "ccc_mean"} and all(
+        -1 <= v <= 1 for v in mr.values()
+    )
 
 
 def test_evaluate_conditions():
@@ -107,12 +109,12 @@ def test_evaluate_conditions():
     cfg = config(n_test=40)
     sets = load_test_sets(cfg)
     assert tuple(sets) == CONDITIONS
-    for c, (x, y) in sets.items():
-        ref_x, ref_y, _ = load_data(cfg, "test", None if c == "clean" else c)
+    for c, (x, y, *_) in sets.items():
+        ref_x, ref_y = load_data(cfg, "test", None if c == "clean" else c)[:2]
         assert torch.equal(x, ref_x) and torch.equal(y, ref_y)
     m = evaluate_conditions(model, cfg)
     assert tuple(m) == CONDITIONS
-    for c, (x, y) in sets.items():
+    for c, (x, y, *_) in sets.items():
         assert m[c] == evaluate(model, x, y)
     # given test sets are used as they are; missing conditions are loaded
     assert evaluate_conditions(model, cfg, test_sets=sets) == m
@@ -134,7 +136,7 @@ def test_evaluate_conditions():
     reg = LSEF(24, 7, d_model=16, rank=3, task="regression")
     mr = evaluate_conditions(reg, config(task="regression", n_test=40), ("clean", "gaussian"))
     assert list(mr) == ["clean", "gaussian"] and all(
-        set(v) == {"ccc_valence", "ccc_arousal"} for v in mr.values()
+        set(v) == {"ccc_valence", "ccc_arousal", "ccc_mean"} for v in mr.values()
     )
 
 
@@ -164,7 +166,7 @@ def test_load_data_feature_folder(tmp_path):
         for i in range(6):
             f.write(f"c{i},{'ab'[i % 2]},{'train' if i < 4 else 'test'}\n")
             np.save(tmp_path / "features" / f"c{i}.npy", np.random.rand(10 + i, 5))
-    x, y, nc = load_data(config(data=str(tmp_path), T=8), "train")
+    x, y, nc, _ = load_data(config(data=str(tmp_path), T=8), "train")
     assert x.shape == (4, 8, 5) and y.tolist() == [0, 1, 0, 1] and nc == 2
 
 
@@ -259,9 +261,9 @@ def test_resume_extends_a_finished_run(tmp_path):
     assert more.epoch == 2
     lrs = []
     step = more.train_step
-    more.train_step = lambda xb, tb: (
+    more.train_step = lambda xb, tb, lb=None: (
         lrs.append(more.opt.optimizer.param_groups[0]["lr"]),
-        step(xb, tb),
+        step(xb, tb, lb),
     )[1]
     hist = more.fit()
     # the first step uses the lr the first run ended with (0), the rest the 3-epoch cosine
@@ -399,7 +401,10 @@ def test_resume_refuses_changed_settings_unless_accepted(tmp_path):
         assert group["weight_decay"] == 0.5
     lrs = []
     step = tr.train_step
-    tr.train_step = lambda xb, tb: (lrs.append(tr._inner.param_groups[0]["lr"]), step(xb, tb))[1]
+    tr.train_step = lambda xb, tb, lb=None: (
+        lrs.append(tr._inner.param_groups[0]["lr"]),
+        step(xb, tb, lb),
+    )[1]
     tr.fit()
     expect = [
         1e-3 * 0.5 * (1 + math.cos(math.pi * s / (2 * steps))) for s in range(steps, 2 * steps)
@@ -491,6 +496,13 @@ def test_resume_names_a_damaged_or_foreign_checkpoint(tmp_path):
     ):
         Trainer(config(out=str(tmp_path), resume=True), data, progress=False)
     torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint\.pt was written by an older lsef_ext \(no format number\); this "
+        r"lsef_ext reads checkpoint format 2",
+    ):
+        Trainer(config(out=str(tmp_path), resume=True), data, progress=False)
+    torch.save({"format": 2, "weights": torch.zeros(2)}, path)
     with pytest.raises(
         ValueError, match=r"checkpoint\.pt is not a checkpoint of lsef train \(missing config, "
     ):
