@@ -405,6 +405,11 @@ def load_data(
             classes=meta.get("class_names"),
             targets=meta.get("target_names"),
         )
+        if meta.get("D") is not None and ds.D != meta["D"]:
+            raise ValueError(
+                f"{cfg.data} has D = {ds.D} feature channels; the model was trained on "
+                f"D = {meta['D']}"
+            )
         x, t = ds.tensors()
         norm = meta.get("norm")
         if norm:
