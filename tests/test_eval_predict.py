@@ -374,3 +374,30 @@ def test_eval_and_predict_user_errors(tmp_path, capsys):
         rc, out, err = run(capsys, argv)
         assert rc == 2 and err.startswith("lsef: error: ") and said in err, (argv, err)
         assert err.count("\n") == 1
+
+
+def test_train_flags_reach_the_run(tmp_path, capsys):
+    root = make_folder(tmp_path / "f", n=50, lengths=(6, 11))
+    runs = tmp_path / "run"
+    rc, out, err = run(
+        capsys,
+        ["train", "--data", str(root), "--out", str(runs), "--epochs", "3", "--threads", "1",
+         "--model", "meanpool-mlp", "--no-normalise", "--select", "uar", "--patience", "1",
+         "--val-fraction", "0.3", "--frames", "8"],
+    )  # fmt: skip
+    assert rc == 0, err
+    config = json.loads((runs / "metrics.json").read_text())["config"]
+    assert config["normalise"] is False and config["select"] == "uar"
+    assert config["patience"] == 1 and config["val_fraction"] == 0.3 and config["T"] == 8
+    assert "validating on 12 training clips held out (30 %" in out  # round(0.3 n_c) of 40
+    assert "20 of 40 training clips are longer than 8 frames and were centre-cropped" in out
+    ck = load_checkpoint(str(runs / "best.pt"))
+    assert ck.meta["norm"] is None and ck.meta["frames"] == 8 and ck.best["metric"] == "val_uar"
+    for flag, value, said in [
+        ("--val-fraction", "1.5", "argument --val-fraction: expected a number in (0, 1), got 1.5"),
+        ("--frames", "1", "argument --frames: expected an integer >= 2, got 1"),
+        ("--patience", "0", "argument --patience: expected an integer >= 1, got 0"),
+        ("--class-weights", "inverse", "argument --class-weights: invalid choice: 'inverse'"),
+    ]:
+        rc, out, err = run(capsys, ["train", flag, value])
+        assert rc == 2 and said in err, err
