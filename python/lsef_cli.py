@@ -747,14 +747,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--task",
         default="classification",
         choices=["classification", "regression"],
-        help="class labels, or valence/arousal",
+        help="class labels, or regression targets (synthetic: valence/arousal; a FeatureFolder: "
+        "its labels.csv columns other than clip and split)",
     )
     t.add_argument(
         "--data",
         default=None,
         metavar="DIR",
-        help="a FeatureFolder (labels.csv + features/<clip>.npy; validated on its 'val' split) "
-        "(default: the synthetic SyntheticAffect set)",
+        help="a FeatureFolder (labels.csv + features/<clip>.npy; validated on its 'val' split, "
+        "or on a share of train held out where it has none) (default: the synthetic "
+        "SyntheticAffect set)",
     )
     t.add_argument("--n-train", type=_integer(1), default=2048, help="synthetic training clips")
     t.add_argument("--n-test", type=_integer(1), default=1024, help="synthetic test clips")
@@ -799,7 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default=None,
         metavar="DIR",
-        help="folder for checkpoint.pt, metrics.csv and metrics.json (default: nothing saved)",
+        help="folder for checkpoint.pt, best.pt, metrics.csv and metrics.json (default: nothing "
+        "saved)",
     )
     runs = t.add_mutually_exclusive_group()
     runs.add_argument(
