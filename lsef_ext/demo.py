@@ -229,7 +229,8 @@ def plot_confusion(confusion, class_names, path: str, title: str) -> None:
     bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     bar.set_label("share of the true class's clips")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path + ".tmp", dpi=110, format="png")  # then renamed: never a half-written file
+    os.replace(path + ".tmp", path)
     plt.close(fig)
 
 

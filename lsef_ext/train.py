@@ -342,6 +342,7 @@ def prepare_data(cfg: "TrainConfig") -> Tuple[ClipSet, ClipSet, Dict[str, object
     lengths = ds.lengths
     classes = getattr(ds, "class_names", None)
     targets = getattr(ds, "target_names", None)
+    val_clips = None  # the training clips held out as val, where the folder has no val split
     if "val" in FeatureFolder.splits(cfg.data):
         vs = FeatureFolder(
             cfg.data, "val", frames=ds.frames, classes=classes, task=cfg.task, targets=targets
@@ -359,6 +360,7 @@ def prepare_data(cfg: "TrainConfig") -> Tuple[ClipSet, ClipSet, Dict[str, object
             )
         vx, vt, vlen = x[held], t[held], lengths[held]
         x, t, lengths = x[keep], t[keep], lengths[keep]
+        val_clips = [ds.clips[i] for i in held.tolist()]
         where = (
             f"{held.numel()} training clips held out ({100 * cfg.val_fraction:g} %"
             f"{', stratified by class' if cfg.task == 'classification' else ''}, seed {cfg.seed})"
@@ -377,6 +379,7 @@ def prepare_data(cfg: "TrainConfig") -> Tuple[ClipSet, ClipSet, Dict[str, object
         "target_names": list(targets) if targets else None,
         "norm": norm,
         "val": where,
+        "val_clips": val_clips,
     }
     return _clipset(x, t, ds, cfg.task, lengths), _clipset(vx, vt, ds, cfg.task, vlen), meta, notes
 
@@ -393,18 +396,23 @@ def load_data(
     ``meta`` (a checkpoint's, from :func:`prepare_data`): a FeatureFolder's clips are brought to
     its ``frames``, its class and target names fix the label order, and its ``norm`` statistics
     standardise the clips. A corruption is applied after standardisation, so its size is in
-    units of the training features' spread. ``split=None`` reads every clip of a folder."""
+    units of the training features' spread. ``split=None`` reads every clip of a folder;
+    ``split="val"`` of a run whose val clips were held out of ``train`` (``meta["val_clips"]``)
+    reads those clips."""
     if cfg.data:
         meta = meta or {}
         frames = meta.get("frames") or ("auto" if cfg.T is None else cfg.T)
+        held = meta.get("val_clips") if split == "val" else None
         ds = FeatureFolder(
             cfg.data,
-            split=split,
+            split="train" if held else split,
             frames=frames,
             task=cfg.task,
             classes=meta.get("class_names"),
             targets=meta.get("target_names"),
         )
+        if held:
+            _keep_clips(ds, held, cfg.data)
         if meta.get("D") is not None and ds.D != meta["D"]:
             raise ValueError(
                 f"{cfg.data} has D = {ds.D} feature channels; the model was trained on "
@@ -431,6 +439,22 @@ def load_data(
     )
     x, t = ds.tensors()
     return ClipSet(x, t, ds.num_classes if cfg.task == "classification" else t.shape[-1])
+
+
+def _keep_clips(ds: FeatureFolder, clips: Sequence[str], root: str) -> None:
+    """Narrows a loaded FeatureFolder to ``clips`` (in their order), in place."""
+    where = {c: i for i, c in enumerate(ds.clips)}
+    missing = [c for c in clips if c not in where]
+    if missing:
+        raise ValueError(
+            f"{root}: the run's val clips {missing[:3]}{' ...' if len(missing) > 3 else ''} are "
+            "no longer in its train split (the folder changed since training)"
+        )
+    idx = torch.tensor([where[c] for c in clips])
+    ds.x, ds.lengths, ds.clips = ds.x[idx], ds.lengths[idx], list(clips)
+    for name in ("y", "va"):
+        if hasattr(ds, name):
+            setattr(ds, name, getattr(ds, name)[idx])
 
 
 def load_test_sets(
@@ -962,7 +986,8 @@ class Trainer:
                 row.update({f"val_{k}": v for k, v in scores.items()})
                 metric = cfg.select if cfg.task == "classification" else "ccc_mean"
                 score = scores[metric]
-                if self.best is None or score > self.best["score"]:  # NaN never improves
+                if score == score and (self.best is None or score > self.best["score"]):
+                    # (a NaN score never improves, nor becomes the first best)
                     self.best = {"epoch": self.epoch, "metric": f"val_{metric}", "score": score}
                     improved = True
             self.history.append(row)

@@ -324,7 +324,7 @@ def _train(args: argparse.Namespace) -> int:
     elif args.frames is not None and args.frames < 4:
         raise UserError(f"--frames {args.frames}: the synthetic data needs at least 4 frames")
 
-    from lsef_ext.data import CORRUPTIONS
+    from lsef_ext.data import CONDITIONS
     from lsef_ext.train import (
         RunError,
         TrainConfig,
@@ -419,7 +419,7 @@ def _train(args: argparse.Namespace) -> int:
                 )
             )
         if cfg.task == "classification" and not args.data:
-            metrics = evaluate_conditions(trainer.net, cfg, CORRUPTIONS, device=trainer.device)
+            metrics = evaluate_conditions(trainer.net, cfg, CONDITIONS, device=trainer.device)
             for c, m in metrics.items():
                 print(f"  test under {c}: WAR {100 * m['war']:.1f}%  UAR {100 * m['uar']:.1f}%")
         if trainer.best is not None:
@@ -508,8 +508,8 @@ def _conditions(text: str) -> Tuple[str, ...]:
 def _eval(args: argparse.Namespace) -> int:
     conditions = _conditions(args.corruptions)
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    ck = _open_checkpoint(args)  # first: a mistyped checkpoint path creates no folder
     _writable_folder(out, "--out")
-    ck = _open_checkpoint(args)
     cfg = _checkpoint_config(ck, args.data)
     _apply_threads(args, cap=None)
     import json
@@ -748,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="classification",
         choices=["classification", "regression"],
         help="class labels, or regression targets (synthetic: valence/arousal; a FeatureFolder: "
-        "its labels.csv columns other than clip and split)",
+        "its labels.csv columns other than clip, label and split)",
     )
     t.add_argument(
         "--data",
@@ -820,9 +820,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--accept-changes",
         action="store_true",
         help="with --resume: continue although --lr, --weight-decay, --ops, --data, "
-        "--batch-size, --seed, --frames (synthetic data: --dim, --n-train) differ from the "
-        "checkpoint's run; the new values apply from the next step. Without it such a resume "
-        "is refused",
+        "--batch-size, --seed, --frames, --no-normalise, --class-weights, --select, "
+        "--val-fraction (synthetic data: --dim, --n-train) differ from the checkpoint's run; the "
+        "new values apply from the next step. Careful: where a folder has no val split, --seed "
+        "and --val-fraction choose the held-out clips, so changing them moves clips between "
+        "train and val. Without it such a resume is refused",
     )
     t.add_argument(
         "--no-normalise",

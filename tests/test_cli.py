@@ -145,9 +145,10 @@ def test_train_writes_checkpoint_and_resumes(tmp_path):
     assert said + "metrics.csv, metrics.json (resumed)" in out
     history = json.loads((run / "metrics.json").read_text())["history"]
     assert [row["epoch"] for row in history] == [1, 2]
-    # one line per corruption, in the order of CORRUPTIONS, after the epoch rows
+    # one line per test condition, clean first, in the order of CONDITIONS, after the epochs
     tests = [line for line in out.splitlines() if line.startswith("  test under ")]
     assert [line.split(":")[0] for line in tests] == [
+        "  test under clean",
         "  test under frame_drop",
         "  test under impulse",
         "  test under gaussian",

@@ -401,3 +401,32 @@ def test_train_flags_reach_the_run(tmp_path, capsys):
     ]:
         rc, out, err = run(capsys, ["train", flag, value])
         assert rc == 2 and said in err, err
+
+
+def test_eval_on_a_carved_val_split_reproduces_the_best_val_score(tmp_path, capsys):
+    root = make_folder(tmp_path / "f", n=60, lengths=(8, 12))
+    tr, *_ = train_run(root, tmp_path / "run", epochs=3)
+    ck = load_checkpoint(str(tmp_path / "run" / "best.pt"))
+    assert len(ck.meta["val_clips"]) == 6
+    val = load_data(cfg_for(root), "val", meta=ck.meta)
+    assert val.x.shape[0] == 6
+    from lsef_ext.train import evaluate
+
+    assert evaluate(ck.model, val.x, val.t, lengths=val.lengths)["war"] == ck.best["score"]
+    rc, out, err = run(capsys, ["eval", str(tmp_path / "run" / "best.pt"), "--split", "val"])
+    assert rc == 0, err
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["conditions"]["clean"]["war"] == ck.best["score"]
+
+
+def test_a_nan_val_score_never_becomes_the_best(tmp_path, monkeypatch):
+    import lsef_ext.train as train_mod
+
+    root = make_folder(tmp_path / "f", n=30)
+    scores = iter([float("nan"), 0.5, float("nan"), 0.25])
+    real = train_mod.evaluate
+    monkeypatch.setattr(
+        train_mod, "evaluate", lambda *a, **k: {**real(*a, **k), "war": next(scores)}
+    )
+    tr, *_ = train_run(root, tmp_path / "run", epochs=4)
+    assert tr.best["epoch"] == 2 and tr.best["score"] == 0.5
