@@ -55,6 +55,8 @@ __all__ = [
     "channel_stats",
     "standardise",
     "stratified_split",
+    "read_ts",
+    "ts_to_feature_folder",
 ]
 
 CLASS_NAMES = ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")
@@ -547,6 +549,82 @@ def _load_features(path: str, clip: str) -> np.ndarray:
             f"(value {a[t, d].item()!r}); clean or drop the clip"
         )
     return x
+
+
+def read_ts(path: str) -> Tuple[list, list]:
+    """Reads a ``.ts`` file, the text format of the UEA/UCR time-series archives (as shipped by
+    sktime and aeon): ``(series, labels)``, each series a float32 ``(T, D)`` array (lengths may
+    differ between series) and each label a string.
+
+    Header lines start with ``@`` (``@data`` ends the header) and comments with ``#``; a data
+    line holds the ``D`` dimensions separated by ``:``, each a comma-separated list of values,
+    then the class label. Files with time stamps, missing values (``?``/NaN), no class labels, or
+    dimensions of unequal length within one series are refused with a ValueError naming the
+    file and line."""
+    series, labels, header, dims = [], [], {}, None
+    with open(path, encoding="utf-8") as f:
+        lines = iter(enumerate(f, 1))
+        for n, line in lines:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if not line.startswith("@"):
+                raise ValueError(f"read_ts: {path} line {n}: data before @data")
+            key, _, value = line[1:].partition(" ")
+            if key.lower() == "data":
+                break
+            header[key.lower()] = value.strip()
+        if header.get("timestamps", "false").lower() == "true":
+            raise ValueError(f"read_ts: {path}: time-stamped series are not supported")
+        if not header.get("classlabel", "false").lower().startswith("true"):
+            raise ValueError(f"read_ts: {path}: has no class labels (@classLabel true ...)")
+        for n, line in lines:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            *parts, label = line.split(":")
+            if not parts:
+                raise ValueError(f"read_ts: {path} line {n}: expected dimensions and a label")
+            try:
+                rows = [np.array([float(v) for v in p.split(",")], np.float32) for p in parts]
+            except ValueError as e:
+                raise ValueError(f"read_ts: {path} line {n}: {e}") from None
+            if len({r.shape[0] for r in rows}) != 1:
+                raise ValueError(f"read_ts: {path} line {n}: dimensions of unequal length")
+            a = np.stack(rows, axis=1)
+            if not np.isfinite(a).all():
+                raise ValueError(f"read_ts: {path} line {n}: missing or non-finite values")
+            if dims is not None and a.shape[1] != dims:
+                raise ValueError(
+                    f"read_ts: {path} line {n}: {a.shape[1]} dimensions, earlier lines {dims}"
+                )
+            dims = a.shape[1]
+            series.append(a)
+            labels.append(label.strip())
+    if not series:
+        raise ValueError(f"read_ts: {path}: no series after @data")
+    return series, labels
+
+
+def ts_to_feature_folder(root: str, **splits: str) -> str:
+    """Writes a FeatureFolder at ``root`` from ``.ts`` files, one per split:
+    ``ts_to_feature_folder("jv", train="JV_TRAIN.ts", test="JV_TEST.ts")``. Clips are named
+    ``<split>/<index>``; returns ``root``."""
+    bad = [k for k in splits if k not in _SPLIT_OFFSETS]
+    if bad or not splits:
+        raise ValueError(f"ts_to_feature_folder: splits must be among {tuple(_SPLIT_OFFSETS)}")
+    rows = ["clip,label,split"]
+    for split, path in splits.items():
+        series, labels = read_ts(path)
+        os.makedirs(os.path.join(root, "features", split), exist_ok=True)
+        for i, (a, label) in enumerate(zip(series, labels)):
+            if "," in label or '"' in label:
+                raise ValueError(f'ts_to_feature_folder: {path}: label {label!r} holds , or "')
+            np.save(os.path.join(root, "features", split, f"{i:05d}.npy"), a)
+            rows.append(f"{split}/{i:05d},{label},{split}")
+    with open(os.path.join(root, "labels.csv"), "w", encoding="utf-8") as f:
+        f.write("\n".join(rows) + "\n")
+    return root
 
 
 def channel_stats(x: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:

@@ -369,3 +369,47 @@ def test_feature_folder_errors(tmp_path):
     make_folder(r8, [("a", "high", 0.1, "train")], header="clip,valence,arousal,split")
     with pytest.raises(ValueError, match=r"targets \['valence', 'arousal'\] must be numbers"):
         FeatureFolder(str(r8), task="regression")
+
+
+TS = """# a comment
+@problemName Tiny
+@timeStamps false
+@univariate false
+@dimensions 2
+@equalLength false
+@classLabel true a b
+@data
+1,2,3:4,5,6:a
+0.5,1.5:2.5,3.5:b
+
+7,8,9,10:1,1,1,1:a
+"""
+
+
+def test_read_ts_and_ts_to_feature_folder(tmp_path):
+    from lsef_ext.data import read_ts, ts_to_feature_folder
+
+    path = tmp_path / "tiny.ts"
+    path.write_text(TS)
+    series, labels = read_ts(str(path))
+    assert labels == ["a", "b", "a"] and [s.shape for s in series] == [(3, 2), (2, 2), (4, 2)]
+    assert series[0].dtype == np.float32 and series[0].tolist() == [[1, 4], [2, 5], [3, 6]]
+    root = ts_to_feature_folder(str(tmp_path / "f"), train=str(path), test=str(path))
+    ds = FeatureFolder(root, "test", frames="auto")
+    assert ds.clips == ["test/00000", "test/00001", "test/00002"]
+    assert ds.class_names == ("a", "b") and ds.y.tolist() == [0, 1, 0]
+    assert ds.lengths.tolist() == [3, 2, 4] and torch.equal(ds.x[2], torch.from_numpy(series[2]))
+    for text, said in [
+        (TS.replace("@timeStamps false", "@timeStamps true"), "time-stamped series"),
+        (TS.replace("@classLabel true a b", "@classLabel false"), "has no class labels"),
+        (TS.replace("1,2,3:4,5,6:a", "1,?,3:4,5,6:a"), "line 9: could not convert"),
+        (TS.replace("1,2,3:4,5,6:a", "1,2:4,5,6:a"), "line 9: dimensions of unequal length"),
+        (TS.replace("1,2,3:4,5,6:a", "1,nan,3:4,5,6:a"), "line 9: missing or non-finite"),
+        (TS.replace("0.5,1.5:2.5,3.5:b", "0.5,1.5:b"), "line 10: 1 dimensions, earlier lines 2"),
+        (TS.split("@data")[0] + "@data\n", "no series after @data"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=said):
+            read_ts(str(path))
+    with pytest.raises(ValueError, match="splits must be among"):
+        ts_to_feature_folder(str(tmp_path / "g"), holdout=str(path))
