@@ -39,7 +39,8 @@ def run_one(cfg: TrainConfig, progress: bool = True, test_sets=None) -> Dict[str
 
     Returns ``{"metrics": {condition: {"war", "uar"}}, "history", "seconds", "params", "trainer"}``
     (``metrics`` from :func:`lsef_ext.train.evaluate_conditions`). ``test_sets``: as
-    :func:`lsef_ext.train.load_test_sets` returns (default: loaded for ``cfg``).
+    :func:`lsef_ext.train.load_test_sets` returns (default: loaded for ``cfg``). The per-epoch
+    scores in ``history`` are on the val split; the test sets are read once, after training.
     """
     train = load_data(cfg, "train")
     test_sets = test_sets or load_test_sets(cfg)
@@ -47,7 +48,7 @@ def run_one(cfg: TrainConfig, progress: bool = True, test_sets=None) -> Dict[str
     trainer = Trainer(
         cfg,
         train,
-        val=test_sets["clean"],
+        val=load_data(cfg, "val"),
         progress=progress,
         desc=LABELS.get(cfg.model, cfg.model) + f" seed {cfg.seed}",
     )
@@ -162,7 +163,7 @@ def plot_training(results: Dict[str, Dict[str, object]], path: str) -> None:
             ep, [100 * row["val_war"] for row in h], marker="o", ms=3, label=LABELS.get(name, name)
         )
     a.set(xlabel="epoch", ylabel="training loss", yscale="log", title="Training loss per epoch")
-    b.set(xlabel="epoch", ylabel="WAR (%)", title="Clean test WAR per epoch")
+    b.set(xlabel="epoch", ylabel="WAR (%)", title="Clean val WAR per epoch")
     for ax in (a, b):
         ax.grid(alpha=0.3)
     _legend_below(fig, a, len(results))
