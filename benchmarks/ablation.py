@@ -1,4 +1,4 @@
-"""The LSEF ablation: full LSEF vs LSEF without each module, without RAO, and the baselines.
+"""The LSEF ablation: full LSEF vs LSEF without each module, with RAO, and the baselines.
 
 Every variant is trained on the same SyntheticAffect training set with three seeds (model
 initialisation and batch order) and tested clean and under each corruption. Writes
@@ -32,17 +32,15 @@ VARIANTS = (
     "lsef-no-sem",
     "lsef-no-ddm",
     "lsef-no-cim",
-    "lsef-no-rao",
+    "lsef+rao",
     "meanpool-mlp",
     "transformer",
 )
 
 
 def config(variant: str, seed: int, base: TrainConfig) -> TrainConfig:
-    model = "lsef" if variant == "lsef-no-rao" else variant
-    return replace(
-        base, model=model, seed=seed, rao=variant.startswith("lsef") and variant != "lsef-no-rao"
-    )
+    model = "lsef" if variant == "lsef+rao" else variant
+    return replace(base, model=model, seed=seed, rao=variant == "lsef+rao")
 
 
 def mean_std(xs):

@@ -45,8 +45,8 @@ from lsef_ext.train import (
 
 DATASETS = ("JapaneseVowels", "BasicMotions")
 MODELS = {  # name: (model, RAO)
-    "LSEF (+RAO)": ("lsef", True),
-    "LSEF (no RAO)": ("lsef", False),
+    "LSEF": ("lsef", False),
+    "LSEF + RAO": ("lsef", True),
     "mean-pool MLP": ("meanpool-mlp", False),
     "temporal transformer": ("transformer", False),
 }

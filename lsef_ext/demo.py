@@ -24,13 +24,13 @@ from .train import (
 
 DEMO_MODELS = ("lsef", "meanpool-mlp", "transformer")
 LABELS = {
-    "lsef": "LSEF (+RAO)",
+    "lsef": "LSEF",
     "meanpool-mlp": "mean-pool MLP",
     "transformer": "temporal transformer",
     "lsef-no-sem": "LSEF w/o SEM",
     "lsef-no-ddm": "LSEF w/o DDM",
     "lsef-no-cim": "LSEF w/o CIM",
-    "lsef-no-rao": "LSEF w/o RAO",
+    "lsef+rao": "LSEF + RAO",
 }
 
 
@@ -265,7 +265,7 @@ def demo(
     test_sets = load_test_sets(base)
     results: Dict[str, Dict[str, object]] = {}
     for name in models:
-        cfg = replace(base, model=name, rao=name.startswith("lsef"))
+        cfg = replace(base, model=name)  # RAO off: opt-in (docs/RESULTS.md)
         results[name] = run_one(cfg, progress=True, test_sets=test_sets)
         m = results[name]["metrics"]
         print(

@@ -114,7 +114,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-2
     seed: int = 0
-    rao: bool = True
+    rao: bool = False  # wrap AdamW in RAO (opt-in: docs/RESULTS.md measured no gain)
     d_model: int = 64
     rank: int = 4
     device: str = "cpu"

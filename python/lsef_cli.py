@@ -349,7 +349,7 @@ def _train(args: argparse.Namespace) -> int:
         lr=args.lr,
         weight_decay=args.weight_decay,
         seed=args.seed,
-        rao=not args.no_rao and args.model.startswith("lsef"),
+        rao=args.rao and args.model.startswith("lsef"),
         d_model=args.d_model,
         rank=args.rank,
         device=args.device,
@@ -782,7 +782,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--weight-decay", type=_number(0, strict=False), default=1e-2, help="AdamW weight decay"
     )
     t.add_argument("--seed", type=_integer(0, 2**32 - 1), default=0, help="random seed")
-    t.add_argument("--no-rao", action="store_true", help="plain AdamW instead of RAO(AdamW)")
+    rao = t.add_mutually_exclusive_group()
+    rao.add_argument(
+        "--rao",
+        action="store_true",
+        help="wrap AdamW in RAO, rank-aware gradient scaling (LSEF models; opt-in: on the "
+        "synthetic set and two real data sets it changed neither accuracy nor the spread over "
+        "seeds, docs/RESULTS.md)",
+    )
+    rao.add_argument(
+        "--no-rao", action="store_true", help="plain AdamW: the default (kept for older scripts)"
+    )
     t.add_argument("--d-model", type=_integer(1), default=64, help="LSEF embedding width")
     t.add_argument("--rank", type=_integer(1), default=4, help="LSEF and RAO rank")
     t.add_argument(

@@ -151,7 +151,7 @@ def test_train_names_a_damaged_foreign_or_unfitting_checkpoint(capsys, tmp_path)
         (["--lr", "0.001"], ["lr=0.002; this run has lr=0.001", "--accept-changes", str(ckpt)]),
         (["--ops", "ref"], ["ops='ext'; this run has ops='ref'", "--accept-changes"]),
         (["--d-model", "16"], [f"checkpoint {ckpt} has d_model=8, this run has d_model=16"]),
-        (["--no-rao"], ["has rao=True, this run has rao=False"]),
+        (["--rao"], ["has rao=False, this run has rao=True"]),
         (["--model", "lsef-no-cim"], ["has model='lsef', this run has model='lsef-no-cim'"]),
         (["--dim", "80", "--accept-changes"], [f"checkpoint {ckpt} does not fit this run"]),
     ]:

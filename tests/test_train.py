@@ -32,7 +32,10 @@ from lsef_ext.train import (
     war,
 )
 
-SMALL = dict(n_train=256, n_test=64, T=8, D=24, d_model=16, rank=3, batch_size=32, lr=3e-3)
+# rao: the trainer's tests run with RAO (opt-in) so that its state is checkpointed and resumed
+SMALL = dict(
+    n_train=256, n_test=64, T=8, D=24, d_model=16, rank=3, batch_size=32, lr=3e-3, rao=True
+)
 
 
 def config(**kw):
