@@ -5,7 +5,7 @@ initialisation and batch order) and tested clean and under each corruption. Writ
 ``docs/RESULTS.md`` (the table, mean ± std over seeds) and ``benchmarks/ablation.json`` (every
 number). Usage::
 
-    python benchmarks/ablation.py [--seeds 0 1 2] [--epochs 15] [--out docs/RESULTS.md]
+    python benchmarks/ablation.py [--seeds 0 1 2] [--out docs/RESULTS.md]
 
 About 6 minutes on a 2-core CPU.
 """
@@ -24,7 +24,7 @@ from dataclasses import asdict, replace
 import torch
 
 from lsef_ext.data import CORRUPTIONS
-from lsef_ext.demo import LABELS, run_one
+from lsef_ext.demo import LABELS, run_one, settings
 from lsef_ext.train import TrainConfig, corrupted_average, load_test_sets
 
 VARIANTS = (
@@ -40,7 +40,7 @@ VARIANTS = (
 
 def config(variant: str, seed: int, base: TrainConfig) -> TrainConfig:
     model = "lsef" if variant == "lsef+rao" else variant
-    return replace(base, model=model, seed=seed, rao=variant == "lsef+rao")
+    return replace(base, model=model, seed=seed, rao=variant == "lsef+rao", **settings(model))
 
 
 def mean_std(xs):
@@ -50,7 +50,6 @@ def mean_std(xs):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--out", default=os.path.join("docs", "RESULTS.md"))
     p.add_argument("--json", default=os.path.join("benchmarks", "ablation.json"))
@@ -61,7 +60,7 @@ def main() -> int:
     )
     args = p.parse_args()
 
-    base = TrainConfig(epochs=args.epochs)
+    base = TrainConfig()
     tests = load_test_sets(base)
     runs = {}
     t0 = time.perf_counter()
@@ -126,8 +125,9 @@ def main() -> int:
         f"{begin}\nProduced by `{command}` on {stamp}, commit "
         f"`{commit}`, torch {torch.__version__}, {torch.get_num_threads()} threads: "
         f"SyntheticAffect (seed {base.data_seed}), {base.n_train} training clips, "
-        f"{base.n_test} test clips per condition, T = {base.T}, D = {base.D}, {base.epochs} "
-        f"epochs, seeds {args.seeds} (initialisation and batch order). WAR / UAR in %, "
+        f"{base.n_test} test clips per condition, T = {base.T}, D = {base.D}, learning rate "
+        f"and epochs per model from DEMO_SETTINGS (chosen on val), seeds {args.seeds} "
+        f"(initialisation and batch order). WAR / UAR in %, "
         f"mean ± sample std over seeds; models trained on clean clips only.\n\n"
         f"{table}\n{end}"
     )
