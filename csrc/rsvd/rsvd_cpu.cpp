@@ -183,7 +183,18 @@ at::Tensor orthonormalize(const at::Tensor& Y) {
 template <typename T>
 void blas(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor& omega_t,
           at::Tensor& U, at::Tensor& S, at::Tensor& V) {
-  const Projection pr = project(A, sh, n_iter, omega_t, A.scalar_type(), orthonormalize<T>);
+  // One vectorised pass per matrix for finiteness and largest magnitude (instead of ATen's three)
+  Screen screen{at::empty({sh.batch}, A.options().dtype(at::kBool)),
+                at::empty({sh.batch}, A.options())};
+  {
+    const T* a = A.data_ptr<T>();
+    bool* ok = screen.finite.data_ptr<bool>();
+    T* mx = screen.amax.data_ptr<T>();
+    at::parallel_for(0, sh.batch, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) ok[b] = all_finite(a + b * sh.m * sh.n, sh.m * sh.n, mx[b]);
+    });
+  }
+  const Projection pr = project(A, sh, n_iter, omega_t, A.scalar_type(), orthonormalize<T>, screen);
   const int64_t batch = sh.batch, p = pr.p, q = pr.q, l = pr.l, k = sh.k;
   at::Tensor Vcol = at::empty_like(pr.Z);
   at::Tensor sv = at::empty({batch, l}, pr.Z.options());

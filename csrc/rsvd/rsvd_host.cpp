@@ -78,18 +78,24 @@ at::Tensor unit_scale(const at::Tensor& amax) {
 }
 
 Projection project(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor& omega_t,
-                   at::ScalarType acc, const Orthonormalize& orth) {
+                   at::ScalarType acc, const Orthonormalize& orth, const Screen& screen) {
   Projection pr;
   pr.p = std::min(sh.m, sh.n);
   pr.q = std::max(sh.m, sh.n);
   pr.wide = sh.m <= sh.n;
   const at::Tensor A3 = A.reshape({sh.batch, sh.m, sh.n}).to(acc);
   // Non-finite matrices go through as zeros (the factorizations need finite input); the tails
-  // write NaN for them, as the fused paths do.
-  pr.finite = at::isfinite(A3).flatten(1).all(1).contiguous();
-  const at::Tensor clean = at::where(pr.finite.view({-1, 1, 1}), A3, at::zeros({}, A3.options()));
-  const at::Tensor shift =
-      shifts(at::linalg_vector_norm(clean, INFINITY, at::IntArrayRef{1, 2}), true, max_shift(acc));
+  // write NaN for them, as the fused paths do. With a backend's screen, the usual all-finite
+  // batch is used as it is (no masked copy).
+  const bool screened = screen.finite.defined();
+  pr.finite = screened ? screen.finite : at::isfinite(A3).flatten(1).all(1).contiguous();
+  const bool all_ok = screened && pr.finite.all().item<bool>();
+  const at::Tensor clean =
+      all_ok ? A3 : at::where(pr.finite.view({-1, 1, 1}), A3, at::zeros({}, A3.options()));
+  const at::Tensor amax = screened ? at::where(pr.finite, screen.amax.to(acc),
+                                               at::zeros({}, screen.amax.options().dtype(acc)))
+                                   : at::linalg_vector_norm(clean, INFINITY, at::IntArrayRef{1, 2});
+  const at::Tensor shift = shifts(amax, true, max_shift(acc));
   pr.unscale = pow2(-shift, acc);
   // On the CPU a look at the shifts is free and saves a pass over A for the usual all-zero case;
   // on a GPU it would be a host sync, so the (cheap, elementwise) product is always taken.

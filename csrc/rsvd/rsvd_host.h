@@ -47,8 +47,13 @@ struct Projection {
 // power of two 2^shift of rescale.h (1 for most inputs): Q spans
 // (W W^T)^n_iter W Omega, orthonormalised after every product (`orth`); Z = W^T Q. omega_t is
 // test_matrix_t's tensor on A's device in `acc` (undefined when the shape is exact).
+// `screen`: the backend's (finite (B,) bool, amax (B,) acc) of A's matrices, computed in one pass
+// where it can (the CPU); undefined tensors: ATen computes them (three passes over A).
+struct Screen {
+  at::Tensor finite, amax;
+};
 Projection project(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor& omega_t,
-                   at::ScalarType acc, const Orthonormalize& orth);
+                   at::ScalarType acc, const Orthonormalize& orth, const Screen& screen = {});
 
 }  // namespace rsvd
 }  // namespace lsef
