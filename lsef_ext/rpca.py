@@ -77,6 +77,47 @@ def _check_every(X: Tensor, check_every: Optional[int]) -> int:
     return check_every or (1 if X.device.type == "cpu" else 8)
 
 
+class _Stopping:
+    """Each matrix's stopping state in a solver loop.
+
+    A matrix stops once its test value ``err`` is below ``tol`` or not finite; from then on
+    the solver holds its results (``torch.where`` on :attr:`done`). Until some matrix has
+    stopped nothing needs holding: where the test runs every iteration (``every == 1``, the
+    CPU), the test is read on the host and no selection is made while every matrix is still
+    running; with ``every > 1`` (a GPU) the loop cannot know, so it always selects."""
+
+    def __init__(self, X: Tensor, every: int):
+        self.shape, self.device, self.every = X.shape[:-2], X.device, every
+        # whether the solver must hold stopped matrices; under torch.compile the host-side
+        # reading is not traceable, so the tensor form is used (it breaks the graph as before)
+        self.frozen = every > 1 or torch.compiler.is_compiling()
+        self.done = torch.zeros(self.shape + (1, 1), dtype=torch.bool, device=self.device)
+        self.iters = torch.zeros(self.shape, dtype=torch.int64, device=self.device)
+        self.count = 0  # iterations run while no matrix had stopped (the unfrozen phase)
+
+    def update(self, err: Tensor, tol: float, it: int) -> bool:
+        """Records iteration ``it``'s test values ``err`` ``(*, 1, 1)``; True: every matrix
+        has stopped, end the loop."""
+        if not self.frozen:
+            self.count += 1
+            stopped = [not (v >= tol) or v == math.inf for v in err.flatten().tolist()]
+            if all(stopped):
+                return True
+            if any(stopped):
+                self.frozen = True
+                self.done = torch.tensor(stopped, device=self.device).view(self.shape + (1, 1))
+                self.iters += self.count
+            return False
+        self.iters += ~self.done[..., 0, 0]
+        # NaN and +Inf count as stopped: nan_to_num makes them 0, below any tol > 0
+        self.done = self.done | (torch.nan_to_num(err, nan=0.0, posinf=0.0) < tol)
+        return it % self.every == 0 and bool(self.done.all())
+
+    def iterations(self) -> Tensor:
+        """Iterations run per matrix (int64, shape ``*``)."""
+        return self.iters if self.frozen else self.iters + self.count
+
+
 def rpca_ialm(
     ops,
     X: Tensor,
@@ -105,22 +146,22 @@ def rpca_ialm(
     x_norm = _safe(torch.linalg.matrix_norm(X, keepdim=True))
     L = torch.zeros_like(X)
     S = torch.zeros_like(X)
-    done = torch.zeros(X.shape[:-2] + (1, 1), dtype=torch.bool, device=X.device)
-    iters = torch.zeros(X.shape[:-2], dtype=torch.int64, device=X.device)
+    state = _Stopping(X, every)
     for it in range(1, max_iter + 1):
         L_new = rank_k_svt(ops, X - S + Y / mu, k, (1 / mu).squeeze(-1))
         S_new = ops.soft_threshold(X - L_new + Y / mu, None, lam / mu)
         Z = X - L_new - S_new
-        L = torch.where(done, L, L_new)
-        S = torch.where(done, S, S_new)
-        Y = torch.where(done, Y, Y + mu * Z)
-        mu = torch.where(done, mu, torch.minimum(mu * rho, mu_max))
-        iters += ~done[..., 0, 0]
-        err = torch.linalg.matrix_norm(Z, keepdim=True) / x_norm
-        done = done | (err < tol) | ~torch.isfinite(err)
-        if it % every == 0 and bool(done.all()):
+        if state.frozen:
+            done = state.done
+            L = torch.where(done, L, L_new)
+            S = torch.where(done, S, S_new)
+            Y = torch.where(done, Y, Y + mu * Z)
+            mu = torch.where(done, mu, torch.minimum(mu * rho, mu_max))
+        else:
+            L, S, Y, mu = L_new, S_new, Y + mu * Z, torch.minimum(mu * rho, mu_max)
+        if state.update(torch.linalg.matrix_norm(Z, keepdim=True) / x_norm, tol, it):
             break
-    return L, S, iters
+    return L, S, state.iterations()
 
 
 def noise_thresholds(X: Tensor, sigma: Tensor, lam=None) -> Tuple[Tensor, Tensor]:
@@ -160,8 +201,7 @@ def stable_pcp(
     x_norm = _safe(torch.linalg.matrix_norm(X, keepdim=True))
     S = torch.zeros_like(X)
     L = torch.zeros_like(X)
-    done = torch.zeros(X.shape[:-2] + (1, 1), dtype=torch.bool, device=X.device)
-    iters = torch.zeros(X.shape[:-2], dtype=torch.int64, device=X.device)
+    state = _Stopping(X, every)
     for it in range(1, max_iter + 1):
         L_new = rank_k_svt(ops, X - S, k, tau_L.squeeze(-1))
         S_new = ops.soft_threshold(X, L_new, tau_S)
@@ -169,14 +209,14 @@ def stable_pcp(
             torch.linalg.matrix_norm(L_new - L, keepdim=True) ** 2
             + torch.linalg.matrix_norm(S_new - S, keepdim=True) ** 2
         )
-        L = torch.where(done, L, L_new)
-        S = torch.where(done, S, S_new)
-        iters += ~done[..., 0, 0]
-        change = step / x_norm
-        done = done | (change < tol) | ~torch.isfinite(change)
-        if it % every == 0 and bool(done.all()):
+        if state.frozen:
+            L = torch.where(state.done, L, L_new)
+            S = torch.where(state.done, S, S_new)
+        else:
+            L, S = L_new, S_new
+        if state.update(step / x_norm, tol, it):
             break
-    return L, S, iters
+    return L, S, state.iterations()
 
 
 def unrolled(
