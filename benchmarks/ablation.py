@@ -23,6 +23,8 @@ from dataclasses import asdict, replace
 
 import torch
 
+from marked_block import replace_block
+
 from lsef_ext.data import CORRUPTIONS
 from lsef_ext.demo import LABELS, run_one, settings
 from lsef_ext.train import TrainConfig, corrupted_average, load_test_sets
@@ -119,30 +121,18 @@ def main() -> int:
     print("\n" + table)
     print(f"\n{time.perf_counter() - t0:.0f} s in all")
 
-    begin, end = f"<!-- {args.block}:begin -->", f"<!-- {args.block}:end -->"
     command = " ".join(["python", "benchmarks/ablation.py"] + sys.argv[1:])
     block = (
-        f"{begin}\nProduced by `{command}` on {stamp}, commit "
+        f"Produced by `{command}` on {stamp}, commit "
         f"`{commit}`, torch {torch.__version__}, {torch.get_num_threads()} threads: "
         f"SyntheticAffect (seed {base.data_seed}), {base.n_train} training clips, "
         f"{base.n_test} test clips per condition, T = {base.T}, D = {base.D}, learning rate "
         f"and epochs per model from DEMO_SETTINGS (chosen on val), seeds {args.seeds} "
         f"(initialisation and batch order). WAR / UAR in %, "
         f"mean ± sample std over seeds; models trained on clean clips only.\n\n"
-        f"{table}\n{end}"
+        f"{table}"
     )
-    if os.path.exists(args.out):
-        text = open(args.out).read()
-        if begin in text:
-            pre, rest = text.split(begin, 1)
-            post = rest.split(end, 1)[1]
-            text = pre + block + post
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-    else:
-        text = "# LSEF results\n\n" + block + "\n"
-    with open(args.out, "w") as f:
-        f.write(text)
+    replace_block(args.out, args.block, block)
     print(f"wrote {args.out} and {args.json}")
     return 0
 

@@ -21,13 +21,13 @@ import time
 from dataclasses import replace
 
 import torch
+from marked_block import replace_block
 
 from lsef_ext.demo import DEMO_MODELS, LABELS
 from lsef_ext.train import TrainConfig, Trainer, evaluate, load_data
 
 LRS = (1e-3, 2e-3, 4e-3)
 EPOCHS = (10, 15, 25)
-BEGIN, END = "<!-- demo-settings:begin -->", "<!-- demo-settings:end -->"
 
 
 def main() -> int:
@@ -75,14 +75,7 @@ def main() -> int:
     )
     text = "\n".join(lines) + "\n"
     print(text)
-    doc = open(args.out).read() if os.path.exists(args.out) else ""
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + BEGIN + "\n" + text + END + rest.split(END, 1)[1]
-    else:
-        doc += f"\n{BEGIN}\n{text}{END}\n"
-    with open(args.out, "w") as f:
-        f.write(doc)
+    replace_block(args.out, "demo-settings", text)
     return 0
 
 

@@ -32,6 +32,7 @@ import tempfile
 import time
 
 import torch
+from marked_block import replace_block
 
 from lsef_ext.data import CONDITIONS, ts_to_feature_folder
 from lsef_ext.train import (
@@ -51,7 +52,6 @@ MODELS = {  # name: (model, RAO)
     "temporal transformer": ("transformer", False),
 }
 LRS = (1e-3, 3e-3)
-BEGIN, END = "<!-- real-data:begin -->", "<!-- real-data:end -->"
 
 
 def aeon_data() -> str:
@@ -182,14 +182,7 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     if args.write:
-        doc = open(args.write).read()
-        if BEGIN in doc and END in doc:
-            head, rest = doc.split(BEGIN, 1)
-            doc = head + BEGIN + "\n" + text + END + rest.split(END, 1)[1]
-        else:
-            doc += f"\n{BEGIN}\n{text}{END}\n"
-        with open(args.write, "w") as f:
-            f.write(doc)
+        replace_block(args.write, "real-data", text)
     return 0
 
 

@@ -694,6 +694,16 @@ def _version() -> str:
         return "(lsef_ext is not installed)"
 
 
+def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    """What eval and predict share: the checkpoint, --device, --ops, --threads."""
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by lsef train")
+    p.add_argument("--device", type=_train_device, default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--ops", default="ext", choices=["ext", "ref"], help="the compiled kernels or lsef_ref"
+    )
+    _threads_flag(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``lsef`` parser; building it imports nothing beyond the standard library."""
 
@@ -881,7 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
         "test a trained model (checkpoint.pt or best.pt) clean and under each corruption: WAR, "
         "UAR and per-class recall (or CCC per target); writes eval.json and confusion.png",
     )
-    e.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by lsef train")
+    _checkpoint_flags(e)
     e.add_argument(
         "--data",
         default=None,
@@ -902,18 +912,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="folder for eval.json and confusion.png (default: the checkpoint's folder)",
     )
-    e.add_argument("--device", type=_train_device, default="cpu", help="cpu, cuda or cuda:N")
-    e.add_argument(
-        "--ops", default="ext", choices=["ext", "ref"], help="the compiled kernels or lsef_ref"
-    )
-    _threads_flag(e)
     e.set_defaults(fn=_eval)
 
     pr = command(
         "predict",
         "per-clip predictions of a trained model for a feature folder, labelled or not",
     )
-    pr.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by lsef train")
+    _checkpoint_flags(pr)
     pr.add_argument(
         "--data",
         required=True,
@@ -932,11 +937,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CSV",
         help="where to write one row per clip: class and probabilities, or target values",
     )
-    pr.add_argument("--device", type=_train_device, default="cpu", help="cpu, cuda or cuda:N")
-    pr.add_argument(
-        "--ops", default="ext", choices=["ext", "ref"], help="the compiled kernels or lsef_ref"
-    )
-    _threads_flag(pr)
     pr.set_defaults(fn=_predict)
 
     info = command("info", "versions, compiled backends, CUDA architectures, threads")
