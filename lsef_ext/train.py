@@ -315,8 +315,9 @@ def prepare_data(cfg: "TrainConfig") -> Tuple[ClipSet, ClipSet, Dict[str, object
 
     ``meta`` describes the data for the checkpoint (what eval and predict need to rebuild the
     inputs): ``frames``, ``class_names``, ``target_names``, ``norm`` (``{"mean", "std"}`` lists,
-    or None), ``val`` (where val came from), ``D``. ``notes``: one-line remarks for the user
-    (cropped clips, a carved val split)."""
+    or None), ``val`` (where val came from), ``val_clips`` (the names of the training clips held
+    out as val, or None), ``D``. ``notes``: one-line remarks for the user (cropped clips, a
+    carved val split)."""
     notes: List[str] = []
     if not cfg.data:
         train = load_data(cfg, "train")
