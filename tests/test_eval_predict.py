@@ -370,6 +370,11 @@ def test_eval_and_predict_user_errors(tmp_path, capsys):
         (["predict", str(old), "--data", str(root)], f"{old} was written by an older lsef_ext"),
         (["train", "--frames", "auto"], "--frames auto applies to a FeatureFolder"),
     ]
+    if not torch.cuda.is_available():
+        cases += [
+            (["eval", best, "--device", "cuda"], "--device cuda: no CUDA device is available"),
+            (["predict", best, "--data", str(root), "--device", "cuda:1"], "no CUDA device"),
+        ]
     for argv, said in cases:
         rc, out, err = run(capsys, argv)
         assert rc == 2 and err.startswith("lsef: error: ") and said in err, (argv, err)
@@ -430,3 +435,25 @@ def test_a_nan_val_score_never_becomes_the_best(tmp_path, monkeypatch):
     )
     tr, *_ = train_run(root, tmp_path / "run", epochs=4)
     assert tr.best["epoch"] == 2 and tr.best["score"] == 0.5
+
+
+def test_eval_with_the_reference_ops_gives_the_same_numbers(tmp_path, capsys):
+    root = make_folder(tmp_path / "f", n=30)
+    runs = tmp_path / "run"
+    rc, _, err = run(
+        capsys,
+        ["train", "--data", str(root), "--out", str(runs), "--epochs", "1", "--threads", "1",
+         "--d-model", "8"],
+    )  # fmt: skip
+    assert rc == 0, err
+    reports = {}
+    for ops_name in ("ext", "ref"):
+        out = tmp_path / ops_name
+        rc, _, err = run(
+            capsys,
+            ["eval", str(runs / "best.pt"), "--ops", ops_name, "--corruptions", "none",
+             "--out", str(out)],
+        )  # fmt: skip
+        assert rc == 0, err
+        reports[ops_name] = json.loads((out / "eval.json").read_text())["conditions"]["clean"]
+    assert reports["ext"]["confusion"] == reports["ref"]["confusion"]
