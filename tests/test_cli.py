@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
 import torch
 
 
@@ -67,6 +68,16 @@ def test_bench_quick_writes_json(tmp_path):
             assert row["speedup"] == 1.0
     assert report["copy_bandwidth_GBps"]["cpu"] > 0
     assert "soft_threshold fwd, scalar lam (2048, 512) " in out and "memory floor" in out
+    # every CPU rsvd case is also timed against its compute floor (flops / sgemm rate)
+    rsvd_cases = {r["case"] for r in report["rows"] if r["case"].startswith("rsvd (")}
+    floors = {r["case"]: r for r in report["rows"] if r["variant"] == "compute floor"}
+    assert rsvd_cases and rsvd_cases <= set(floors)
+    rate = report["sgemm_GFLOPs"]["cpu"] * 1e9
+    for name, row in floors.items():
+        ext = next(r for r in report["rows"] if r["case"] == name and r["variant"] == "lsef_ext")
+        assert row["median_ms"] == pytest.approx(row["flops"] / rate * 1e3)
+        assert row["floor_ratio"] == pytest.approx(ext["median_ms"] / row["median_ms"])
+    assert "compute floor (sgemm rate)" in out and "float32 matrix product cpu:" in out
 
 
 def test_bench_filter():
@@ -167,3 +178,23 @@ def test_train_bad_data_folder_fails_clearly(tmp_path):
     )
     assert r.returncode == 2 and r.stderr.startswith(f"lsef: error: --data {tmp_path}: ")
     assert "labels.csv not found" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_rsvd_flop_counts_follow_the_path():
+    from lsef_ext.bench import _orth_flops, _svd_tall_flops, rsvd_flops
+
+    # fused (p = 16 <= 64), wide and tall alike: Gram, sketch, orth after it and after each of
+    # the two Gram products, projection, svd_tall(q, l), U = Q Vw
+    p, q, l = 16, 512, 12
+    one = p * (p + 1) * q + 2 * p * q * l + 3 * _orth_flops(p, l) + 2 * 2 * p * p * l
+    one += 2 * p * q * l + _svd_tall_flops(q, l) + 2 * p * l * l
+    assert rsvd_flops((256, 16, 512), 4) == pytest.approx(256 * one)
+    assert rsvd_flops((256, 512, 16), 4) == pytest.approx(256 * one)
+    # the BLAS path past the switch: two products per iteration instead of the Gram matrix
+    p, q, l = 100, 130, 12
+    blas = 2 * p * q * l + _orth_flops(p, l) + 2 * (4 * p * q * l + _orth_flops(q, l))
+    blas += 2 * _orth_flops(p, l) + 2 * p * q * l + _svd_tall_flops(q, l) + 2 * p * l * l
+    assert rsvd_flops((3, 100, 130), 4, fused_max_side=64) == pytest.approx(3 * blas)
+    # exact: l >= p, one factorization of the q x p matrix
+    assert rsvd_flops((2, 8, 40), 4) == pytest.approx(2 * _svd_tall_flops(40, 8))
+    assert _svd_tall_flops(512, 12) > 0 and _orth_flops(16, 12) == 4 * 144 * (16 - 4)
