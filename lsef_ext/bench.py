@@ -323,13 +323,14 @@ def _register_rsvd_case(shape, k, targets, device, flops_target=None):
     case(f"rsvd {shape}, k = {k}", devices=(device,))(factory)
 
 
-# (shape, k, minimum speedups of lsef_ext, device). On CUDA the cases also report the time
+# (shape, k, minimum speedups of lsef_ext, device; the CPU targets are issue 16's). On CUDA the
+# cases also report the time
 # against the floor of reading A once at the measured copy bandwidth (no target: reported); on
 # the CPU against the compute floor (the (256, 16, 512) case: within 3x of it).
 _register_rsvd_case((256, 16, 512), 4, {"torch.svd_lowrank": 5.0}, "cpu", flops_target=3.0)
 for _shape, _k, _targets, _device in [
     ((64, 32, 768), 8, {"torch.svd_lowrank": 3.0}, "cpu"),
-    ((8, 512, 512), 16, {"torch.svd_lowrank": 1.0}, "cpu"),
+    ((8, 512, 512), 16, {"torch.svd_lowrank": 1.2}, "cpu"),
     ((1024, 16, 512), 4, {"torch.svd_lowrank": 10.0, "torch.linalg.svd (exact)": 20.0}, "cuda"),
     ((256, 64, 1024), 8, {"torch.svd_lowrank": 5.0}, "cuda"),
     ((16, 1024, 1024), 32, {"torch.svd_lowrank": 1.0}, "cuda"),
@@ -373,7 +374,7 @@ def _lowrank_backward(device, quick):
             "reference": _grad(lambda: lsef_ref.lowrank(A, 4), (A,), G),
             "autograd through svd_lowrank": _grad(svd_lowrank, (A,), G),
         },
-        targets={"autograd through svd_lowrank": 4.0 if device == "cpu" else 5.0},
+        targets={"autograd through svd_lowrank": 6.0 if device == "cpu" else 5.0},
         bytes_moved=None
         if device == "cpu"
         else 3 * A.numel() * A.element_size(),  # A, G read, dA written
@@ -620,6 +621,6 @@ def _lsef_training_step(device, quick):
     return Setup(
         variants={EXT: stepper(ext_model, "ext"), "reference": stepper(ref_model, "ref")},
         # CUDA: the issue asks only that the compiled ops beat the references (ratio > 1).
-        targets={"reference": 2.0 if device == "cpu" else 1.0},
+        targets={"reference": 2.5 if device == "cpu" else 1.0},
         label=f"LSEF training, 10 steps ({batch}, {T}, {D}): fwd+bwd+RAO" if quick else None,
     )
