@@ -324,9 +324,9 @@ def _register_rsvd_case(shape, k, targets, device, flops_target=None):
 
 
 # (shape, k, minimum speedups of lsef_ext, device; the CPU targets are issue 16's). On CUDA the
-# cases also report the time
-# against the floor of reading A once at the measured copy bandwidth (no target: reported); on
-# the CPU against the compute floor (the (256, 16, 512) case: within 3x of it).
+# cases also report the time against the floor of reading A once at the measured copy
+# bandwidth (no target: reported); on the CPU against the compute floor (the (256, 16, 512)
+# case: within 3x of it).
 _register_rsvd_case((256, 16, 512), 4, {"torch.svd_lowrank": 5.0}, "cpu", flops_target=3.0)
 for _shape, _k, _targets, _device in [
     ((64, 32, 768), 8, {"torch.svd_lowrank": 3.0}, "cpu"),
