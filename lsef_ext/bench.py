@@ -484,6 +484,27 @@ def run(
         tqdm.write(line, file=out)
         out.flush()
 
+    def floor_row(name, device, ext, floor, target, variant, label, extra=None, note=""):
+        """Records and prints lsef_ext's time ``ext`` against a floor (seconds)."""
+        ratio = ext / floor
+        target = None if quick else target
+        report["rows"].append(
+            {
+                "case": name,
+                "device": device,
+                "variant": variant,
+                "median_ms": floor * 1e3,
+                **(extra or {}),
+                "floor_ratio": ratio,
+                "target": target,
+                "met": None if target is None else ratio <= target,
+            }
+        )
+        emit(
+            f"{name:<{width}} {device:<4} {label:<30} {floor * 1e3:>10.3f} "
+            f"{'ext/floor ' + format(ratio, '.2f'):>17} {_floor_verdict(ratio, target)}{note}"
+        )
+
     for c in bar:
         bar.set_postfix_str(c.name[:40])
         setup = c.factory(quick)
@@ -512,51 +533,19 @@ def run(
                 f"{speedup:>7.2f}x {_target_text(target, speedup):>13}  {note}"
             )
         if setup.bytes_moved is not None:
-            floor = setup.bytes_moved / bandwidth[c.device]
-            ratio = ext / floor
-            target = None if quick else setup.floor_target
-            report["rows"].append(
-                {
-                    "case": name,
-                    "device": c.device,
-                    "variant": "memory floor",
-                    "median_ms": floor * 1e3,
-                    "floor_ratio": ratio,
-                    "target": target,
-                    "met": None if target is None else ratio <= target,
-                }
-            )
-            emit(
-                f"{name:<{width}} {c.device:<4} {'memory floor (copy bw)':<30} "
-                f"{floor * 1e3:>10.3f} "
-                f"{'ext/floor ' + format(ratio, '.2f'):>17} "
-                f"{_floor_verdict(ratio, target)}"
-            )
+            floor_row(
+                name, c.device, ext, setup.bytes_moved / bandwidth[c.device], setup.floor_target,
+                "memory floor", "memory floor (copy bw)",
+            )  # fmt: skip
         if setup.flops is not None:
             if c.device not in rates:
                 rates[c.device] = gemm_rate(c.device, 256 if quick else 1024)
                 report["sgemm_GFLOPs"] = {d: r / 1e9 for d, r in rates.items()}
-            floor = setup.flops / rates[c.device]
-            ratio = ext / floor
-            target = None if quick else setup.flops_target
-            report["rows"].append(
-                {
-                    "case": name,
-                    "device": c.device,
-                    "variant": "compute floor",
-                    "median_ms": floor * 1e3,
-                    "flops": setup.flops,
-                    "floor_ratio": ratio,
-                    "target": target,
-                    "met": None if target is None else ratio <= target,
-                }
-            )
-            emit(
-                f"{name:<{width}} {c.device:<4} {'compute floor (sgemm rate)':<30} "
-                f"{floor * 1e3:>10.3f} "
-                f"{'ext/floor ' + format(ratio, '.2f'):>17} "
-                f"{_floor_verdict(ratio, target)}  {setup.flops / 1e6:.0f} MFLOP"
-            )
+            floor_row(
+                name, c.device, ext, setup.flops / rates[c.device], setup.flops_target,
+                "compute floor", "compute floor (sgemm rate)",
+                {"flops": setup.flops}, f"  {setup.flops / 1e6:.0f} MFLOP",
+            )  # fmt: skip
     bar.close()
     if quick:
         print(
