@@ -24,6 +24,7 @@
 #include <cmath>
 
 #include "common/macros.h"
+#include "rsvd/rotation.h"
 
 namespace lsef {
 namespace rsvd {
@@ -249,12 +250,11 @@ LSEF_BLOCK_FN void matmul(Ctx& ctx, const A* X, const A* B, A* C, int64_t n, int
 template <class Ctx, typename A>
 LSEF_BLOCK_FN void jacobi(Ctx& ctx, A* X, A* V, int c) {
   using std::abs;
-  using std::hypot;
   using std::sqrt;
   for (int64_t e = ctx.tid; e < int64_t{c} * c; e += kThreads) V[e] = A(e % c == e / c ? 1 : 0);
   ctx.sync();
   const int players = c + (c & 1);  // an odd c gets a dummy player, whose pairs are skipped
-  const A eps = Eps<A>::value;
+  const A eps = Eps<A>::value, inv_sqrt_eps = A(1) / sqrt(eps);
   for (int sweep = 0; sweep < kMaxSweeps; ++sweep) {
     bool rotated = false;
     for (int round = 0; round < players - 1; ++round) {
@@ -277,8 +277,7 @@ LSEF_BLOCK_FN void jacobi(Ctx& ctx, A* X, A* V, int c) {
         const A aa = warp_sum(ctx, sa), bb = warp_sum(ctx, sb), g = warp_sum(ctx, sg);
         if (abs(g) <= eps * sqrt(aa * bb) || g == A(0)) continue;
         rotated = true;
-        const A zeta = (bb - aa) / (A(2) * g);
-        const A t = (zeta >= A(0) ? A(1) : A(-1)) / (abs(zeta) + hypot(A(1), zeta));
+        const A t = rotation_tangent(aa, bb, g, inv_sqrt_eps);
         const A cs = A(1) / sqrt(A(1) + t * t), sn = cs * t;
         for (int pass = 0; pass < 2; ++pass) {
           A* u = (pass == 0 ? X : V) + i * c;

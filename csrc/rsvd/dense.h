@@ -6,9 +6,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
+
+#include "rsvd/rotation.h"
 
 namespace lsef {
 namespace dense {
@@ -31,6 +34,142 @@ T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
 template <typename T>
 void axpy(T alpha, const T* __restrict__ x, T* __restrict__ y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// 32-byte vectors (GCC/Clang vector extensions): one AVX register, or two SSE registers in a
+// baseline build. The register-tiled products below are written on them, because the
+// auto-vectoriser does not keep a tile of accumulators in registers.
+template <typename T>
+struct Simd {
+  typedef T V __attribute__((vector_size(32)));
+  static constexpr int64_t kWidth = 32 / sizeof(T);
+  static V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static T sum(const V& v) {
+    T s = 0;
+    for (int64_t t = 0; t < kWidth; ++t) s += v[t];
+    return s;
+  }
+};
+
+// One TI x TJ tile of dot_table: out[i * si + j * sj] = a_i . b_j, the rows a_i = A + i * lda and
+// b_j = B + j * ldb of length n read once per tile (TI + TJ loads feed TI * TJ products).
+template <typename T, int TI, int TJ>
+void dot_tile(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t n, T* out, int64_t si,
+              int64_t sj) {
+  using S = Simd<T>;
+  typename S::V acc[TI][TJ] = {};
+  int64_t t = 0;
+  for (; t + S::kWidth <= n; t += S::kWidth) {
+    typename S::V a[TI];
+    for (int i = 0; i < TI; ++i) a[i] = S::load(A + i * lda + t);
+    for (int j = 0; j < TJ; ++j) {
+      const typename S::V b = S::load(B + j * ldb + t);
+      for (int i = 0; i < TI; ++i) acc[i][j] += a[i] * b;
+    }
+  }
+  for (int i = 0; i < TI; ++i)
+    for (int j = 0; j < TJ; ++j) {
+      T s = S::sum(acc[i][j]);
+      for (int64_t r = t; r < n; ++r) s += A[i * lda + r] * B[j * ldb + r];
+      out[i * si + j * sj] = s;
+    }
+}
+
+template <typename T, int TI>
+void dot_row_of_tiles(const T* A, int64_t lda, const T* B, int64_t ldb, int64_t j0, int64_t nb,
+                      int64_t n, T* out, int64_t si, int64_t sj) {
+  constexpr int TJ = 4;
+  int64_t j = j0;
+  for (; j + TJ <= nb; j += TJ)
+    dot_tile<T, TI, TJ>(A, lda, B + j * ldb, ldb, n, out + j * sj, si, sj);
+  switch (nb - j) {
+    case 3:
+      return dot_tile<T, TI, 3>(A, lda, B + j * ldb, ldb, n, out + j * sj, si, sj);
+    case 2:
+      return dot_tile<T, TI, 2>(A, lda, B + j * ldb, ldb, n, out + j * sj, si, sj);
+    case 1:
+      return dot_tile<T, TI, 1>(A, lda, B + j * ldb, ldb, n, out + j * sj, si, sj);
+    default:
+      return;
+  }
+}
+
+// out[i * si + j * sj] = a_i . b_j for the rows a_i = A + i * lda (i < na) and b_j = B + j * ldb
+// (j < nb), each of length n, in 3 x 4 register tiles. With `upper` (A == B, na == nb: a Gram
+// matrix), only the tiles that reach j >= i are computed, and out[j, i] is set to out[i, j]
+// for j > i, so the result is exactly symmetric.
+template <typename T>
+void dot_table(const T* A, int64_t lda, int64_t na, const T* B, int64_t ldb, int64_t nb, int64_t n,
+               T* out, int64_t si, int64_t sj, bool upper = false) {
+  constexpr int TI = 3;
+  int64_t i = 0;
+  for (; i + TI <= na; i += TI) {
+    const int64_t j0 = upper ? i / 4 * 4 : 0;
+    dot_row_of_tiles<T, TI>(A + i * lda, lda, B, ldb, j0, nb, n, out + i * si, si, sj);
+  }
+  const int64_t j0 = upper ? i / 4 * 4 : 0;
+  if (na - i == 2)
+    dot_row_of_tiles<T, 2>(A + i * lda, lda, B, ldb, j0, nb, n, out + i * si, si, sj);
+  if (na - i == 1)
+    dot_row_of_tiles<T, 1>(A + i * lda, lda, B, ldb, j0, nb, n, out + i * si, si, sj);
+  if (upper)
+    for (int64_t r = 0; r < na; ++r)
+      for (int64_t c = r + 1; c < na; ++c) out[c * si + r * sj] = out[r * si + c * sj];
+}
+
+// One tile of combine(): TC output columns, 2 vectors of each at a time.
+template <typename T, int TC>
+void combine_tile(const T* A, int64_t lda, int64_t na, const T* coef, int64_t ldcoef, int64_t n,
+                  T* C, int64_t ldC) {
+  using S = Simd<T>;
+  constexpr int64_t W = 2 * S::kWidth;
+  int64_t t = 0;
+  for (; t + W <= n; t += W) {
+    typename S::V acc[TC][2] = {};
+    for (int64_t i = 0; i < na; ++i) {
+      const typename S::V a0 = S::load(A + i * lda + t), a1 = S::load(A + i * lda + t + S::kWidth);
+      for (int c = 0; c < TC; ++c) {
+        const T w = coef[c * ldcoef + i];
+        acc[c][0] += w * a0;
+        acc[c][1] += w * a1;
+      }
+    }
+    for (int c = 0; c < TC; ++c) {
+      std::memcpy(C + c * ldC + t, &acc[c][0], sizeof acc[c][0]);
+      std::memcpy(C + c * ldC + t + S::kWidth, &acc[c][1], sizeof acc[c][1]);
+    }
+  }
+  for (; t < n; ++t)
+    for (int c = 0; c < TC; ++c) {
+      T s = 0;
+      for (int64_t i = 0; i < na; ++i) s += coef[c * ldcoef + i] * A[i * lda + t];
+      C[c * ldC + t] = s;
+    }
+}
+
+// C_c = sum_i coef[c * ldcoef + i] a_i for c < nc: linear combinations of the rows
+// a_i = A + i * lda (i < na, length n), written to C + c * ldC. It is W^T X for a row-major W
+// (na x n) and a column-major X (na x nc), each row of W read once per 4 output columns.
+template <typename T>
+void combine(const T* A, int64_t lda, int64_t na, const T* coef, int64_t ldcoef, int64_t nc,
+             int64_t n, T* C, int64_t ldC) {
+  int64_t c = 0;
+  for (; c + 4 <= nc; c += 4)
+    combine_tile<T, 4>(A, lda, na, coef + c * ldcoef, ldcoef, n, C + c * ldC, ldC);
+  switch (nc - c) {
+    case 3:
+      return combine_tile<T, 3>(A, lda, na, coef + c * ldcoef, ldcoef, n, C + c * ldC, ldC);
+    case 2:
+      return combine_tile<T, 2>(A, lda, na, coef + c * ldcoef, ldcoef, n, C + c * ldC, ldC);
+    case 1:
+      return combine_tile<T, 1>(A, lda, na, coef + c * ldcoef, ldcoef, n, C + c * ldC, ldC);
+    default:
+      return;
+  }
 }
 
 template <typename T>
@@ -167,18 +306,22 @@ template <typename T>
 void jacobi_svd(const T* R, int64_t q, T* Ur, T* s, T* Vr) {
   std::vector<T> X(R, R + q * q), Vacc(q * q, T(0));
   for (int64_t c = 0; c < q; ++c) Vacc[c * q + c] = T(1);
-  const T eps = std::numeric_limits<T>::epsilon();
+  const T eps = std::numeric_limits<T>::epsilon(), inv_sqrt_eps = T(1) / std::sqrt(eps);
   for (int sweep = 0; sweep < 60; ++sweep) {
     bool rotated = false;
     for (int64_t i = 0; i < q; ++i) {
       for (int64_t j = i + 1; j < q; ++j) {
         T* xi = X.data() + i * q;
         T* xj = X.data() + j * q;
-        const T a = dot(xi, xi, q), b = dot(xj, xj, q), g = dot(xi, xj, q);
+        T a = 0, b = 0, g = 0;  // the three dots in one pass over the pair
+        for (int64_t r = 0; r < q; ++r) {
+          a += xi[r] * xi[r];
+          b += xj[r] * xj[r];
+          g += xi[r] * xj[r];
+        }
         if (std::abs(g) <= eps * std::sqrt(a * b) || g == T(0)) continue;
         rotated = true;
-        const T zeta = (b - a) / (T(2) * g);
-        const T t = (zeta >= T(0) ? T(1) : T(-1)) / (std::abs(zeta) + std::hypot(T(1), zeta));
+        const T t = rsvd::rotation_tangent(a, b, g, inv_sqrt_eps);
         const T cs = T(1) / std::sqrt(T(1) + t * t), sn = cs * t;
         for (T* pair : {X.data(), Vacc.data()}) {
           T* u = pair + i * q;
@@ -219,13 +362,15 @@ void matmul(const T* A, const T* B, T* C, int64_t p, int64_t q, int64_t r) {
     for (int64_t t = 0; t < q; ++t) axpy(B[c * q + t], A + t * p, C + c * p, p);
 }
 
-// Thin SVD of a tall W (p x q, p >= q, destroyed): W = Uw diag(s) Vw^T, Uw p x q, Vw q x q.
+// Thin SVD of a tall W (p x q, p >= q, destroyed): W = Uw diag(s) Vw^T with Vw q x q and s
+// complete, and of Uw (p x q) only the first r columns formed (the reflectors are applied to r
+// columns: 4 p q r flops, the largest term when r = q and only r < q columns are wanted).
 template <typename T>
-void svd_tall(T* W, int64_t p, int64_t q, T* Uw, T* s, T* Vw) {
+void svd_tall(T* W, int64_t p, int64_t q, T* Uw, T* s, T* Vw, int64_t r) {
   std::vector<T> R(q * q), Ur(q * q), vv;
   householder(W, p, q, R.data(), vv);
   jacobi_svd(R.data(), q, Ur.data(), s, Vw);
-  apply_q(W, vv, p, q, Ur.data(), q, Uw);
+  apply_q(W, vv, p, q, Ur.data(), r, Uw);
 }
 
 }  // namespace dense

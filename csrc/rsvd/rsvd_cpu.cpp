@@ -78,52 +78,50 @@ void write_factors(const T* Ucol, const T* Vcol, const T* s, int64_t m, int64_t 
   }
 }
 
-// The factors of one wide matrix (p <= q) before truncation: W ~ Uc diag(s) Vc^T with Uc
-// (p x l) and Vc (q x l) column-major.
+// The factors of one wide matrix (p <= q): W ~ Uc diag(s) Vc^T with the k leading columns of Uc
+// (p rows) and Vc (q rows) column-major (Uc may hold more columns), and s complete (l values).
 template <typename T>
 struct Factors {
   std::vector<T> Uc, s, Vc;
 };
 
-// Fused path for a wide W (p x q row-major, p <= q, p small): everything in cache.
-// Range finder: Q spans (W W^T)^n_iter W Omega, re-orthonormalised (Householder) after every
-// product; with p small, the p x p Gram matrix G = W W^T makes each power iteration p^2 l
-// instead of 2 p q l flops (same subspace; DESIGN.md §6 on accuracy). Then B = Q^T W is
-// factored exactly from W itself: B^T = W^T Q = Uw s Vw^T, so W ~ (Q Vw) s Uw^T.
+// Fused path for a wide W (p x q row-major, p <= q, p small): everything in cache; only the k
+// leading singular triplets are formed. Range finder: Q spans (W W^T)^n_iter W Omega,
+// re-orthonormalised (Householder) after every product; with p small, the p x p Gram matrix
+// G = W W^T makes each power iteration p^2 l instead of 2 p q l flops (same subspace;
+// DESIGN.md §6 on accuracy). Then B = Q^T W is factored exactly from W itself:
+// B^T = W^T Q = Uw s Vw^T, so W ~ (Q Vw) s Uw^T. The products with W (Gram matrix, sketch,
+// W^T Q) are register-tiled (dense::dot_table, dense::combine).
 //
 // Compiled twice (baseline and x86-64-v3: AVX2 + FMA), the loader picking the clone for the CPU
 // at hand; `flatten` inlines the dense routines into each clone so they get its instructions.
 template <typename T>
 __attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) Factors<T> fused_wide(
-    const T* W, int64_t p, int64_t q, int64_t l, int64_t n_iter, const T* omega_t) {
+    const T* W, int64_t p, int64_t q, int64_t l, int64_t k, int64_t n_iter, const T* omega_t) {
   Factors<T> f;
   f.s.resize(l);
   std::vector<T> Vw(l * l), vv;
   if (l == p) {  // exact: W^T (q x p) is W's row-major buffer read column-major
     std::vector<T> Wt(W, W + p * q);
-    f.Vc.resize(q * p);
-    dense::svd_tall(Wt.data(), q, p, f.Vc.data(), f.s.data(), Vw.data());
+    f.Vc.resize(q * k);
+    dense::svd_tall(Wt.data(), q, p, f.Vc.data(), f.s.data(), Vw.data(), k);
     f.Uc = std::move(Vw);
     return f;
   }
   std::vector<T> G(p * p), Y(p * l), Q(p * l);
-  for (int64_t i = 0; i < p; ++i)
-    for (int64_t j = i; j < p; ++j)
-      G[i * p + j] = G[j * p + i] = dense::dot(W + i * q, W + j * q, q);
-  for (int64_t c = 0; c < l; ++c)
-    for (int64_t i = 0; i < p; ++i) Y[c * p + i] = dense::dot(W + i * q, omega_t + c * q, q);
+  dense::dot_table(W, q, p, W, q, p, q, G.data(), p, 1, /*upper=*/true);
+  dense::dot_table(W, q, p, omega_t, q, l, q, Y.data(), 1, p);  // Y = W Omega, column-major
   dense::orthonormalize(Y.data(), p, l, Q.data(), vv);
   for (int64_t it = 0; it < n_iter; ++it) {
     dense::matmul(G.data(), Q.data(), Y.data(), p, p, l);  // G is symmetric
     dense::orthonormalize(Y.data(), p, l, Q.data(), vv);
   }
-  std::vector<T> Z(q * l, T(0));  // W^T Q
-  for (int64_t c = 0; c < l; ++c)
-    for (int64_t i = 0; i < p; ++i) dense::axpy(Q[c * p + i], W + i * q, Z.data() + c * q, q);
-  f.Vc.resize(q * l);
-  dense::svd_tall(Z.data(), q, l, f.Vc.data(), f.s.data(), Vw.data());
-  f.Uc.resize(p * l);
-  dense::matmul(Q.data(), Vw.data(), f.Uc.data(), p, l, l);
+  std::vector<T> Z(q * l);  // W^T Q, column-major
+  dense::combine(W, q, p, Q.data(), p, l, q, Z.data(), q);
+  f.Vc.resize(q * k);
+  dense::svd_tall(Z.data(), q, l, f.Vc.data(), f.s.data(), Vw.data(), k);
+  f.Uc.resize(p * k);
+  dense::matmul(Q.data(), Vw.data(), f.Uc.data(), p, l, k);
   return f;
 }
 
@@ -152,19 +150,35 @@ void rsvd_matrix(const T* A, const Shape& sh, int64_t n_iter, const T* omega_t, 
       for (T& x : scaled) x *= scale;
       A = scaled.data();
     }
-    const Factors<T> f = fused_wide(A, m, n, sh.l, n_iter, omega_t);
+    const Factors<T> f = fused_wide(A, m, n, sh.l, sh.k, n_iter, omega_t);
     return write_factors(f.Uc.data(), f.Vc.data(), f.s.data(), m, n, sh.k, U, S, V, unscale);
   }
   std::vector<T> At(n * m);
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < n; ++j) At[j * m + i] = A[i * n + j] * scale;
-  const Factors<T> f = fused_wide(At.data(), n, m, sh.l, n_iter, omega_t);
+  const Factors<T> f = fused_wide(At.data(), n, m, sh.l, sh.k, n_iter, omega_t);
   write_factors(f.Vc.data(), f.Uc.data(), f.s.data(), m, n, sh.k, U, S, V, unscale);
 }
 
 // Matrices whose short side exceeds this take the BLAS path on the randomized branch (the
 // crossover measured in DESIGN.md §6). LSEF_RSVD_FUSED_MAX_SIDE overrides it, to measure.
 int64_t fused_max_side() { return env_int("LSEF_RSVD_FUSED_MAX_SIDE", 64); }
+
+// Householder-orthonormalises matrices [b0, b1) of y (column-major p x l each) into q; and the
+// tail's thin SVDs of z's (column-major q x l) matrices, k columns of their left factors formed.
+// Compiled for x86-64-v3 and the baseline as fused_wide is.
+template <typename T>
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void orthonormalize_range(
+    T* y, T* q, int64_t p, int64_t l, int64_t b0, int64_t b1) {
+  std::vector<T> vv;
+  for (int64_t b = b0; b < b1; ++b) dense::orthonormalize(y + b * p * l, p, l, q + b * p * l, vv);
+}
+template <typename T>
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void svd_tall_range(
+    T* z, int64_t q, int64_t l, int64_t k, T* vc, T* s, T* vw, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b)
+    dense::svd_tall(z + b * q * l, q, l, vc + b * q * k, s + b * l, vw + b * l * l, k);
+}
 
 // Householder-orthonormalises every matrix of Y (B, p, l); returns Q (B, p, l).
 template <typename T>
@@ -174,10 +188,8 @@ at::Tensor orthonormalize(const at::Tensor& Y) {
   at::Tensor Q = at::empty_like(Yc);
   T* y = Yc.data_ptr<T>();
   T* q = Q.data_ptr<T>();
-  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> vv;
-    for (int64_t b = b0; b < b1; ++b) dense::orthonormalize(y + b * p * l, p, l, q + b * p * l, vv);
-  });
+  at::parallel_for(0, batch, 1,
+                   [&](int64_t b0, int64_t b1) { orthonormalize_range(y, q, p, l, b0, b1); });
   return Q.mT();
 }
 
@@ -201,16 +213,15 @@ void blas(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor
   }
   const Projection pr = project(A, sh, n_iter, omega_t, A.scalar_type(), orthonormalize<T>, screen);
   const int64_t batch = sh.batch, p = pr.p, q = pr.q, l = pr.l, k = sh.k;
-  at::Tensor Vcol = at::empty_like(pr.Z);
+  at::Tensor Vcol = at::empty({batch, k, q}, pr.Z.options());  // column-major q x k
   at::Tensor sv = at::empty({batch, l}, pr.Z.options());
   at::Tensor Vw = at::empty({batch, l, l}, pr.Z.options());  // column-major
   T *z = pr.Z.data_ptr<T>(), *vc = Vcol.data_ptr<T>(), *ss = sv.data_ptr<T>();
   T* vw = Vw.data_ptr<T>();
-  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-      dense::svd_tall(z + b * q * l, q, l, vc + b * q * l, ss + b * l, vw + b * l * l);
-  });
-  const at::Tensor Ucol = at::matmul(pr.Q, Vw.mT()).mT().contiguous();  // Q Vw, column-major
+  at::parallel_for(0, batch, 1,
+                   [&](int64_t b0, int64_t b1) { svd_tall_range(z, q, l, k, vc, ss, vw, b0, b1); });
+  // Q Vw's first k columns, column-major p x k
+  const at::Tensor Ucol = at::matmul(pr.Q, Vw.narrow(1, 0, k).mT()).mT().contiguous();
   const T* uc = Ucol.data_ptr<T>();
   const bool* ok = pr.finite.data_ptr<bool>();
   const T* unscale = pr.unscale.data_ptr<T>();
@@ -221,10 +232,10 @@ void blas(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor
       if (!ok[b]) {
         fill_nan(ub, sb, vb, sh.m, sh.n, k);
       } else if (pr.wide) {
-        write_factors(uc + b * p * l, vc + b * q * l, ss + b * l, sh.m, sh.n, k, ub, sb, vb,
+        write_factors(uc + b * p * k, vc + b * q * k, ss + b * l, sh.m, sh.n, k, ub, sb, vb,
                       unscale[b]);
       } else {
-        write_factors(vc + b * q * l, uc + b * p * l, ss + b * l, sh.m, sh.n, k, ub, sb, vb,
+        write_factors(vc + b * q * k, uc + b * p * k, ss + b * l, sh.m, sh.n, k, ub, sb, vb,
                       unscale[b]);
       }
     }
