@@ -105,12 +105,12 @@ def _orth_flops(rows: int, cols: int) -> float:
     return 4.0 * cols * cols * (rows - cols / 3.0)
 
 
-def _svd_tall_flops(rows: int, cols: int, sweeps: int = 6) -> float:
+def _svd_tall_flops(rows: int, cols: int, r: int, sweeps: int = 6) -> float:
     """``dense::svd_tall`` of a ``rows x cols`` matrix: Householder QR, one-sided Jacobi on the
     ``cols x cols`` factor (``9 cols^3`` per sweep; ``sweeps`` assumed), then the reflectors
-    applied to the ``cols`` rotated columns."""
+    applied to the ``r`` rotated columns that are kept (``4 r cols (rows - cols / 2)``)."""
     c = float(cols)
-    return 2 * c * c * (rows - c / 3) + sweeps * 9 * c**3 + 4 * rows * c * c - 2 * c**3
+    return 2 * c * c * (rows - c / 3) + sweeps * 9 * c**3 + 4 * r * c * (rows - c / 2)
 
 
 def rsvd_flops(
@@ -120,21 +120,23 @@ def rsvd_flops(
     path the kernel takes for that shape does (docs/DESIGN.md §6, "Flop counts"); ``p, q`` are
     the short and long sides, ``l = k + oversample``.
 
-    * exact (``l >= p``): the SVD of the ``q x p`` matrix, ``svd_tall(q, p)``.
+    * exact (``l >= p``): the SVD of the ``q x p`` matrix, ``svd_tall(q, p)``, ``k`` columns
+      of its left factor formed.
     * fused (``p <= fused_max_side``, default 64 or ``LSEF_RSVD_FUSED_MAX_SIDE``): Gram matrix
       ``p (p + 1) q``, sketch ``2 p q l``, orthonormalisation ``orth(p, l)`` after it and after
       each of the ``n_iter`` Gram products (``2 p^2 l``), projection ``2 p q l``,
-      ``svd_tall(q, l)``, and ``U = Q V_w`` (``2 p l^2``).
+      ``svd_tall(q, l)`` with ``k`` columns formed, and ``U = Q V_w`` for ``k`` columns
+      (``2 p l k``).
     * BLAS (otherwise): sketch ``2 p q l`` and ``orth(p, l)``, per iteration two products
       (``4 p q l``) with ``orth(q, l) + orth(p, l)``, projection ``2 p q l``, ``svd_tall(q, l)``
-      and ``2 p l^2``."""
+      (``k`` columns) and ``2 p l k``."""
     B, m, n = shape
     p, q, l = min(m, n), max(m, n), k + oversample
     if l >= p:
-        return B * _svd_tall_flops(q, p)
+        return B * _svd_tall_flops(q, p, k)
     if fused_max_side is None:
         fused_max_side = int(os.environ.get("LSEF_RSVD_FUSED_MAX_SIDE", "64"))
-    tail = 2.0 * p * q * l + _svd_tall_flops(q, l) + 2.0 * p * l * l
+    tail = 2.0 * p * q * l + _svd_tall_flops(q, l, k) + 2.0 * p * l * k
     if p <= fused_max_side:
         one = p * (p + 1.0) * q + 2.0 * p * q * l + _orth_flops(p, l)
         one += n_iter * (2.0 * p * p * l + _orth_flops(p, l))

@@ -242,9 +242,9 @@ LSEF_BLOCK_FN void matmul(Ctx& ctx, const A* X, const A* B, A* C, int64_t n, int
 }
 
 // One-sided (Hestenes) Jacobi on the c x c X in place, rotations accumulated in V (set to I
-// here): X V^T-orthogonal columns, as dense::jacobi_svd's sweep. dense.h visits the pairs
-// row-cyclically, one after the other; here each sweep is c - 1 (c + 1 for odd c) rounds of
-// disjoint pairs (the round-robin order), one pair per warp, so rotations of a round commute.
+// here): X V^T-orthogonal columns, as dense::jacobi_svd's sweep, in the same order: each
+// sweep is c - 1 (c for odd c) rounds of disjoint pairs (the round-robin order), one pair per
+// warp here, so rotations of a round commute.
 // Same rotation formula and the same stopping rule: a pair is left alone when
 // |g| <= eps sqrt(a b); the sweeps stop when one rotates nothing, after kMaxSweeps at most.
 template <class Ctx, typename A>

@@ -16,26 +16,6 @@
 namespace lsef {
 namespace dense {
 
-// Sums in kLanes independent accumulators so the loops vectorise without -ffast-math.
-constexpr int64_t kLanes = 8;
-
-template <typename T>
-T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
-  T lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t t = 0; t < kLanes; ++t) lanes[t] += a[i + t] * b[i + t];
-  for (; i < n; ++i) lanes[0] += a[i] * b[i];
-  T s = 0;
-  for (int64_t t = 0; t < kLanes; ++t) s += lanes[t];
-  return s;
-}
-
-template <typename T>
-void axpy(T alpha, const T* __restrict__ x, T* __restrict__ y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-
 // 32-byte vectors (GCC/Clang vector extensions): one AVX register, or two SSE registers in a
 // baseline build. The register-tiled products below are written on them, because the
 // auto-vectoriser does not keep a tile of accumulators in registers.
@@ -48,12 +28,36 @@ struct Simd {
     std::memcpy(&v, p, sizeof v);
     return v;
   }
+  // The lanes' sum as a tree (log2 kWidth dependent adds, not kWidth - 1).
   static T sum(const V& v) {
-    T s = 0;
-    for (int64_t t = 0; t < kWidth; ++t) s += v[t];
-    return s;
+    T h[kWidth];
+    std::memcpy(h, &v, sizeof v);
+    for (int64_t w = kWidth / 2; w > 0; w /= 2)
+      for (int64_t t = 0; t < w; ++t) h[t] += h[t + w];
+    return h[0];
   }
 };
+
+// x . y with four vector accumulators (independent chains: the loop runs at the load rate,
+// not at the latency of one chain of adds), then one vector, then the scalar tail.
+template <typename T>
+T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  using S = Simd<T>;
+  constexpr int64_t w = S::kWidth;
+  typename S::V acc[4] = {};
+  int64_t i = 0;
+  for (; i + 4 * w <= n; i += 4 * w)
+    for (int u = 0; u < 4; ++u) acc[u] += S::load(a + i + u * w) * S::load(b + i + u * w);
+  for (; i + w <= n; i += w) acc[0] += S::load(a + i) * S::load(b + i);
+  T s = S::sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T>
+void axpy(T alpha, const T* __restrict__ x, T* __restrict__ y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
 
 // One TI x TJ tile of dot_table: out[i * si + j * sj] = a_i . b_j, the rows a_i = A + i * lda and
 // b_j = B + j * ldb of length n read once per tile (TI + TJ loads feed TI * TJ products).
@@ -304,32 +308,55 @@ void complete_orthonormal(T* U, int64_t p, int64_t q, std::vector<char>& valid) 
 // Columns of Ur for (numerically) zero singular values are completed to an orthonormal set.
 template <typename T>
 void jacobi_svd(const T* R, int64_t q, T* Ur, T* s, T* Vr) {
-  std::vector<T> X(R, R + q * q), Vacc(q * q, T(0));
-  for (int64_t c = 0; c < q; ++c) Vacc[c * q + c] = T(1);
+  // X and the accumulated rotations hold their columns padded with zeros to whole vectors (ld
+  // rows), so a pair's three dots and its rotation are a few vector operations with no tail;
+  // rotations keep the padding zero.
+  using S = Simd<T>;
+  const int64_t ld = (q + S::kWidth - 1) / S::kWidth * S::kWidth;
+  std::vector<T> X(q * ld, T(0)), Vacc(q * ld, T(0));
+  for (int64_t c = 0; c < q; ++c) {
+    std::copy(R + c * q, R + (c + 1) * q, X.begin() + c * ld);
+    Vacc[c * ld + c] = T(1);
+  }
   const T eps = std::numeric_limits<T>::epsilon(), inv_sqrt_eps = T(1) / std::sqrt(eps);
+  // Each sweep visits the pairs in the round-robin order of the CUDA block code: q - 1 rounds
+  // (q for odd q, with a dummy column) of disjoint pairs. Pairs of a round share no column, so
+  // the processor overlaps their rotations, whose scalar part (divisions, square roots) is a
+  // long dependent chain; visited row by row, each pair waited for the previous one's.
+  const int64_t players = q + (q & 1);
   for (int sweep = 0; sweep < 60; ++sweep) {
     bool rotated = false;
-    for (int64_t i = 0; i < q; ++i) {
-      for (int64_t j = i + 1; j < q; ++j) {
-        T* xi = X.data() + i * q;
-        T* xj = X.data() + j * q;
-        T a = 0, b = 0, g = 0;  // the three dots in one pass over the pair
-        for (int64_t r = 0; r < q; ++r) {
-          a += xi[r] * xi[r];
-          b += xj[r] * xj[r];
-          g += xi[r] * xj[r];
+    for (int64_t round = 0; round < players - 1; ++round) {
+      for (int64_t slot = 0; slot < players / 2; ++slot) {
+        int64_t pa = round, pb = players - 1;
+        if (slot > 0) {
+          pa = (round + slot) % (players - 1);
+          pb = (round - slot + players - 1) % (players - 1);
         }
+        const int64_t i = std::min(pa, pb), j = std::max(pa, pb);
+        if (j >= q) continue;
+        T* xi = X.data() + i * ld;
+        T* xj = X.data() + j * ld;
+        typename S::V va = {}, vb = {}, vg = {};  // the three dots in one pass over the pair
+        for (int64_t r = 0; r < ld; r += S::kWidth) {
+          const typename S::V u = S::load(xi + r), w = S::load(xj + r);
+          va += u * u;
+          vb += w * w;
+          vg += u * w;
+        }
+        const T a = S::sum(va), b = S::sum(vb), g = S::sum(vg);
         if (std::abs(g) <= eps * std::sqrt(a * b) || g == T(0)) continue;
         rotated = true;
         const T t = rsvd::rotation_tangent(a, b, g, inv_sqrt_eps);
         const T cs = T(1) / std::sqrt(T(1) + t * t), sn = cs * t;
         for (T* pair : {X.data(), Vacc.data()}) {
-          T* u = pair + i * q;
-          T* w = pair + j * q;
-          for (int64_t r = 0; r < q; ++r) {
-            const T ur = u[r], wr = w[r];
-            u[r] = cs * ur - sn * wr;
-            w[r] = sn * ur + cs * wr;
+          T* u = pair + i * ld;
+          T* w = pair + j * ld;
+          for (int64_t r = 0; r < ld; r += S::kWidth) {
+            const typename S::V ur = S::load(u + r), wr = S::load(w + r);
+            const typename S::V nu = cs * ur - sn * wr, nw = sn * ur + cs * wr;
+            std::memcpy(u + r, &nu, sizeof nu);
+            std::memcpy(w + r, &nw, sizeof nw);
           }
         }
       }
@@ -337,7 +364,8 @@ void jacobi_svd(const T* R, int64_t q, T* Ur, T* s, T* Vr) {
     if (!rotated) break;
   }
   std::vector<T> norms(q);
-  for (int64_t c = 0; c < q; ++c) norms[c] = std::sqrt(dot(X.data() + c * q, X.data() + c * q, q));
+  for (int64_t c = 0; c < q; ++c)
+    norms[c] = std::sqrt(dot(X.data() + c * ld, X.data() + c * ld, q));
   std::vector<int64_t> order(q);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(),
@@ -347,9 +375,9 @@ void jacobi_svd(const T* R, int64_t q, T* Ur, T* s, T* Vr) {
   for (int64_t c = 0; c < q; ++c) {
     const int64_t o = order[c];
     s[c] = norms[o];
-    std::copy(Vacc.begin() + o * q, Vacc.begin() + (o + 1) * q, Vr + c * q);
+    std::copy(Vacc.begin() + o * ld, Vacc.begin() + o * ld + q, Vr + c * q);
     valid[c] = norms[o] > tiny && norms[o] > T(0);
-    for (int64_t r = 0; r < q; ++r) Ur[c * q + r] = valid[c] ? X[o * q + r] / norms[o] : T(0);
+    for (int64_t r = 0; r < q; ++r) Ur[c * q + r] = valid[c] ? X[o * ld + r] / norms[o] : T(0);
   }
   complete_orthonormal(Ur, q, q, valid);
 }
