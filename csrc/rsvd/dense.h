@@ -269,9 +269,19 @@ void apply_q(const T* W, const std::vector<T>& vv, int64_t p, int64_t q, const T
 template <typename T>
 void orthonormalize(T* W, int64_t p, int64_t q, T* Q, std::vector<T>& vv) {
   householder(W, p, q, static_cast<T*>(nullptr), vv);
-  std::vector<T> eye(q * q, T(0));
-  for (int64_t c = 0; c < q; ++c) eye[c * q + c] = T(1);
-  apply_q(W, vv, p, q, eye.data(), q, Q);
+  // Q = H_0 ... H_{q-1} [I; 0], as apply_q would form it, without its products with zeros: a
+  // reflector H_j touches rows j.. only, where column c < j of [I; 0] is still zero (its dot
+  // with v_j is zero), so column c needs H_c, ..., H_0 alone (as LAPACK's orgqr).
+  std::fill(Q, Q + p * q, T(0));
+  for (int64_t c = 0; c < q; ++c) {
+    Q[c * p + c] = T(1);
+    for (int64_t j = c; j >= 0; --j) {
+      if (vv[j] == T(0)) continue;
+      const T* v = W + j * p + j;
+      T* col = Q + c * p + j;
+      axpy(-T(2) * dot(v, col, p - j) / vv[j], v, col, p - j);
+    }
+  }
 }
 
 // Replaces the columns of U (p x q, orthonormal where valid[c]) that are not valid by unit
