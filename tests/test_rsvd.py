@@ -422,6 +422,35 @@ def test_lowrank_backward_is_the_tangent_projection(device):
     torch.testing.assert_close(dA, PU @ G + G @ PV - PU @ G @ PV)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "lead, m, n, k",
+    [((3,), 16, 100, 4), ((2, 2), 33, 7, 5), ((), 9, 9, 1), ((4,), 1, 50, 1), ((2,), 70, 70, 13)],
+)
+def test_lowrank_backward_cpu_kernel_matches_the_products(dtype, lead, m, n, k):
+    """The CPU kernel of lowrank_backward (one matrix at a time in cache) against the tangent
+    projection written with torch products, on contiguous and transposed (non-contiguous)
+    inputs; shapes the kernel does not take (broadcast batch dimensions, mixed dtypes) go
+    through the composite and give the same values."""
+    g = torch.Generator().manual_seed(m * n + k)
+    G = torch.randn(lead + (m, n), generator=g, dtype=dtype)
+    U = torch.linalg.qr(torch.randn(lead + (m, k), generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(lead + (n, k), generator=g, dtype=torch.float64))[0]
+    U, V = U.to(dtype), V.to(dtype)
+    want = U @ (U.mT @ G) + (G @ V - U @ (U.mT @ G @ V)) @ V.mT
+    tol = {"rtol": 0, "atol": 50 * torch.finfo(dtype).eps * max(1.0, G.abs().max().item())}
+    op = torch.ops.lsef.lowrank_backward
+    torch.testing.assert_close(op(G, U, V), want, **tol)
+    Gt = G.mT.contiguous().mT  # same values, column-major strides
+    torch.testing.assert_close(op(Gt, U.mT.contiguous().mT, V), want, **tol)
+    if lead:
+        one = op(G[..., :1, :, :], U[..., :1, :, :], V[..., :1, :, :])  # a batch of one
+        torch.testing.assert_close(one, want[..., :1, :, :], **tol)
+        bU, bV = U[..., :1, :, :], V[..., :1, :, :]  # broadcast: the composite takes it
+        bwant = bU @ (bU.mT @ G) + (G @ bV - bU @ (bU.mT @ G @ bV)) @ bV.mT
+        torch.testing.assert_close(op(G, bU, bV), bwant, **tol)
+
+
 @pytest.mark.parametrize(
     "A",
     [

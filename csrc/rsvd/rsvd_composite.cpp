@@ -96,18 +96,19 @@ at::Tensor rsvd_backward(const std::optional<at::Tensor>& gU, const std::optiona
   return outer.defined() ? dA + outer * w : dA;
 }
 
+}  // namespace
+
 at::Tensor lowrank_backward(const at::Tensor& grad, const at::Tensor& U, const at::Tensor& V) {
   const at::Tensor UtG = at::matmul(U.mT(), grad);  // (*, k, n)
   const at::Tensor GV = at::matmul(grad, V);        // (*, m, k)
   return at::matmul(U, UtG) + at::matmul(GV - at::matmul(U, at::matmul(UtG, V)), V.mT());
 }
 
-}  // namespace
 }  // namespace rsvd
 }  // namespace lsef
 
 TORCH_LIBRARY_IMPL(lsef, CompositeExplicitAutograd, m) {
   m.impl("rsvd_backward", &lsef::rsvd::rsvd_backward);
   m.impl("lowrank", &lsef::rsvd::lowrank);
-  m.impl("lowrank_backward", &lsef::rsvd::lowrank_backward);
+  m.impl("lowrank_backward", &lsef::rsvd::lowrank_backward);  // the CPU has its own kernel
 }

@@ -271,8 +271,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A_in, 
   return {U, S, V};
 }
 
+// lowrank's backward, dA = U (U^T G) + (G V - U (U^T G V)) V^T, one matrix at a time in cache
+// for matrices [b0, b1) of row-major G (m x n), U (m x k), V (n x k): the composite's six
+// batched products (four passes over G-sized data, three G-sized temporaries) become a pass
+// to form U^T G and G V, and one to write dA as a combination of the 2k rows of U^T G and V^T.
+template <typename T>
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void tangent_range(
+    const T* g, const T* u, const T* v, T* out, int64_t m, int64_t n, int64_t k, int64_t b0,
+    int64_t b1) {
+  std::vector<T> rows(2 * k * n), Ut(k * m), coef(m * 2 * k), X(k * k), GV(m * k);
+  T* UtG = rows.data();         // k x n, row-major: U^T G
+  T* Vt = rows.data() + k * n;  // k x n: V^T
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* G = g + b * m * n;
+    const T* U = u + b * m * k;
+    const T* V = v + b * n * k;
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t c = 0; c < k; ++c) Ut[c * m + i] = U[i * k + c];
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t c = 0; c < k; ++c) Vt[c * n + j] = V[j * k + c];
+    dense::combine(G, n, m, Ut.data(), m, k, n, UtG, n);       // row c: sum_i U[i, c] G_i
+    dense::dot_table(G, n, m, Vt, n, k, n, GV.data(), k, 1);   // G V (m x k)
+    dense::dot_table(UtG, n, k, Vt, n, k, n, X.data(), k, 1);  // U^T G V (k x k)
+    for (int64_t i = 0; i < m; ++i)  // row i of dA = [U, G V - U X]_i [U^T G; V^T]
+      for (int64_t c = 0; c < k; ++c) {
+        T p = GV[i * k + c];
+        for (int64_t d = 0; d < k; ++d) p -= U[i * k + d] * X[d * k + c];
+        coef[i * 2 * k + c] = U[i * k + c];
+        coef[i * 2 * k + k + c] = p;
+      }
+    dense::combine(rows.data(), n, 2 * k, coef.data(), 2 * k, m, n, out + b * m * n, n);
+  }
+}
+
+// The CPU kernel of lowrank_backward: matching batches of float32/float64 go through
+// tangent_range; anything else (broadcast batch shapes, mixed dtypes, empty) through the
+// composite, which also gives the errors for bad input.
+at::Tensor lowrank_backward_cpu(const at::Tensor& grad, const at::Tensor& U, const at::Tensor& V) {
+  const bool fast = grad.defined() && U.defined() && V.defined() && grad.dim() >= 2 &&
+                    U.dim() == grad.dim() && V.dim() == grad.dim() &&
+                    (grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble) &&
+                    U.scalar_type() == grad.scalar_type() &&
+                    V.scalar_type() == grad.scalar_type() && grad.numel() > 0 && U.numel() > 0 &&
+                    U.sizes().slice(0, U.dim() - 2) == grad.sizes().slice(0, grad.dim() - 2) &&
+                    V.sizes().slice(0, V.dim() - 2) == grad.sizes().slice(0, grad.dim() - 2) &&
+                    U.size(-2) == grad.size(-2) && V.size(-2) == grad.size(-1) &&
+                    U.size(-1) == V.size(-1);
+  if (!fast) return lowrank_backward(grad, U, V);
+  const int64_t m = grad.size(-2), n = grad.size(-1), k = U.size(-1);
+  const int64_t batch = grad.numel() / (m * n);
+  const at::Tensor g = grad.contiguous(), u = U.contiguous(), v = V.contiguous();
+  at::Tensor out = at::empty(grad.sizes(), g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "lowrank_backward", [&] {
+    const scalar_t *gp = g.data_ptr<scalar_t>(), *up = u.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+      tangent_range(gp, up, vp, op, m, n, k, b0, b1);
+    });
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace rsvd
 }  // namespace lsef
 
-TORCH_LIBRARY_IMPL(lsef, CPU, m) { m.impl("rsvd", &lsef::rsvd::rsvd_cpu); }
+TORCH_LIBRARY_IMPL(lsef, CPU, m) {
+  m.impl("rsvd", &lsef::rsvd::rsvd_cpu);
+  m.impl("lowrank_backward", &lsef::rsvd::lowrank_backward_cpu);
+}

@@ -55,5 +55,10 @@ struct Screen {
 Projection project(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor& omega_t,
                    at::ScalarType acc, const Orthonormalize& orth, const Screen& screen = {});
 
+// lowrank's backward with ATen products, for any backend and any broadcastable shapes
+// (rsvd_composite.cpp; the CPU kernel takes matching float32/float64 batches itself):
+// U (U^T G) + (G V - U (U^T G V)) V^T.
+at::Tensor lowrank_backward(const at::Tensor& grad, const at::Tensor& U, const at::Tensor& V);
+
 }  // namespace rsvd
 }  // namespace lsef
