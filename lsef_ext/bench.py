@@ -122,7 +122,7 @@ def rsvd_flops(
 
     * exact (``l >= p``): the SVD of the ``q x p`` matrix, ``svd_tall(q, p)``, ``k`` columns
       of its left factor formed.
-    * fused (``p <= fused_max_side``, default 64 or ``LSEF_RSVD_FUSED_MAX_SIDE``): Gram matrix
+    * fused (``p <= fused_max_side``, default 192 or ``LSEF_RSVD_FUSED_MAX_SIDE``): Gram matrix
       ``p (p + 1) q``, sketch ``2 p q l``, orthonormalisation ``orth(p, l)`` after it and after
       each of the ``n_iter`` Gram products (``2 p^2 l``), projection ``2 p q l``,
       ``svd_tall(q, l)`` with ``k`` columns formed, and ``U = Q V_w`` for ``k`` columns
@@ -135,7 +135,7 @@ def rsvd_flops(
     if l >= p:
         return B * _svd_tall_flops(q, p, k)
     if fused_max_side is None:
-        fused_max_side = int(os.environ.get("LSEF_RSVD_FUSED_MAX_SIDE", "64"))
+        fused_max_side = int(os.environ.get("LSEF_RSVD_FUSED_MAX_SIDE", "192"))
     tail = 2.0 * p * q * l + _svd_tall_flops(q, l, k) + 2.0 * p * l * k
     if p <= fused_max_side:
         one = p * (p + 1.0) * q + 2.0 * p * q * l + _orth_flops(p, l)

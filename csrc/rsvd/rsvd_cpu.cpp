@@ -160,9 +160,11 @@ void rsvd_matrix(const T* A, const Shape& sh, int64_t n_iter, const T* omega_t, 
   write_factors(f.Vc.data(), f.Uc.data(), f.s.data(), m, n, sh.k, U, S, V, unscale);
 }
 
-// Matrices whose short side exceeds this take the BLAS path on the randomized branch (the
-// crossover measured in DESIGN.md §6). LSEF_RSVD_FUSED_MAX_SIDE overrides it, to measure.
-int64_t fused_max_side() { return env_int("LSEF_RSVD_FUSED_MAX_SIDE", 64); }
+// Matrices whose short side exceeds this take the BLAS path on the randomized branch: the
+// largest short side at which the fused path was at least as fast in every batch and rank of
+// the sweep in benchmarks/rsvd_crossover.py (DESIGN.md §6, "Crossover").
+// LSEF_RSVD_FUSED_MAX_SIDE overrides it, to measure.
+int64_t fused_max_side() { return env_int("LSEF_RSVD_FUSED_MAX_SIDE", 192); }
 
 // Householder-orthonormalises matrices [b0, b1) of y (column-major p x l each) into q; and the
 // tail's thin SVDs of z's (column-major q x l) matrices, k columns of their left factors formed.
