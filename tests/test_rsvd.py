@@ -149,11 +149,13 @@ def test_reproducible_and_batch_independent(device, shape):
     again = ops.rsvd(A, 6, seed=123)
     for a, b in zip(first, again):
         assert torch.equal(a, b)
-    # The fused paths (short side <= 64) compute each matrix alone: bit for bit. The CPU BLAS and
+    # The fused paths (short side <= 192 on the CPU, 64 on CUDA) compute each matrix alone: bit
+    # for bit (the CPU groups matrices for its Jacobi step, one per vector lane; see
+    # test_fused_groups_do_not_change_a_matrix's result). The CPU BLAS and
     # CUDA large paths run their products as BLAS GEMMs over the whole batch, whose kernel (and
     # so summation order) may change with the batch size: there rsvd(A)[i] equals rsvd(A[i]) to
     # rounding only (docs/DESIGN.md §6 and §10; seen on the CPU with 16 threads).
-    bitwise = min(shape[1:]) <= 64
+    bitwise = min(shape[1:]) <= (192 if device == "cpu" else 64)
     for i in range(shape[0]):
         for a, b in zip(first, ops.rsvd(A[i], 6, seed=123)):
             if bitwise:
@@ -162,6 +164,27 @@ def test_reproducible_and_batch_independent(device, shape):
                 torch.testing.assert_close(a[i], b, rtol=0, atol=1e-3)
     other = ops.rsvd(A, 6, seed=124)[1]
     assert not torch.equal(first[1], other)  # the seed matters on the randomized path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(11, 40, 24), (13, 16, 100), (9, 30, 70)])
+def test_fused_groups_do_not_change_a_matrix(dtype, shape):
+    """The CPU's fused path runs the small Jacobi SVDs of 8 (float32) or 4 (float64) matrices
+    at once, one per vector lane, and a lane goes on being swept (by identity rotations) while
+    the others converge. Each matrix's result must still be what it gets alone, bit for bit:
+    in batches that are not a multiple of the group, tall and wide, with a non-finite matrix
+    (NaN factors, left out of its group) and a zero matrix among them."""
+    A = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(shape[0]))
+    A[3] = float("nan")
+    A[5] = 0.0
+    A[1] *= 1e30 if dtype == torch.float32 else 1e300  # rescaled before factoring
+    U, S, V = ops.rsvd(A, 3)
+    assert torch.isnan(U[3]).all() and torch.isnan(S[3]).all() and torch.isnan(V[3]).all()
+    for i in range(shape[0]):
+        if i == 3:
+            continue
+        for batched, alone in zip((U, S, V), ops.rsvd(A[i : i + 1], 3)):
+            assert torch.equal(batched[i : i + 1], alone), i
 
 
 @pytest.mark.parametrize("device", DEVICES)

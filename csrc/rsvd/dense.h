@@ -318,6 +318,30 @@ void complete_orthonormal(T* U, int64_t p, int64_t q, std::vector<char>& valid) 
   }
 }
 
+// The end of jacobi_svd, from the rotated X (q columns, ld apart) and the accumulated rotations
+// Vacc (same layout): s = the column norms in descending order, Vr and Ur (X's columns
+// normalised) in that order, columns of Ur for numerically zero singular values completed.
+template <typename T>
+void jacobi_finish(const T* X, const T* Vacc, int64_t ld, int64_t q, T* Ur, T* s, T* Vr) {
+  const T eps = std::numeric_limits<T>::epsilon();
+  std::vector<T> norms(q);
+  for (int64_t c = 0; c < q; ++c) norms[c] = std::sqrt(dot(X + c * ld, X + c * ld, q));
+  std::vector<int64_t> order(q);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return norms[a] > norms[b]; });
+  const T tiny = (q > 0 ? norms[order[0]] : T(0)) * T(q) * eps;
+  std::vector<char> valid(q, 0);
+  for (int64_t c = 0; c < q; ++c) {
+    const int64_t o = order[c];
+    s[c] = norms[o];
+    std::copy(Vacc + o * ld, Vacc + o * ld + q, Vr + c * q);
+    valid[c] = norms[o] > tiny && norms[o] > T(0);
+    for (int64_t r = 0; r < q; ++r) Ur[c * q + r] = valid[c] ? X[o * ld + r] / norms[o] : T(0);
+  }
+  complete_orthonormal(Ur, q, q, valid);
+}
+
 // One-sided Jacobi SVD (Hestenes) of a small square R (q x q): R = Ur diag(s) Vr^T with s
 // sorted in descending order. Rotating column pairs until all are orthogonal to working
 // precision gives singular values with high relative accuracy (Demmel & Veselic, 1992).
@@ -379,23 +403,116 @@ void jacobi_svd(const T* R, int64_t q, T* Ur, T* s, T* Vr) {
     }
     if (!rotated) break;
   }
-  std::vector<T> norms(q);
+  jacobi_finish(X.data(), Vacc.data(), ld, q, Ur, s, Vr);
+}
+
+// jacobi_svd of up to Simd<T>::kWidth matrices at once, matrix t in vector lane t: R[t]
+// (q x q, column-major) gives Ur[t], s[t], Vr[t], as jacobi_svd(R[t], ...) does (the same
+// sweeps, rotations and stopping rule per lane; a lane whose sweep rotated nothing is left as
+// it is while the others go on, which is what it would do alone; the dots sum in another
+// order). Each vector operation serves every lane, so the rotations' square roots and
+// divisions, the part of a sweep that one matrix cannot keep the processor busy with, cost
+// one instruction for all of them.
+template <typename T>
+void jacobi_svd_lanes(const T* const* R, int64_t nm, int64_t q, T* const* Ur, T* const* s,
+                      T* const* Vr) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int64_t L = S::kWidth;
+  // Element (r, c) of lane t at ((c * q + r) * L + t): a vector of L per element, read and
+  // written unaligned (std::vector does not promise the vectors' 32-byte alignment everywhere).
+  std::vector<T> X(q * q * L), Vacc(q * q * L);
   for (int64_t c = 0; c < q; ++c)
-    norms[c] = std::sqrt(dot(X.data() + c * ld, X.data() + c * ld, q));
-  std::vector<int64_t> order(q);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return norms[a] > norms[b]; });
-  const T tiny = (q > 0 ? norms[order[0]] : T(0)) * T(q) * eps;
-  std::vector<char> valid(q, 0);
-  for (int64_t c = 0; c < q; ++c) {
-    const int64_t o = order[c];
-    s[c] = norms[o];
-    std::copy(Vacc.begin() + o * ld, Vacc.begin() + o * ld + q, Vr + c * q);
-    valid[c] = norms[o] > tiny && norms[o] > T(0);
-    for (int64_t r = 0; r < q; ++r) Ur[c * q + r] = valid[c] ? X[o * ld + r] / norms[o] : T(0);
+    for (int64_t r = 0; r < q; ++r)
+      for (int64_t t = 0; t < L; ++t) {
+        // spare lanes: the identity, never rotated
+        X[(c * q + r) * L + t] = t < nm ? R[t][c * q + r] : T(r == c);
+        Vacc[(c * q + r) * L + t] = T(r == c);
+      }
+  const T eps = std::numeric_limits<T>::epsilon(), inv_sqrt_eps = T(1) / std::sqrt(eps);
+  // Each round (the round-robin order of jacobi_svd) in three steps: the dots of its pairs; the
+  // rotations of every pair and lane, as jacobi_svd computes them (cs = 1, sn = 0 where a pair
+  // is left alone), in one loop with no dependence between iterations, which the compiler
+  // turns into vector square roots and divisions (-fno-math-errno); then the rotations.
+  const int64_t players = q + (q & 1), half = players / 2;
+  std::vector<int64_t> pi(half), pj(half);
+  std::vector<T> la(half * L), lb(half * L), lg(half * L), lc(half * L), ls(half * L);
+  for (int sweep = 0; sweep < 60; ++sweep) {
+    bool rotated = false;
+    for (int64_t round = 0; round < players - 1; ++round) {
+      int64_t n = 0;
+      for (int64_t slot = 0; slot < half; ++slot) {
+        int64_t u = round, w = players - 1;
+        if (slot > 0) {
+          u = (round + slot) % (players - 1);
+          w = (round - slot + players - 1) % (players - 1);
+        }
+        if (std::max(u, w) >= q) continue;
+        pi[n] = std::min(u, w);
+        pj[n] = std::max(u, w);
+        const T* xi = X.data() + pi[n] * q * L;
+        const T* xj = X.data() + pj[n] * q * L;
+        V a0 = {}, b0 = {}, g0 = {}, a1 = {}, b1 = {}, g1 = {};  // two chains each
+        int64_t r = 0;
+        for (; r + 2 <= q; r += 2) {
+          const V u0 = S::load(xi + r * L), w0 = S::load(xj + r * L);
+          const V u1 = S::load(xi + (r + 1) * L), w1 = S::load(xj + (r + 1) * L);
+          a0 += u0 * u0;
+          b0 += w0 * w0;
+          g0 += u0 * w0;
+          a1 += u1 * u1;
+          b1 += w1 * w1;
+          g1 += u1 * w1;
+        }
+        if (r < q) {
+          const V u0 = S::load(xi + r * L), w0 = S::load(xj + r * L);
+          a0 += u0 * u0;
+          b0 += w0 * w0;
+          g0 += u0 * w0;
+        }
+        const V a = a0 + a1, b = b0 + b1, g = g0 + g1;
+        std::memcpy(&la[n * L], &a, sizeof a);
+        std::memcpy(&lb[n * L], &b, sizeof b);
+        std::memcpy(&lg[n * L], &g, sizeof g);
+        ++n;
+      }
+      int any = 0;
+      for (int64_t e = 0; e < n * L; ++e) {
+        const bool skip = std::abs(lg[e]) <= eps * std::sqrt(la[e] * lb[e]) || lg[e] == T(0);
+        const T gt = skip ? T(1) : lg[e];  // no 0/0 in the lanes that are left alone
+        const T tan = skip ? T(0) : rsvd::rotation_tangent(la[e], lb[e], gt, inv_sqrt_eps);
+        lc[e] = T(1) / std::sqrt(T(1) + tan * tan);
+        ls[e] = lc[e] * tan;
+        any |= !skip;
+      }
+      if (!any) continue;
+      rotated = true;
+      for (int64_t e = 0; e < n; ++e) {
+        V cs, sn;
+        std::memcpy(&cs, &lc[e * L], sizeof cs);
+        std::memcpy(&sn, &ls[e * L], sizeof sn);
+        for (T* pair : {X.data(), Vacc.data()}) {
+          T* u = pair + pi[e] * q * L;
+          T* w = pair + pj[e] * q * L;
+          for (int64_t r = 0; r < q; ++r) {
+            const V ur = S::load(u + r * L), wr = S::load(w + r * L);
+            const V nu = cs * ur - sn * wr, nw = sn * ur + cs * wr;
+            std::memcpy(u + r * L, &nu, sizeof nu);
+            std::memcpy(w + r * L, &nw, sizeof nw);
+          }
+        }
+      }
+    }
+    if (!rotated) break;
   }
-  complete_orthonormal(Ur, q, q, valid);
+  std::vector<T> Xm(q * q), Vm(q * q);
+  for (int64_t t = 0; t < nm; ++t) {
+    for (int64_t e = 0; e < q * q; ++e) {
+      Xm[e] = X[e * L + t];
+      Vm[e] = Vacc[e * L + t];
+    }
+    jacobi_finish(Xm.data(), Vm.data(), q, q, Ur[t], s[t], Vr[t]);
+  }
 }
 
 // C (p x r) = A (p x q) B (q x r), all column-major.

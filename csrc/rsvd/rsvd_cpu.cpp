@@ -78,53 +78,6 @@ void write_factors(const T* Ucol, const T* Vcol, const T* s, int64_t m, int64_t 
   }
 }
 
-// The factors of one wide matrix (p <= q): W ~ Uc diag(s) Vc^T with the k leading columns of Uc
-// (p rows) and Vc (q rows) column-major (Uc may hold more columns), and s complete (l values).
-template <typename T>
-struct Factors {
-  std::vector<T> Uc, s, Vc;
-};
-
-// Fused path for a wide W (p x q row-major, p <= q, p small): everything in cache; only the k
-// leading singular triplets are formed. Range finder: Q spans (W W^T)^n_iter W Omega,
-// re-orthonormalised (Householder) after every product; with p small, the p x p Gram matrix
-// G = W W^T makes each power iteration p^2 l instead of 2 p q l flops (same subspace;
-// DESIGN.md §6 on accuracy). Then B = Q^T W is factored exactly from W itself:
-// B^T = W^T Q = Uw s Vw^T, so W ~ (Q Vw) s Uw^T. The products with W (Gram matrix, sketch,
-// W^T Q) are register-tiled (dense::dot_table, dense::combine).
-//
-// Compiled twice (baseline and x86-64-v3: AVX2 + FMA), the loader picking the clone for the CPU
-// at hand; `flatten` inlines the dense routines into each clone so they get its instructions.
-template <typename T>
-__attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) Factors<T> fused_wide(
-    const T* W, int64_t p, int64_t q, int64_t l, int64_t k, int64_t n_iter, const T* omega_t) {
-  Factors<T> f;
-  f.s.resize(l);
-  std::vector<T> Vw(l * l), vv;
-  if (l == p) {  // exact: W^T (q x p) is W's row-major buffer read column-major
-    std::vector<T> Wt(W, W + p * q);
-    f.Vc.resize(q * k);
-    dense::svd_tall(Wt.data(), q, p, f.Vc.data(), f.s.data(), Vw.data(), k);
-    f.Uc = std::move(Vw);
-    return f;
-  }
-  std::vector<T> G(p * p), Y(p * l), Q(p * l);
-  dense::dot_table(W, q, p, W, q, p, q, G.data(), p, 1, /*upper=*/true);
-  dense::dot_table(W, q, p, omega_t, q, l, q, Y.data(), 1, p);  // Y = W Omega, column-major
-  dense::orthonormalize(Y.data(), p, l, Q.data(), vv);
-  for (int64_t it = 0; it < n_iter; ++it) {
-    dense::matmul(G.data(), Q.data(), Y.data(), p, p, l);  // G is symmetric
-    dense::orthonormalize(Y.data(), p, l, Q.data(), vv);
-  }
-  std::vector<T> Z(q * l);  // W^T Q, column-major
-  dense::combine(W, q, p, Q.data(), p, l, q, Z.data(), q);
-  f.Vc.resize(q * k);
-  dense::svd_tall(Z.data(), q, l, f.Vc.data(), f.s.data(), Vw.data(), k);
-  f.Uc.resize(p * k);
-  dense::matmul(Q.data(), Vw.data(), f.Uc.data(), p, l, k);
-  return f;
-}
-
 template <typename T>
 void fill_nan(T* U, T* S, T* V, int64_t m, int64_t n, int64_t k) {
   const T nan = std::numeric_limits<T>::quiet_NaN();
@@ -133,31 +86,158 @@ void fill_nan(T* U, T* S, T* V, int64_t m, int64_t n, int64_t k) {
   std::fill(V, V + n * k, nan);
 }
 
-// One matrix of the batch on the fused path. A tall A is factored as its transpose, so the
-// sketch is always taken along the long side (Omega is max(m, n) x l). A matrix whose largest
-// magnitude is outside rescale.h's band is factored as 2^shift A (a scaled copy).
+// The wide orientation W (p x q row-major, p <= q) of one matrix A (m x n) scaled by 2^shift:
+// A itself when m <= n and shift = 0, else a copy in buf (scaled, transposed when m > n). A
+// tall A is factored as its transpose, so the sketch is always taken along the long side
+// (Omega is max(m, n) x l); a matrix whose largest magnitude is outside rescale.h's band is
+// factored as 2^shift A.
 template <typename T>
-void rsvd_matrix(const T* A, const Shape& sh, int64_t n_iter, const T* omega_t, T* U, T* S, T* V) {
-  const int64_t m = sh.m, n = sh.n;
-  T amax;
-  if (!all_finite(A, m * n, amax)) return fill_nan(U, S, V, m, n, sh.k);
-  const int shift = rescale_shift(amax);
-  const T scale = pow2(shift, T(0)), unscale = pow2(-shift, T(0));
-  std::vector<T> scaled;
+const T* wide_view(const T* A, int64_t m, int64_t n, int shift, std::vector<T>& buf) {
+  const T scale = pow2(shift, T(0));
   if (m <= n) {
-    if (shift != 0) {
-      scaled.assign(A, A + m * n);
-      for (T& x : scaled) x *= scale;
-      A = scaled.data();
-    }
-    const Factors<T> f = fused_wide(A, m, n, sh.l, sh.k, n_iter, omega_t);
-    return write_factors(f.Uc.data(), f.Vc.data(), f.s.data(), m, n, sh.k, U, S, V, unscale);
+    if (shift == 0) return A;
+    buf.assign(A, A + m * n);
+    for (T& x : buf) x *= scale;
+    return buf.data();
   }
-  std::vector<T> At(n * m);
+  buf.resize(n * m);
   for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) At[j * m + i] = A[i * n + j] * scale;
-  const Factors<T> f = fused_wide(At.data(), n, m, sh.l, sh.k, n_iter, omega_t);
-  write_factors(f.Vc.data(), f.Uc.data(), f.s.data(), m, n, sh.k, U, S, V, unscale);
+    for (int64_t j = 0; j < n; ++j) buf[j * m + i] = A[i * n + j] * scale;
+  return buf.data();
+}
+
+// Writes the factors of W (wide, as wide_view gave it) as A's: U, V swapped for a tall A.
+template <typename T>
+void write_wide(const T* Uc, const T* Vc, const T* s, int64_t m, int64_t n, int64_t k, T* U, T* S,
+                T* V, T unscale) {
+  if (m <= n) return write_factors(Uc, Vc, s, m, n, k, U, S, V, unscale);
+  write_factors(Vc, Uc, s, m, n, k, U, S, V, unscale);
+}
+
+// The exact path (l = p) for a wide W: W^T (q x p) is W's row-major buffer read column-major,
+// factored by svd_tall; Vc (q x k) and Uc (p x p, its first k columns used) column-major.
+// Compiled twice (baseline and x86-64-v3: AVX2 + FMA), the loader picking the clone for the CPU
+// at hand; `flatten` inlines the dense routines into each clone so they get its instructions.
+template <typename T>
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void exact_wide(
+    const T* W, int64_t p, int64_t q, int64_t k, T* Uc, T* s, T* Vc) {
+  std::vector<T> Wt(W, W + p * q);
+  dense::svd_tall(Wt.data(), q, p, Vc, s, Uc, k);
+}
+
+// The randomized fused path for a wide W (p x q, p small), everything in cache, in three
+// phases so that the small Jacobi SVDs of a group of matrices run together (fused_jacobi).
+// front: Q spans (W W^T)^n_iter W Omega, re-orthonormalised (Householder) after every product;
+// with p small, the p x p Gram matrix G = W W^T makes each power iteration p^2 l instead of
+// 2 p q l flops (same subspace; DESIGN.md §6 on accuracy). Then B = Q^T W is factored exactly
+// from W itself: Z = B^T = W^T Q, Householder Z = Q_h [R; 0]. The products with W (Gram matrix,
+// sketch, W^T Q) are register-tiled (dense::dot_table, dense::combine).
+// jacobi: R = Ur diag(s) Vw^T for the group, one matrix per vector lane.
+// back: only the k leading triplets are formed: Vc = Q_h [Ur; 0] (k columns), Uc = Q Vw (k
+// columns), so W ~ Uc diag(s) Vc^T.
+template <typename T>
+struct Fused {
+  const T* W = nullptr;  // the wide matrix (A's data or buf)
+  std::vector<T> buf, Q, Z, vv, R, Ur, s, Vw;
+  T unscale = 1;
+  int64_t b = 0;  // its index in the batch
+};
+
+template <typename T>
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void fused_front(
+    Fused<T>& f, int64_t p, int64_t q, int64_t l, int64_t n_iter, const T* omega_t) {
+  const T* W = f.W;
+  std::vector<T> G(p * p), Y(p * l);
+  f.Q.resize(p * l);
+  f.Z.resize(q * l);
+  f.R.resize(l * l);
+  dense::dot_table(W, q, p, W, q, p, q, G.data(), p, 1, /*upper=*/true);
+  dense::dot_table(W, q, p, omega_t, q, l, q, Y.data(), 1, p);  // Y = W Omega, column-major
+  dense::orthonormalize(Y.data(), p, l, f.Q.data(), f.vv);
+  for (int64_t it = 0; it < n_iter; ++it) {
+    dense::matmul(G.data(), f.Q.data(), Y.data(), p, p, l);  // G is symmetric
+    dense::orthonormalize(Y.data(), p, l, f.Q.data(), f.vv);
+  }
+  dense::combine(W, q, p, f.Q.data(), p, l, q, f.Z.data(), q);  // Z = W^T Q, column-major
+  dense::householder(f.Z.data(), q, l, f.R.data(), f.vv);
+}
+
+template <typename T>
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void fused_jacobi(
+    Fused<T>* group, int64_t nm, int64_t l) {
+  constexpr int64_t L = dense::Simd<T>::kWidth;
+  const T* R[L];
+  T *Ur[L], *s[L], *Vw[L];
+  for (int64_t t = 0; t < nm; ++t) {
+    Fused<T>& f = group[t];
+    f.Ur.resize(l * l);
+    f.s.resize(l);
+    f.Vw.resize(l * l);
+    R[t] = f.R.data();
+    Ur[t] = f.Ur.data();
+    s[t] = f.s.data();
+    Vw[t] = f.Vw.data();
+  }
+  dense::jacobi_svd_lanes(R, nm, l, Ur, s, Vw);
+}
+
+template <typename T>
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void fused_back(
+    const Fused<T>& f, int64_t p, int64_t q, int64_t l, int64_t k, T* Uc, T* Vc) {
+  dense::apply_q(f.Z.data(), f.vv, q, l, f.Ur.data(), k, Vc);
+  dense::matmul(f.Q.data(), f.Vw.data(), Uc, p, l, k);
+}
+
+// Matrices [b0, b1) of the batch on the fused path: exact shapes one at a time, randomized ones
+// in groups of Simd<T>::kWidth (8 float32, 4 float64). A matrix that is not all finite gets
+// NaN factors.
+template <typename T>
+void fused_range(const T* A, const Shape& sh, int64_t n_iter, const T* omega_t, T* U, T* S, T* V,
+                 int64_t b0, int64_t b1) {
+  const int64_t m = sh.m, n = sh.n, k = sh.k, p = std::min(m, n), q = std::max(m, n), l = sh.l;
+  std::vector<T> Uc(p * p), s(p), Vc(q * k);
+  if (sh.exact()) {
+    std::vector<T> buf;
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* a = A + b * m * n;
+      T *ub = U + b * m * k, *sb = S + b * k, *vb = V + b * n * k, amax;
+      if (!all_finite(a, m * n, amax)) {
+        fill_nan(ub, sb, vb, m, n, k);
+        continue;
+      }
+      const int shift = rescale_shift(amax);
+      exact_wide(wide_view(a, m, n, shift, buf), p, q, k, Uc.data(), s.data(), Vc.data());
+      write_wide(Uc.data(), Vc.data(), s.data(), m, n, k, ub, sb, vb, pow2(-shift, T(0)));
+    }
+    return;
+  }
+  constexpr int64_t L = dense::Simd<T>::kWidth;
+  std::vector<Fused<T>> group(L);
+  for (int64_t g0 = b0; g0 < b1; g0 += L) {
+    int64_t nm = 0;
+    for (int64_t b = g0; b < std::min(b1, g0 + L); ++b) {
+      const T* a = A + b * m * n;
+      T amax;
+      if (!all_finite(a, m * n, amax)) {
+        fill_nan(U + b * m * k, S + b * k, V + b * n * k, m, n, k);
+        continue;
+      }
+      Fused<T>& f = group[nm++];
+      const int shift = rescale_shift(amax);
+      f.W = wide_view(a, m, n, shift, f.buf);
+      f.unscale = pow2(-shift, T(0));
+      f.b = b;
+      fused_front(f, p, q, l, n_iter, omega_t);
+    }
+    if (nm == 0) continue;
+    fused_jacobi(group.data(), nm, l);
+    for (int64_t t = 0; t < nm; ++t) {
+      const Fused<T>& f = group[t];
+      fused_back(f, p, q, l, k, Uc.data(), Vc.data());
+      write_wide(Uc.data(), Vc.data(), f.s.data(), m, n, k, U + f.b * m * k, S + f.b * k,
+                 V + f.b * n * k, f.unscale);
+    }
+  }
 }
 
 // Matrices whose short side exceeds this take the BLAS path on the randomized branch: the
@@ -264,10 +344,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A_in, 
     const T* om = omega_t.defined() ? omega_t.data_ptr<T>() : nullptr;
     T *u = U.data_ptr<T>(), *s = S.data_ptr<T>(), *v = V.data_ptr<T>();
     at::parallel_for(0, sh.batch, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        rsvd_matrix<T>(a + b * sh.m * sh.n, sh, n_iter, om, u + b * sh.m * k, s + b * k,
-                       v + b * sh.n * k);
-      }
+      fused_range<T>(a, sh, n_iter, om, u, s, v, b0, b1);
     });
   });
   return {U, S, V};
