@@ -169,15 +169,19 @@ def test_reproducible_and_batch_independent(device, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(11, 40, 24), (13, 16, 100), (9, 30, 70)])
 def test_fused_groups_do_not_change_a_matrix(dtype, shape):
-    """The CPU's fused path runs the small Jacobi SVDs of 8 (float32) or 4 (float64) matrices
-    at once, one per vector lane, and a lane goes on being swept (by identity rotations) while
-    the others converge. Each matrix's result must still be what it gets alone, bit for bit:
+    """The CPU's fused path runs the small QRs and Jacobi SVDs of 8 (float32) or 4 (float64)
+    matrices at once, one per vector lane, and a lane goes on being swept (by identity rotations)
+    while the others converge. Each matrix's result must still be what it gets alone, bit for bit:
     in batches that are not a multiple of the group, tall and wide, with a non-finite matrix
-    (NaN factors, left out of its group) and a zero matrix among them."""
+    (NaN factors, left out of its group), a zero matrix, a rank-one one and one with graded rows among them."""
     A = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(shape[0]))
     A[3] = float("nan")
     A[5] = 0.0
     A[1] *= 1e30 if dtype == torch.float32 else 1e300  # rescaled before factoring
+    A[7] = torch.outer(A[7, :, 0], A[7, 0, :])  # rank one
+    # graded rows: the range finder's later columns have norms below 2^-42 (2^-341 in float64),
+    # which the lane QR hands to the scalar one (it rescales such columns)
+    A[8, 1:] *= 1e-20 if dtype == torch.float32 else 1e-120
     U, S, V = ops.rsvd(A, 3)
     assert torch.isnan(U[3]).all() and torch.isnan(S[3]).all() and torch.isnan(V[3]).all()
     for i in range(shape[0]):

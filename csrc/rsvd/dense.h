@@ -290,6 +290,90 @@ void orthonormalize(T* W, int64_t p, int64_t q, T* Q, std::vector<T>& vv) {
   }
 }
 
+// orthonormalize for up to Simd<T>::kWidth matrices at once, matrix t in vector lane t: Y[t]
+// (p x q, column-major, left unchanged) gives Q[t], by the same Householder steps as
+// orthonormalize (a zero column gets the identity as its reflector), with the sums taken in
+// another order. The per-column scalars (a norm, a division) and the short dots, latency-bound
+// for one small matrix, serve every lane at once. A matrix with a nonzero column whose norm
+// leaves squares_are_safe's range (rounding noise of a rank-deficient input) is redone alone by
+// orthonormalize, which rescales such columns: which routine a matrix gets depends on its data
+// only, never on its group.
+template <typename T>
+void orthonormalize_lanes(const T* const* Y, int64_t nm, int64_t p, int64_t q, T* const* Q) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int64_t L = S::kWidth;
+  // element (i, c) of lane t at ((c * p + i) * L + t); spare lanes get identity columns
+  std::vector<T> W(p * q * L), Qv(p * q * L, T(0)), f(q * L);
+  for (int64_t c = 0; c < q; ++c)
+    for (int64_t i = 0; i < p; ++i)
+      for (int64_t t = 0; t < L; ++t) W[(c * p + i) * L + t] = t < nm ? Y[t][c * p + i] : T(i == c);
+  bool unsafe[L] = {};
+  T ss[L], am[L], vv[L];
+  for (int64_t j = 0; j < q; ++j) {
+    T* v = W.data() + (j * p + j) * L;
+    const int64_t len = p - j;
+    V acc = {};
+    for (int64_t i = 0; i < len; ++i) {
+      const V x = S::load(v + i * L);
+      acc += x * x;
+    }
+    std::memcpy(ss, &acc, sizeof acc);
+    std::fill(am, am + L, T(0));
+    for (int64_t i = 0; i < len; ++i)
+      for (int64_t t = 0; t < L; ++t) am[t] = std::max(am[t], std::abs(v[i * L + t]));
+    for (int64_t t = 0; t < L; ++t) {  // the reflector's head, as householder() makes it
+      const T alpha = std::sqrt(ss[t]);
+      unsafe[t] = unsafe[t] || (am[t] > T(0) && !squares_are_safe(alpha));
+      const T beta = alpha == T(0) ? T(0) : (v[t] >= T(0) ? -alpha : alpha);
+      v[t] -= beta;
+    }
+    acc = V{};
+    for (int64_t i = 0; i < len; ++i) {
+      const V x = S::load(v + i * L);
+      acc += x * x;
+    }
+    std::memcpy(vv, &acc, sizeof acc);
+    for (int64_t t = 0; t < L; ++t) f[j * L + t] = vv[t] == T(0) ? T(0) : T(-2) / vv[t];
+    const V fj = S::load(&f[j * L]);
+    for (int64_t c = j + 1; c < q; ++c) {  // the trailing columns: w -= 2 (v . w) / vv v
+      T* w = W.data() + (c * p + j) * L;
+      V d = {};
+      for (int64_t i = 0; i < len; ++i) d += S::load(v + i * L) * S::load(w + i * L);
+      const V coef = fj * d;
+      for (int64_t i = 0; i < len; ++i) {
+        const V x = S::load(w + i * L) + coef * S::load(v + i * L);
+        std::memcpy(w + i * L, &x, sizeof x);
+      }
+    }
+  }
+  // Q = H_0 ... H_{q-1} [I; 0], column c from H_c ... H_0 alone (as orthonormalize)
+  for (int64_t c = 0; c < q; ++c) {
+    for (int64_t t = 0; t < L; ++t) Qv[(c * p + c) * L + t] = T(1);
+    for (int64_t j = c; j >= 0; --j) {
+      const T* v = W.data() + (j * p + j) * L;
+      T* col = Qv.data() + (c * p + j) * L;
+      const int64_t len = p - j;
+      V d = {};
+      for (int64_t i = 0; i < len; ++i) d += S::load(v + i * L) * S::load(col + i * L);
+      const V coef = S::load(&f[j * L]) * d;
+      for (int64_t i = 0; i < len; ++i) {
+        const V x = S::load(col + i * L) + coef * S::load(v + i * L);
+        std::memcpy(col + i * L, &x, sizeof x);
+      }
+    }
+  }
+  std::vector<T> y, vv_scalar;
+  for (int64_t t = 0; t < nm; ++t) {
+    if (unsafe[t]) {
+      y.assign(Y[t], Y[t] + p * q);
+      orthonormalize(y.data(), p, q, Q[t], vv_scalar);
+      continue;
+    }
+    for (int64_t e = 0; e < p * q; ++e) Q[t][e] = Qv[e * L + t];
+  }
+}
+
 // Replaces the columns of U (p x q, orthonormal where valid[c]) that are not valid by unit
 // vectors orthogonal to all others (Gram-Schmidt, twice, on standard basis vectors).
 template <typename T>

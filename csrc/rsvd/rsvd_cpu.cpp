@@ -125,40 +125,67 @@ __attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void exact_
   dense::svd_tall(Wt.data(), q, p, Vc, s, Uc, k);
 }
 
-// The randomized fused path for a wide W (p x q, p small), everything in cache, in three
-// phases so that the small Jacobi SVDs of a group of matrices run together (fused_jacobi).
-// front: Q spans (W W^T)^n_iter W Omega, re-orthonormalised (Householder) after every product;
-// with p small, the p x p Gram matrix G = W W^T makes each power iteration p^2 l instead of
-// 2 p q l flops (same subspace; DESIGN.md §6 on accuracy). Then B = Q^T W is factored exactly
-// from W itself: Z = B^T = W^T Q, Householder Z = Q_h [R; 0]. The products with W (Gram matrix,
-// sketch, W^T Q) are register-tiled (dense::dot_table, dense::combine).
-// jacobi: R = Ur diag(s) Vw^T for the group, one matrix per vector lane.
-// back: only the k leading triplets are formed: Vc = Q_h [Ur; 0] (k columns), Uc = Q Vw (k
-// columns), so W ~ Uc diag(s) Vc^T.
+// The randomized fused path for a wide W (p x q, p small), everything in cache, in phases so
+// that the small dense steps of a group of matrices (Simd<T>::kWidth of them: the QRs of the
+// p x l range finder, the Jacobi SVDs) run together, one matrix per vector lane (dense.h's
+// *_lanes routines; a matrix's result does not depend on its group).
+// Range finder: Q spans (W W^T)^n_iter W Omega, re-orthonormalised (Householder) after every
+// product; with p small, the p x p Gram matrix G = W W^T makes each power iteration p^2 l
+// instead of 2 p q l flops (same subspace; DESIGN.md §6 on accuracy). Then B = Q^T W is factored
+// exactly from W itself: Z = B^T = W^T Q, Householder Z = Q_h [R; 0], R = Ur diag(s) Vw^T
+// (Jacobi), and only the k leading triplets are formed: Vc = Q_h [Ur; 0] and Uc = Q Vw (k
+// columns each), so W ~ Uc diag(s) Vc^T. The products with W (Gram matrix, sketch, W^T Q) are
+// register-tiled (dense::dot_table, dense::combine).
 template <typename T>
 struct Fused {
   const T* W = nullptr;  // the wide matrix (A's data or buf)
-  std::vector<T> buf, Q, Z, vv, R, Ur, s, Vw;
+  std::vector<T> buf, G, Y, Q, Z, vv, R, Ur, s, Vw;
   T unscale = 1;
   int64_t b = 0;  // its index in the batch
 };
 
+// G = W W^T and the sketch Y = W Omega (column-major p x l).
 template <typename T>
-__attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void fused_front(
-    Fused<T>& f, int64_t p, int64_t q, int64_t l, int64_t n_iter, const T* omega_t) {
-  const T* W = f.W;
-  std::vector<T> G(p * p), Y(p * l);
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void fused_sketch(
+    Fused<T>& f, int64_t p, int64_t q, int64_t l, const T* omega_t) {
+  f.G.resize(p * p);
+  f.Y.resize(p * l);
   f.Q.resize(p * l);
+  dense::dot_table(f.W, q, p, f.W, q, p, q, f.G.data(), p, 1, /*upper=*/true);
+  dense::dot_table(f.W, q, p, omega_t, q, l, q, f.Y.data(), 1, p);
+}
+
+// Q = orth(Y) for each matrix of the group.
+template <typename T>
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void fused_orth(
+    Fused<T>* group, int64_t nm, int64_t p, int64_t l) {
+  constexpr int64_t L = dense::Simd<T>::kWidth;
+  const T* Y[L];
+  T* Q[L];
+  for (int64_t t = 0; t < nm; ++t) {
+    Y[t] = group[t].Y.data();
+    Q[t] = group[t].Q.data();
+  }
+  dense::orthonormalize_lanes(Y, nm, p, l, Q);
+}
+
+// Y = G Q (G is symmetric): one power iteration's product.
+template <typename T>
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void fused_power(Fused<T>& f,
+                                                                                      int64_t p,
+                                                                                      int64_t l) {
+  dense::matmul(f.G.data(), f.Q.data(), f.Y.data(), p, p, l);
+}
+
+// Z = W^T Q (column-major q x l) and its Householder QR, Z = Q_h [R; 0].
+template <typename T>
+__attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void fused_project(Fused<T>& f,
+                                                                                        int64_t p,
+                                                                                        int64_t q,
+                                                                                        int64_t l) {
   f.Z.resize(q * l);
   f.R.resize(l * l);
-  dense::dot_table(W, q, p, W, q, p, q, G.data(), p, 1, /*upper=*/true);
-  dense::dot_table(W, q, p, omega_t, q, l, q, Y.data(), 1, p);  // Y = W Omega, column-major
-  dense::orthonormalize(Y.data(), p, l, f.Q.data(), f.vv);
-  for (int64_t it = 0; it < n_iter; ++it) {
-    dense::matmul(G.data(), f.Q.data(), Y.data(), p, p, l);  // G is symmetric
-    dense::orthonormalize(Y.data(), p, l, f.Q.data(), f.vv);
-  }
-  dense::combine(W, q, p, f.Q.data(), p, l, q, f.Z.data(), q);  // Z = W^T Q, column-major
+  dense::combine(f.W, q, p, f.Q.data(), p, l, q, f.Z.data(), q);
   dense::householder(f.Z.data(), q, l, f.R.data(), f.vv);
 }
 
@@ -227,9 +254,15 @@ void fused_range(const T* A, const Shape& sh, int64_t n_iter, const T* omega_t, 
       f.W = wide_view(a, m, n, shift, f.buf);
       f.unscale = pow2(-shift, T(0));
       f.b = b;
-      fused_front(f, p, q, l, n_iter, omega_t);
+      fused_sketch(f, p, q, l, omega_t);
     }
     if (nm == 0) continue;
+    fused_orth(group.data(), nm, p, l);
+    for (int64_t it = 0; it < n_iter; ++it) {
+      for (int64_t t = 0; t < nm; ++t) fused_power(group[t], p, l);
+      fused_orth(group.data(), nm, p, l);
+    }
+    for (int64_t t = 0; t < nm; ++t) fused_project(group[t], p, q, l);
     fused_jacobi(group.data(), nm, l);
     for (int64_t t = 0; t < nm; ++t) {
       const Fused<T>& f = group[t];
