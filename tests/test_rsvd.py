@@ -171,9 +171,10 @@ def test_reproducible_and_batch_independent(device, shape):
 def test_fused_groups_do_not_change_a_matrix(dtype, shape):
     """The CPU's fused path runs the small QRs and Jacobi SVDs of 8 (float32) or 4 (float64)
     matrices at once, one per vector lane, and a lane goes on being swept (by identity rotations)
-    while the others converge. Each matrix's result must still be what it gets alone, bit for bit:
-    in batches that are not a multiple of the group, tall and wide, with a non-finite matrix
-    (NaN factors, left out of its group), a zero matrix, a rank-one one and one with graded rows among them."""
+    while the others converge. Each matrix's result must still be what it gets alone, bit for
+    bit: in batches that are not a multiple of the group, tall and wide, with a non-finite
+    matrix (NaN factors, left out of its group), a zero matrix, a rank-one one and one with
+    graded rows among them."""
     A = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(shape[0]))
     A[3] = float("nan")
     A[5] = 0.0
