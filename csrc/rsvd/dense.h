@@ -1,6 +1,7 @@
-// Small dense linear algebra for one matrix at a time, in cache, on the CPU: the building blocks
-// of the fused rsvd kernel. Matrices are column-major (column c of a p x q matrix W starts at
-// W + c * p) unless a comment says otherwise.
+// Small dense linear algebra in cache on the CPU: the building blocks of the rsvd kernels, for one
+// matrix at a time, and (the *_lanes routines) for a group of matrices at once, one per vector
+// lane. Matrices are column-major (column c of a p x q matrix W starts at W + c * p) unless a
+// comment says otherwise.
 #pragma once
 
 #include <algorithm>

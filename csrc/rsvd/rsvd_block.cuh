@@ -227,7 +227,7 @@ LSEF_BLOCK_HD bool finite(A x) {
   return x - x == A(0);  // false for NaN and +-Inf
 }
 
-// The fused path for one matrix, as rsvd_cpu.cpp's fused_wide + write_factors: with the p x p
+// The fused path for one matrix, as rsvd_cpu.cpp's fused_range + write_factors: with the p x p
 // Gram matrix G = W W^T formed in the same pass over W as the sketch Y = W Omega, each power
 // iteration is Q = orth(G Q); then Z = W^T Q (a second pass over W) goes to tail(). The exact
 // path (l = p) copies W^T into Z. omega_t is Omega^T (l x q, row-major), null when exact.

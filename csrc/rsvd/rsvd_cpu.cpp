@@ -281,7 +281,7 @@ int64_t fused_max_side() { return env_int("LSEF_RSVD_FUSED_MAX_SIDE", 192); }
 
 // Householder-orthonormalises matrices [b0, b1) of y (column-major p x l each) into q; and the
 // tail's thin SVDs of z's (column-major q x l) matrices, k columns of their left factors formed.
-// Compiled for x86-64-v3 and the baseline as fused_wide is.
+// Compiled for x86-64-v3 and the baseline as the fused path's kernels are.
 template <typename T>
 __attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void orthonormalize_range(
     T* y, T* q, int64_t p, int64_t l, int64_t b0, int64_t b1) {
@@ -309,9 +309,9 @@ at::Tensor orthonormalize(const at::Tensor& Y) {
 }
 
 // BLAS path for large matrices: the shared large-path driver (rsvd_host.h: the same range
-// finder as fused_wide without the Gram matrix, which for a large short side costs more than the
-// products; products through ATen, BLAS-3), then per matrix the exact SVD of the projection,
-// Uc = Q Vw, signs and outputs.
+// finder as the fused path without the Gram matrix, which for a large short side costs more
+// than the products; products through ATen, BLAS-3), then per matrix the exact SVD of the
+// projection, Uc = Q Vw (k columns), signs and outputs.
 template <typename T>
 void blas(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor& omega_t,
           at::Tensor& U, at::Tensor& S, at::Tensor& V) {
