@@ -249,7 +249,6 @@ LSEF_BLOCK_FN void matmul(Ctx& ctx, const A* X, const A* B, A* C, int64_t n, int
 // |g| <= eps sqrt(a b); the sweeps stop when one rotates nothing, after kMaxSweeps at most.
 template <class Ctx, typename A>
 LSEF_BLOCK_FN void jacobi(Ctx& ctx, A* X, A* V, int c) {
-  using std::abs;
   using std::sqrt;
   for (int64_t e = ctx.tid; e < int64_t{c} * c; e += kThreads) V[e] = A(e % c == e / c ? 1 : 0);
   ctx.sync();
@@ -259,13 +258,8 @@ LSEF_BLOCK_FN void jacobi(Ctx& ctx, A* X, A* V, int c) {
     bool rotated = false;
     for (int round = 0; round < players - 1; ++round) {
       for (int slot = ctx.warp; slot < players / 2; slot += kWarps) {
-        int a = round, b = players - 1;
-        if (slot > 0) {
-          a = (round + slot) % (players - 1);
-          b = (round - slot + players - 1) % (players - 1);
-        }
-        const int i = a < b ? a : b, j = a < b ? b : a;
-        if (j >= c) continue;
+        int i, j;
+        if (!round_robin_pair(round, slot, c, i, j)) continue;
         A* xi = X + i * c;
         A* xj = X + j * c;
         A sa = 0, sb = 0, sg = 0;
@@ -275,10 +269,9 @@ LSEF_BLOCK_FN void jacobi(Ctx& ctx, A* X, A* V, int c) {
           sg += xi[r] * xj[r];
         }
         const A aa = warp_sum(ctx, sa), bb = warp_sum(ctx, sb), g = warp_sum(ctx, sg);
-        if (abs(g) <= eps * sqrt(aa * bb) || g == A(0)) continue;
+        A cs, sn;
+        if (!jacobi_rotation(aa, bb, g, eps, inv_sqrt_eps, cs, sn)) continue;
         rotated = true;
-        const A t = rotation_tangent(aa, bb, g, inv_sqrt_eps);
-        const A cs = A(1) / sqrt(A(1) + t * t), sn = cs * t;
         for (int pass = 0; pass < 2; ++pass) {
           A* u = (pass == 0 ? X : V) + i * c;
           A* w = (pass == 0 ? X : V) + j * c;

@@ -291,6 +291,22 @@ void orthonormalize(T* W, int64_t p, int64_t q, T* Q, std::vector<T>& vv) {
   }
 }
 
+// w += (f (v . w)) v in every lane, for a reflector v and a column w of length len in the lane
+// layout (element i of lane t at i * L + t) and the lanes' factors f (-2 / v . v, or 0 for an
+// identity reflector): reflect() for a group of matrices.
+template <typename T>
+void reflect_lanes(const T* v, const T* f, int64_t len, T* w) {
+  using S = Simd<T>;
+  constexpr int64_t L = S::kWidth;
+  typename S::V d = {};
+  for (int64_t i = 0; i < len; ++i) d += S::load(v + i * L) * S::load(w + i * L);
+  const typename S::V coef = S::load(f) * d;
+  for (int64_t i = 0; i < len; ++i) {
+    const typename S::V x = S::load(w + i * L) + coef * S::load(v + i * L);
+    std::memcpy(w + i * L, &x, sizeof x);
+  }
+}
+
 // orthonormalize for up to Simd<T>::kWidth matrices at once, matrix t in vector lane t: Y[t]
 // (p x q, column-major, left unchanged) gives Q[t], by the same Householder steps as
 // orthonormalize (a zero column gets the identity as its reflector), with the sums taken in
@@ -336,33 +352,14 @@ void orthonormalize_lanes(const T* const* Y, int64_t nm, int64_t p, int64_t q, T
     }
     std::memcpy(vv, &acc, sizeof acc);
     for (int64_t t = 0; t < L; ++t) f[j * L + t] = vv[t] == T(0) ? T(0) : T(-2) / vv[t];
-    const V fj = S::load(&f[j * L]);
-    for (int64_t c = j + 1; c < q; ++c) {  // the trailing columns: w -= 2 (v . w) / vv v
-      T* w = W.data() + (c * p + j) * L;
-      V d = {};
-      for (int64_t i = 0; i < len; ++i) d += S::load(v + i * L) * S::load(w + i * L);
-      const V coef = fj * d;
-      for (int64_t i = 0; i < len; ++i) {
-        const V x = S::load(w + i * L) + coef * S::load(v + i * L);
-        std::memcpy(w + i * L, &x, sizeof x);
-      }
-    }
+    for (int64_t c = j + 1; c < q; ++c)  // the trailing columns: w -= 2 (v . w) / vv v
+      reflect_lanes(v, &f[j * L], len, W.data() + (c * p + j) * L);
   }
   // Q = H_0 ... H_{q-1} [I; 0], column c from H_c ... H_0 alone (as orthonormalize)
   for (int64_t c = 0; c < q; ++c) {
     for (int64_t t = 0; t < L; ++t) Qv[(c * p + c) * L + t] = T(1);
-    for (int64_t j = c; j >= 0; --j) {
-      const T* v = W.data() + (j * p + j) * L;
-      T* col = Qv.data() + (c * p + j) * L;
-      const int64_t len = p - j;
-      V d = {};
-      for (int64_t i = 0; i < len; ++i) d += S::load(v + i * L) * S::load(col + i * L);
-      const V coef = S::load(&f[j * L]) * d;
-      for (int64_t i = 0; i < len; ++i) {
-        const V x = S::load(col + i * L) + coef * S::load(v + i * L);
-        std::memcpy(col + i * L, &x, sizeof x);
-      }
-    }
+    for (int64_t j = c; j >= 0; --j)
+      reflect_lanes(W.data() + (j * p + j) * L, &f[j * L], p - j, Qv.data() + (c * p + j) * L);
   }
   std::vector<T> y, vv_scalar;
   for (int64_t t = 0; t < nm; ++t) {
@@ -444,8 +441,8 @@ void jacobi_svd(const T* R, int64_t q, T* Ur, T* s, T* Vr) {
     Vacc[c * ld + c] = T(1);
   }
   const T eps = std::numeric_limits<T>::epsilon(), inv_sqrt_eps = T(1) / std::sqrt(eps);
-  // Each sweep visits the pairs in the round-robin order of the CUDA block code: q - 1 rounds
-  // (q for odd q, with a dummy column) of disjoint pairs. Pairs of a round share no column, so
+  // Each sweep visits the pairs in the round-robin order of the CUDA block code
+  // (rsvd::round_robin_pair): rounds of disjoint pairs. Pairs of a round share no column, so
   // the processor overlaps their rotations, whose scalar part (divisions, square roots) is a
   // long dependent chain; visited row by row, each pair waited for the previous one's.
   const int64_t players = q + (q & 1);
@@ -453,13 +450,8 @@ void jacobi_svd(const T* R, int64_t q, T* Ur, T* s, T* Vr) {
     bool rotated = false;
     for (int64_t round = 0; round < players - 1; ++round) {
       for (int64_t slot = 0; slot < players / 2; ++slot) {
-        int64_t pa = round, pb = players - 1;
-        if (slot > 0) {
-          pa = (round + slot) % (players - 1);
-          pb = (round - slot + players - 1) % (players - 1);
-        }
-        const int64_t i = std::min(pa, pb), j = std::max(pa, pb);
-        if (j >= q) continue;
+        int64_t i, j;
+        if (!rsvd::round_robin_pair(round, slot, q, i, j)) continue;
         T* xi = X.data() + i * ld;
         T* xj = X.data() + j * ld;
         typename S::V va = {}, vb = {}, vg = {};  // the three dots in one pass over the pair
@@ -469,11 +461,10 @@ void jacobi_svd(const T* R, int64_t q, T* Ur, T* s, T* Vr) {
           vb += w * w;
           vg += u * w;
         }
-        const T a = S::sum(va), b = S::sum(vb), g = S::sum(vg);
-        if (std::abs(g) <= eps * std::sqrt(a * b) || g == T(0)) continue;
+        T cs, sn;
+        if (!rsvd::jacobi_rotation(S::sum(va), S::sum(vb), S::sum(vg), eps, inv_sqrt_eps, cs, sn))
+          continue;
         rotated = true;
-        const T t = rsvd::rotation_tangent(a, b, g, inv_sqrt_eps);
-        const T cs = T(1) / std::sqrt(T(1) + t * t), sn = cs * t;
         for (T* pair : {X.data(), Vacc.data()}) {
           T* u = pair + i * ld;
           T* w = pair + j * ld;
@@ -527,14 +518,7 @@ void jacobi_svd_lanes(const T* const* R, int64_t nm, int64_t q, T* const* Ur, T*
     for (int64_t round = 0; round < players - 1; ++round) {
       int64_t n = 0;
       for (int64_t slot = 0; slot < half; ++slot) {
-        int64_t u = round, w = players - 1;
-        if (slot > 0) {
-          u = (round + slot) % (players - 1);
-          w = (round - slot + players - 1) % (players - 1);
-        }
-        if (std::max(u, w) >= q) continue;
-        pi[n] = std::min(u, w);
-        pj[n] = std::max(u, w);
+        if (!rsvd::round_robin_pair(round, slot, q, pi[n], pj[n])) continue;
         const T* xi = X.data() + pi[n] * q * L;
         const T* xj = X.data() + pj[n] * q * L;
         V a0 = {}, b0 = {}, g0 = {}, a1 = {}, b1 = {}, g1 = {};  // two chains each
@@ -562,14 +546,8 @@ void jacobi_svd_lanes(const T* const* R, int64_t nm, int64_t q, T* const* Ur, T*
         ++n;
       }
       int any = 0;
-      for (int64_t e = 0; e < n * L; ++e) {
-        const bool skip = std::abs(lg[e]) <= eps * std::sqrt(la[e] * lb[e]) || lg[e] == T(0);
-        const T gt = skip ? T(1) : lg[e];  // no 0/0 in the lanes that are left alone
-        const T tan = skip ? T(0) : rsvd::rotation_tangent(la[e], lb[e], gt, inv_sqrt_eps);
-        lc[e] = T(1) / std::sqrt(T(1) + tan * tan);
-        ls[e] = lc[e] * tan;
-        any |= !skip;
-      }
+      for (int64_t e = 0; e < n * L; ++e)
+        any |= rsvd::jacobi_rotation(la[e], lb[e], lg[e], eps, inv_sqrt_eps, lc[e], ls[e]);
       if (!any) continue;
       rotated = true;
       for (int64_t e = 0; e < n; ++e) {
