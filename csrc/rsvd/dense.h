@@ -284,9 +284,7 @@ void orthonormalize(T* W, int64_t p, int64_t q, T* Q, std::vector<T>& vv) {
     Q[c * p + c] = T(1);
     for (int64_t j = c; j >= 0; --j) {
       if (vv[j] == T(0)) continue;
-      const T* v = W + j * p + j;
-      T* col = Q + c * p + j;
-      axpy(-T(2) * dot(v, col, p - j) / vv[j], v, col, p - j);
+      reflect(W + j * p + j, vv[j], p - j, Q + c * p + j, p, 1);
     }
   }
 }
