@@ -289,16 +289,25 @@ void orthonormalize(T* W, int64_t p, int64_t q, T* Q, std::vector<T>& vv) {
   }
 }
 
+// x . y in every lane, for two columns of length len in the lane layout (element i of lane t at
+// i * L + t): dot() for a group of matrices.
+template <typename T>
+typename Simd<T>::V dot_lanes(const T* x, const T* y, int64_t len) {
+  using S = Simd<T>;
+  constexpr int64_t L = S::kWidth;
+  typename S::V d = {};
+  for (int64_t i = 0; i < len; ++i) d += S::load(x + i * L) * S::load(y + i * L);
+  return d;
+}
+
 // w += (f (v . w)) v in every lane, for a reflector v and a column w of length len in the lane
-// layout (element i of lane t at i * L + t) and the lanes' factors f (-2 / v . v, or 0 for an
-// identity reflector): reflect() for a group of matrices.
+// layout and the lanes' factors f (-2 / v . v, or 0 for an identity reflector): reflect() for a
+// group of matrices.
 template <typename T>
 void reflect_lanes(const T* v, const T* f, int64_t len, T* w) {
   using S = Simd<T>;
   constexpr int64_t L = S::kWidth;
-  typename S::V d = {};
-  for (int64_t i = 0; i < len; ++i) d += S::load(v + i * L) * S::load(w + i * L);
-  const typename S::V coef = S::load(f) * d;
+  const typename S::V coef = S::load(f) * dot_lanes(v, w, len);
   for (int64_t i = 0; i < len; ++i) {
     const typename S::V x = S::load(w + i * L) + coef * S::load(v + i * L);
     std::memcpy(w + i * L, &x, sizeof x);
@@ -328,12 +337,8 @@ void orthonormalize_lanes(const T* const* Y, int64_t nm, int64_t p, int64_t q, T
   for (int64_t j = 0; j < q; ++j) {
     T* v = W.data() + (j * p + j) * L;
     const int64_t len = p - j;
-    V acc = {};
-    for (int64_t i = 0; i < len; ++i) {
-      const V x = S::load(v + i * L);
-      acc += x * x;
-    }
-    std::memcpy(ss, &acc, sizeof acc);
+    const V sq = dot_lanes(v, v, len);
+    std::memcpy(ss, &sq, sizeof sq);
     std::fill(am, am + L, T(0));
     for (int64_t i = 0; i < len; ++i)
       for (int64_t t = 0; t < L; ++t) am[t] = std::max(am[t], std::abs(v[i * L + t]));
@@ -343,12 +348,8 @@ void orthonormalize_lanes(const T* const* Y, int64_t nm, int64_t p, int64_t q, T
       const T beta = alpha == T(0) ? T(0) : (v[t] >= T(0) ? -alpha : alpha);
       v[t] -= beta;
     }
-    acc = V{};
-    for (int64_t i = 0; i < len; ++i) {
-      const V x = S::load(v + i * L);
-      acc += x * x;
-    }
-    std::memcpy(vv, &acc, sizeof acc);
+    const V vsq = dot_lanes(v, v, len);
+    std::memcpy(vv, &vsq, sizeof vsq);
     for (int64_t t = 0; t < L; ++t) f[j * L + t] = vv[t] == T(0) ? T(0) : T(-2) / vv[t];
     for (int64_t c = j + 1; c < q; ++c)  // the trailing columns: w -= 2 (v . w) / vv v
       reflect_lanes(v, &f[j * L], len, W.data() + (c * p + j) * L);
