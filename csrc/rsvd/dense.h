@@ -29,10 +29,11 @@ struct Simd {
     std::memcpy(&v, p, sizeof v);
     return v;
   }
+  static void store(T* p, const V& v) { std::memcpy(p, &v, sizeof v); }
   // The lanes' sum as a tree (log2 kWidth dependent adds, not kWidth - 1).
   static T sum(const V& v) {
     T h[kWidth];
-    std::memcpy(h, &v, sizeof v);
+    store(h, v);
     for (int64_t w = kWidth / 2; w > 0; w /= 2)
       for (int64_t t = 0; t < w; ++t) h[t] += h[t + w];
     return h[0];
@@ -144,8 +145,8 @@ void combine_tile(const T* A, int64_t lda, int64_t na, const T* coef, int64_t ld
       }
     }
     for (int c = 0; c < TC; ++c) {
-      std::memcpy(C + c * ldC + t, &acc[c][0], sizeof acc[c][0]);
-      std::memcpy(C + c * ldC + t + S::kWidth, &acc[c][1], sizeof acc[c][1]);
+      S::store(C + c * ldC + t, acc[c][0]);
+      S::store(C + c * ldC + t + S::kWidth, acc[c][1]);
     }
   }
   for (; t < n; ++t)
@@ -310,7 +311,7 @@ void reflect_lanes(const T* v, const T* f, int64_t len, T* w) {
   const typename S::V coef = S::load(f) * dot_lanes(v, w, len);
   for (int64_t i = 0; i < len; ++i) {
     const typename S::V x = S::load(w + i * L) + coef * S::load(v + i * L);
-    std::memcpy(w + i * L, &x, sizeof x);
+    S::store(w + i * L, x);
   }
 }
 
@@ -338,7 +339,7 @@ void orthonormalize_lanes(const T* const* Y, int64_t nm, int64_t p, int64_t q, T
     T* v = W.data() + (j * p + j) * L;
     const int64_t len = p - j;
     const V sq = dot_lanes(v, v, len);
-    std::memcpy(ss, &sq, sizeof sq);
+    S::store(ss, sq);
     std::fill(am, am + L, T(0));
     for (int64_t i = 0; i < len; ++i)
       for (int64_t t = 0; t < L; ++t) am[t] = std::max(am[t], std::abs(v[i * L + t]));
@@ -349,7 +350,7 @@ void orthonormalize_lanes(const T* const* Y, int64_t nm, int64_t p, int64_t q, T
       v[t] -= beta;
     }
     const V vsq = dot_lanes(v, v, len);
-    std::memcpy(vv, &vsq, sizeof vsq);
+    S::store(vv, vsq);
     for (int64_t t = 0; t < L; ++t) f[j * L + t] = vv[t] == T(0) ? T(0) : T(-2) / vv[t];
     for (int64_t c = j + 1; c < q; ++c)  // the trailing columns: w -= 2 (v . w) / vv v
       reflect_lanes(v, &f[j * L], len, W.data() + (c * p + j) * L);
@@ -470,8 +471,8 @@ void jacobi_svd(const T* R, int64_t q, T* Ur, T* s, T* Vr) {
           for (int64_t r = 0; r < ld; r += S::kWidth) {
             const typename S::V ur = S::load(u + r), wr = S::load(w + r);
             const typename S::V nu = cs * ur - sn * wr, nw = sn * ur + cs * wr;
-            std::memcpy(u + r, &nu, sizeof nu);
-            std::memcpy(w + r, &nw, sizeof nw);
+            S::store(u + r, nu);
+            S::store(w + r, nw);
           }
         }
       }
@@ -538,10 +539,9 @@ void jacobi_svd_lanes(const T* const* R, int64_t nm, int64_t q, T* const* Ur, T*
           b0 += w0 * w0;
           g0 += u0 * w0;
         }
-        const V a = a0 + a1, b = b0 + b1, g = g0 + g1;
-        std::memcpy(&la[n * L], &a, sizeof a);
-        std::memcpy(&lb[n * L], &b, sizeof b);
-        std::memcpy(&lg[n * L], &g, sizeof g);
+        S::store(&la[n * L], a0 + a1);
+        S::store(&lb[n * L], b0 + b1);
+        S::store(&lg[n * L], g0 + g1);
         ++n;
       }
       int any = 0;
@@ -550,17 +550,15 @@ void jacobi_svd_lanes(const T* const* R, int64_t nm, int64_t q, T* const* Ur, T*
       if (!any) continue;
       rotated = true;
       for (int64_t e = 0; e < n; ++e) {
-        V cs, sn;
-        std::memcpy(&cs, &lc[e * L], sizeof cs);
-        std::memcpy(&sn, &ls[e * L], sizeof sn);
+        const V cs = S::load(&lc[e * L]), sn = S::load(&ls[e * L]);
         for (T* pair : {X.data(), Vacc.data()}) {
           T* u = pair + pi[e] * q * L;
           T* w = pair + pj[e] * q * L;
           for (int64_t r = 0; r < q; ++r) {
             const V ur = S::load(u + r * L), wr = S::load(w + r * L);
             const V nu = cs * ur - sn * wr, nw = sn * ur + cs * wr;
-            std::memcpy(u + r * L, &nu, sizeof nu);
-            std::memcpy(w + r * L, &nw, sizeof nw);
+            S::store(u + r * L, nu);
+            S::store(w + r * L, nw);
           }
         }
       }
