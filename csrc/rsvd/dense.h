@@ -400,6 +400,19 @@ void complete_orthonormal(T* U, int64_t p, int64_t q, std::vector<char>& valid) 
   }
 }
 
+// (u, w) <- (cs u - sn w, sn u + cs w) over n elements (a whole number of vectors): a Jacobi
+// rotation of two columns, by scalars cs, sn (jacobi_svd) or by one per lane (vectors,
+// jacobi_svd_lanes).
+template <typename T, typename C>
+void rotate(T* u, T* w, int64_t n, C cs, C sn) {
+  using S = Simd<T>;
+  for (int64_t r = 0; r < n; r += S::kWidth) {
+    const typename S::V ur = S::load(u + r), wr = S::load(w + r);
+    S::store(u + r, cs * ur - sn * wr);
+    S::store(w + r, sn * ur + cs * wr);
+  }
+}
+
 // The end of jacobi_svd, from the rotated X (q columns, ld apart) and the accumulated rotations
 // Vacc (same layout): s = the column norms in descending order, Vr and Ur (X's columns
 // normalised) in that order, columns of Ur for numerically zero singular values completed.
@@ -465,16 +478,7 @@ void jacobi_svd(const T* R, int64_t q, T* Ur, T* s, T* Vr) {
         if (!rsvd::jacobi_rotation(S::sum(va), S::sum(vb), S::sum(vg), eps, inv_sqrt_eps, cs, sn))
           continue;
         rotated = true;
-        for (T* pair : {X.data(), Vacc.data()}) {
-          T* u = pair + i * ld;
-          T* w = pair + j * ld;
-          for (int64_t r = 0; r < ld; r += S::kWidth) {
-            const typename S::V ur = S::load(u + r), wr = S::load(w + r);
-            const typename S::V nu = cs * ur - sn * wr, nw = sn * ur + cs * wr;
-            S::store(u + r, nu);
-            S::store(w + r, nw);
-          }
-        }
+        for (T* pair : {X.data(), Vacc.data()}) rotate(pair + i * ld, pair + j * ld, ld, cs, sn);
       }
     }
     if (!rotated) break;
@@ -551,16 +555,8 @@ void jacobi_svd_lanes(const T* const* R, int64_t nm, int64_t q, T* const* Ur, T*
       rotated = true;
       for (int64_t e = 0; e < n; ++e) {
         const V cs = S::load(&lc[e * L]), sn = S::load(&ls[e * L]);
-        for (T* pair : {X.data(), Vacc.data()}) {
-          T* u = pair + pi[e] * q * L;
-          T* w = pair + pj[e] * q * L;
-          for (int64_t r = 0; r < q; ++r) {
-            const V ur = S::load(u + r * L), wr = S::load(w + r * L);
-            const V nu = cs * ur - sn * wr, nw = sn * ur + cs * wr;
-            S::store(u + r * L, nu);
-            S::store(w + r * L, nw);
-          }
-        }
+        for (T* pair : {X.data(), Vacc.data()})
+          rotate(pair + pi[e] * q * L, pair + pj[e] * q * L, q * L, cs, sn);
       }
     }
     if (!rotated) break;
