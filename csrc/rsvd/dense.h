@@ -290,6 +290,28 @@ void orthonormalize(T* W, int64_t p, int64_t q, T* Q, std::vector<T>& vv) {
   }
 }
 
+// The lane layout of a group of matrices, one per vector lane: nm column-major rows x cols
+// matrices M[t], element (r, c) of lane t at ((c * rows + r) * L + t) (L = Simd<T>::kWidth),
+// each element a vector of L, read and written unaligned (std::vector does not promise the
+// vectors' 32-byte alignment everywhere). Spare lanes (t >= nm) get the identity's columns.
+template <typename T>
+std::vector<T> to_lanes(const T* const* M, int64_t nm, int64_t rows, int64_t cols) {
+  constexpr int64_t L = Simd<T>::kWidth;
+  std::vector<T> X(rows * cols * L);
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t t = 0; t < L; ++t)
+        X[(c * rows + r) * L + t] = t < nm ? M[t][c * rows + r] : T(r == c);
+  return X;
+}
+
+// Lane t of X (n elements in the lane layout) into out.
+template <typename T>
+void from_lane(const T* X, int64_t t, int64_t n, T* out) {
+  constexpr int64_t L = Simd<T>::kWidth;
+  for (int64_t e = 0; e < n; ++e) out[e] = X[e * L + t];
+}
+
 // x . y in every lane, for two columns of length len in the lane layout (element i of lane t at
 // i * L + t): dot() for a group of matrices.
 template <typename T>
@@ -328,11 +350,7 @@ void orthonormalize_lanes(const T* const* Y, int64_t nm, int64_t p, int64_t q, T
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int64_t L = S::kWidth;
-  // element (i, c) of lane t at ((c * p + i) * L + t); spare lanes get identity columns
-  std::vector<T> W(p * q * L), Qv(p * q * L, T(0)), f(q * L);
-  for (int64_t c = 0; c < q; ++c)
-    for (int64_t i = 0; i < p; ++i)
-      for (int64_t t = 0; t < L; ++t) W[(c * p + i) * L + t] = t < nm ? Y[t][c * p + i] : T(i == c);
+  std::vector<T> W = to_lanes(Y, nm, p, q), Qv(p * q * L, T(0)), f(q * L);
   bool unsafe[L] = {};
   T ss[L], am[L], vv[L];
   for (int64_t j = 0; j < q; ++j) {
@@ -368,7 +386,7 @@ void orthonormalize_lanes(const T* const* Y, int64_t nm, int64_t p, int64_t q, T
       orthonormalize(y.data(), p, q, Q[t], vv_scalar);
       continue;
     }
-    for (int64_t e = 0; e < p * q; ++e) Q[t][e] = Qv[e * L + t];
+    from_lane(Qv.data(), t, p * q, Q[t]);
   }
 }
 
@@ -499,16 +517,8 @@ void jacobi_svd_lanes(const T* const* R, int64_t nm, int64_t q, T* const* Ur, T*
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int64_t L = S::kWidth;
-  // Element (r, c) of lane t at ((c * q + r) * L + t): a vector of L per element, read and
-  // written unaligned (std::vector does not promise the vectors' 32-byte alignment everywhere).
-  std::vector<T> X(q * q * L), Vacc(q * q * L);
-  for (int64_t c = 0; c < q; ++c)
-    for (int64_t r = 0; r < q; ++r)
-      for (int64_t t = 0; t < L; ++t) {
-        // spare lanes: the identity, never rotated
-        X[(c * q + r) * L + t] = t < nm ? R[t][c * q + r] : T(r == c);
-        Vacc[(c * q + r) * L + t] = T(r == c);
-      }
+  // spare lanes: the identity, never rotated; Vacc: the identity in every lane
+  std::vector<T> X = to_lanes(R, nm, q, q), Vacc = to_lanes(R, 0, q, q);
   const T eps = std::numeric_limits<T>::epsilon(), inv_sqrt_eps = T(1) / std::sqrt(eps);
   // Each round (the round-robin order of jacobi_svd) in three steps: the dots of its pairs; the
   // rotations of every pair and lane, as jacobi_svd computes them (cs = 1, sn = 0 where a pair
@@ -563,10 +573,8 @@ void jacobi_svd_lanes(const T* const* R, int64_t nm, int64_t q, T* const* Ur, T*
   }
   std::vector<T> Xm(q * q), Vm(q * q);
   for (int64_t t = 0; t < nm; ++t) {
-    for (int64_t e = 0; e < q * q; ++e) {
-      Xm[e] = X[e * L + t];
-      Vm[e] = Vacc[e * L + t];
-    }
+    from_lane(X.data(), t, q * q, Xm.data());
+    from_lane(Vacc.data(), t, q * q, Vm.data());
     jacobi_finish(Xm.data(), Vm.data(), q, q, Ur[t], s[t], Vr[t]);
   }
 }
