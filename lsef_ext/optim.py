@@ -55,6 +55,22 @@ _PARAM_SHAPED_STATE = (
 )
 
 
+def _check_real(p: Tensor, i: int, j: int, group: Dict[str, Any], min_size: int) -> None:
+    """Refuses a complex matrix that RAO would scale (its rule and its rsvd are real): a
+    TypeError naming the parameter (``param_groups[i]['params'][j]``, and its name where the
+    group has ``param_names``) and its dtype. Vectors and small matrices pass through RAO
+    unscaled, complex or not."""
+    if not (p.is_complex() and p.dim() >= 2 and min(p.shape[0], p[0].numel()) >= min_size):
+        return
+    names = group.get("param_names")
+    name = f" ({names[j]!r})" if isinstance(names, (list, tuple)) and j < len(names) else ""
+    raise TypeError(
+        f"RAO: parameter param_groups[{i}]['params'][{j}]{name} of shape {tuple(p.shape)} is "
+        f"complex ({p.dtype}): RAO scales real matrices only; optimise it with an optimizer "
+        "that RAO does not wrap, or as two real parameters (its real and imaginary parts)"
+    )
+
+
 class RAO(torch.optim.Optimizer):
     """Rank-aware gradient scaling around ``optimizer`` (see the module docstring for the rule).
 
@@ -100,6 +116,9 @@ class RAO(torch.optim.Optimizer):
         if not alpha_max >= 1.0:  # NaN too
             raise ValueError(f"RAO: alpha_max must be >= 1, got {alpha_max}")
         self.optimizer = optimizer
+        for i, group in enumerate(optimizer.param_groups):
+            for j, p in enumerate(group["params"]):
+                _check_real(p, i, j, group, min_size)
         self.rank, self.update_every, self.momentum = rank, update_every, momentum
         self.strength, self.alpha_max, self.min_size = strength, alpha_max, min_size
         self._ops = get_ops(ops)
@@ -204,6 +223,14 @@ class RAO(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
+        i = len(self.param_groups) - 1
+        group = self.param_groups[i]
+        for j, p in enumerate(group["params"]):
+            try:
+                _check_real(p, i, j, group, self.min_size)
+            except TypeError:
+                self.param_groups.pop()  # refused: the inner optimizer does not keep it either
+                raise
 
     def stats(self) -> List[Dict[str, float]]:
         """``[{"shape", "alpha", "beta", "rho"}]`` for every matrix parameter RAO has seen."""

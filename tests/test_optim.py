@@ -375,3 +375,30 @@ def test_huge_finite_gradient_is_not_called_non_finite():
     assert opt.nonfinite_skips == 0
     assert torch.equal(W.grad, torch.full((M, N), 1e20))
     assert torch.isfinite(opt._rao[W]["M"]).all() and opt._rao[W]["M"].abs().max() > 0
+
+
+def test_complex_matrix_parameters_are_refused_by_name():
+    """A complex matrix failed at the first step ("value cannot be converted to type double
+    without overflow"); RAO refuses it when built, naming it and its dtype."""
+    W = torch.nn.Parameter(torch.randn(M, N))
+    Z = torch.nn.Parameter(torch.randn(M, N, dtype=torch.complex64))
+    with pytest.raises(
+        TypeError,
+        match=r"RAO: parameter param_groups\[0\]\['params'\]\[1\] of shape \(32, 24\) is "
+        r"complex \(torch\.complex64\): RAO scales real matrices only",
+    ):
+        RAO(torch.optim.AdamW([W, Z]))
+    # named parameters: the name too
+    named = [("w", W), ("z", Z)]
+    with pytest.raises(TypeError, match=r"\['params'\]\[1\] \('z'\) of shape .*complex64"):
+        RAO(torch.optim.AdamW(named))
+    # a group added later is refused as well, and left out of the inner optimizer
+    opt = RAO(torch.optim.AdamW([W]))
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['params'\]\[0\] .*complex64"):
+        opt.add_param_group({"params": [Z]})
+    assert len(opt.param_groups) == 1 and len(opt.optimizer.param_groups) == 1
+    # a complex vector passes through unscaled, as every vector does
+    v = torch.nn.Parameter(torch.randn(N, dtype=torch.complex128))
+    opt = RAO(torch.optim.AdamW([W, v]), rank=2)
+    (W.sum() + v.abs().pow(2).sum()).backward()
+    opt.step()
