@@ -318,3 +318,24 @@ def test_cuda_low_precision_is_float32_rounded_once(dtype, hard):
     got = ops.soft_threshold(X, L, lam, hard)
     want = lsef_ref.soft_threshold(X.float(), L.float(), lam.float(), hard).to(dtype)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scalar_nan_lam_is_nan_when_soft_and_zero_when_hard(device, dtype):
+    """A NaN lam given as a number (the scalar kernel path; the test above has a per-channel
+    one): soft gives NaN everywhere; hard drops every entry (|R| > NaN is false), so a finite
+    R gives 0 and an infinite one NaN (R times the mask: inf * 0), as DESIGN §3 says and as
+    the reference does."""
+    requires_cuda_kernels(device, "soft_threshold")
+    X = torch.tensor([[1.0, -2.0, 0.0], [float("inf"), 3.5, -0.25]], device=device, dtype=dtype)
+    lam = torch.tensor(float("nan"), device=device, dtype=dtype)
+    for L in (None, 0.5 * X.nan_to_num(posinf=4.0)):
+        soft = ops.soft_threshold(X, L, float("nan"))
+        hard = ops.soft_threshold(X, L, float("nan"), hard=True)
+        assert bool(soft.isnan().all()), soft
+        finite = X.isfinite()
+        assert bool((hard[finite] == 0).all()) and bool(hard[~finite].isnan().all()), hard
+        for h, got in ((False, soft), (True, hard)):
+            want = lsef_ref.soft_threshold(X, L, lam, h)
+            torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
