@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,7 @@ __all__ = [
     "RunError",
     "RUN_FILES",
     "check_run_folder",
+    "select_best",
 ]
 
 
@@ -533,10 +534,17 @@ def evaluate(
     device: str = "cpu",
     lengths: Optional[Tensor] = None,
     target_names: Optional[Sequence[str]] = None,
+    loss: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
 ) -> Dict[str, float]:
     """``{"war", "uar"}`` (classification) or ``{"ccc_<target>", ..., "ccc_mean"}``
-    (regression; targets named ``target_names``, default valence/arousal for two)."""
-    return _metrics(predict(model, x, device=device, lengths=lengths), t, task, target_names)
+    (regression; targets named ``target_names``, default valence/arousal for two). With
+    ``loss`` (a function of the outputs and ``t``), also ``"loss"``: its value on the same
+    outputs (one pass over ``x``)."""
+    p = predict(model, x, device=device, lengths=lengths)
+    out = _metrics(p, t, task, target_names)
+    if loss is not None:
+        out["loss"] = float(loss(p, t))
+    return out
 
 
 def detailed_metrics(
@@ -683,6 +691,50 @@ def load_checkpoint(path: str, device: str = "cpu", ops: str = "ext") -> Checkpo
     )
 
 
+def _loss_key(loss) -> float:
+    """A val loss for comparisons: NaN (or none recorded, as in older checkpoints) as +inf, so
+    that it never wins over a number."""
+    return float("inf") if loss is None or loss != loss else float(loss)
+
+
+def _last_gain(best: Dict[str, object]) -> int:
+    """The epoch of the last strict gain (a higher score, or an equal one with a lower val
+    loss): what ``patience`` counts from (older checkpoints: the best epoch)."""
+    return int(best.get("gained", best["epoch"]))
+
+
+def select_best(
+    best: Optional[Dict[str, object]], epoch: int, metric: str, score: float, val_loss: float
+) -> Optional[Dict[str, object]]:
+    """The rule behind ``best.pt``: ``best`` (the record so far, or None) or, where epoch
+    ``epoch`` (val ``score`` of ``metric``, val loss ``val_loss``) is to replace it, a new
+    record ``{"epoch", "metric", "score", "val_loss", "reason", "gained"}``.
+
+    A higher score wins. An equal score is decided by the val loss, lower wins (a saturated
+    score, e.g. a val WAR of 100 % from the first epoch on, would otherwise keep the first,
+    undertrained epoch); equal in both, the later epoch wins. A NaN score never wins, nor
+    becomes the first best; a NaN val loss loses to any number. ``reason`` says which of these
+    chose the epoch; ``gained`` is the epoch of the last strict gain (higher score, or equal
+    with lower val loss), from which ``patience`` counts: an epoch that only ties in both
+    replaces the checkpoint but does not restart the count."""
+    if score != score:
+        return best
+    record = {"epoch": epoch, "metric": metric, "score": score, "val_loss": val_loss}
+    if best is None:
+        return {**record, "reason": f"first {metric}", "gained": epoch}
+    if score > best["score"]:
+        return {**record, "reason": f"higher {metric}", "gained": epoch}
+    if score < best["score"]:
+        return best
+    now, was = _loss_key(val_loss), _loss_key(best.get("val_loss"))
+    if now < was:
+        return {**record, "reason": f"equal {metric}, lower val loss", "gained": epoch}
+    if now == was:
+        reason = f"equal {metric} and val loss, later epoch"
+        return {**record, "reason": reason, "gained": _last_gain(best)}
+    return best
+
+
 class Trainer:
     """Trains one model on one data set; under torchrun, with DistributedDataParallel.
 
@@ -691,11 +743,15 @@ class Trainer:
     weighted with ``cfg.class_weights="balanced"``, or MSE plus ``1 − CCC``) plus the model's
     consistency regulariser (LSEF models), and records one row of metrics per epoch. ``train``
     is ``(x, t, num_classes[, lengths])`` (a :class:`ClipSet`), ``val`` ``(x, t[, lengths])``
-    or a ClipSet. With ``cfg.out`` it writes ``checkpoint.pt`` after every epoch, ``best.pt``
-    whenever the val score (``cfg.select``: WAR or UAR; mean CCC for regression) improves, and
-    ``metrics.csv`` / ``metrics.json``; ``cfg.resume`` continues from ``checkpoint.pt``.
-    ``cfg.patience``: stop once the val score has not improved for that many epochs. ``net``
-    is the last epoch's model; ``best.pt`` holds the best one. ``meta`` (from
+    or a ClipSet. Each epoch records the val score and the val loss (:meth:`task_loss`), from
+    one pass over val. With ``cfg.out`` it writes ``checkpoint.pt`` after every epoch,
+    ``best.pt`` whenever the val score (``cfg.select``: WAR or UAR; mean CCC for regression)
+    improves, or stays equal with a lower val loss, or stays equal with an equal val loss (the
+    later epoch is kept; :func:`select_best`, whose record ``best`` says which epoch and why),
+    and ``metrics.csv`` / ``metrics.json``; ``cfg.resume`` continues from ``checkpoint.pt``.
+    ``cfg.patience``: stop once that many epochs have passed without a higher val score or an
+    equal one with a lower val loss. ``net`` is the last epoch's model; ``best.pt`` holds the
+    best one. ``meta`` (from
     :func:`prepare_data`) is saved in every checkpoint, so that :func:`load_checkpoint`
     rebuilds the model and its inputs from the file alone.
 
@@ -775,7 +831,8 @@ class Trainer:
         )
         self.epoch = 0
         self.history: List[Dict[str, float]] = []
-        self.best: Optional[Dict[str, object]] = None  # {"epoch", "metric", "score"} of best.pt
+        # best.pt's record: {"epoch", "metric", "score", "val_loss", "reason", "gained"}
+        self.best: Optional[Dict[str, object]] = None
         if cfg.resume:
             self.load()
 
@@ -901,7 +958,7 @@ class Trainer:
                 indent=2,
             )
         os.replace(path + ".tmp", path)
-        keys = list(self.history[0])
+        keys = list(dict.fromkeys(k for row in self.history for k in row))  # every row's keys
         path = os.path.join(self.cfg.out, "metrics.csv")
         with open(path + ".tmp", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
@@ -910,13 +967,18 @@ class Trainer:
         os.replace(path + ".tmp", path)
 
     # -- the loop ---------------------------------------------------------------------------
-    def _loss(self, out, t: Tensor) -> Tensor:
-        pred = _output(out)
+    def task_loss(self, pred: Tensor, t: Tensor) -> Tensor:
+        """The task's loss of outputs ``pred`` against targets ``t``: cross-entropy (with the
+        run's class weights) or MSE plus ``1 − CCC``; the training loss adds the model's
+        consistency regulariser, and the val loss (``val_loss``) is this alone."""
         if self.cfg.task == "classification":
             w = None if self.loss_weight is None else self.loss_weight.to(pred.device, pred.dtype)
-            loss = F.cross_entropy(pred, t, weight=w)
-        else:
-            loss = F.mse_loss(pred, t) + (1 - ccc(pred, t)).mean()
+            return F.cross_entropy(pred, t.to(pred.device), weight=w)
+        t = t.to(pred.device, pred.dtype)
+        return F.mse_loss(pred, t) + (1 - ccc(pred, t)).mean()
+
+    def _loss(self, out, t: Tensor) -> Tensor:
+        loss = self.task_loss(_output(out), t)
         model = _unwrap(self.model)
         if isinstance(model, LSEF):
             loss = loss + model.regulariser(out)
@@ -983,14 +1045,15 @@ class Trainer:
                     self.device,
                     vlen,
                     self.meta.get("target_names"),
+                    loss=self.task_loss,
                 )
                 row.update({f"val_{k}": v for k, v in scores.items()})
                 metric = cfg.select if cfg.task == "classification" else "ccc_mean"
-                score = scores[metric]
-                if score == score and (self.best is None or score > self.best["score"]):
-                    # (a NaN score never improves, nor becomes the first best)
-                    self.best = {"epoch": self.epoch, "metric": f"val_{metric}", "score": score}
-                    improved = True
+                best = select_best(
+                    self.best, self.epoch, f"val_{metric}", scores[metric], scores["loss"]
+                )
+                improved = best is not self.best
+                self.best = best
             self.history.append(row)
             if improved:
                 self.save("best.pt")
@@ -1001,13 +1064,14 @@ class Trainer:
             if (
                 cfg.patience is not None
                 and self.best is not None
-                and self.epoch - int(self.best["epoch"]) >= cfg.patience
+                and self.epoch - _last_gain(self.best) >= cfg.patience
             ):
                 if self.progress and self.rank == 0:
                     print(
                         f"{self.desc}: early stop after epoch {self.epoch}: no better "
-                        f"{self.best['metric']} for {cfg.patience} epochs (best: epoch "
-                        f"{self.best['epoch']}, {self.best['score']:.4f})",
+                        f"{self.best['metric']} (nor an equal one with a lower val loss) for "
+                        f"{cfg.patience} epochs (best: epoch {self.best['epoch']}, "
+                        f"{self.best['score']:.4f})",
                         flush=True,
                     )
                 self.stopped_early = True

@@ -424,7 +424,8 @@ def _train(args: argparse.Namespace) -> int:
                 print(f"  test under {c}: WAR {100 * m['war']:.1f}%  UAR {100 * m['uar']:.1f}%")
         if trainer.best is not None:
             b = trainer.best
-            print(f"  best {b['metric']} {b['score']:.4f} at epoch {b['epoch']}")
+            why = f" ({b['reason']})" if b.get("reason") else ""
+            print(f"  best {b['metric']} {b['score']:.4f} at epoch {b['epoch']}{why}")
         if cfg.out:
             print(
                 f"checkpoint and metrics in {cfg.out}/ (checkpoint.pt, best.pt, metrics.csv, "
@@ -862,14 +863,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--select",
         choices=["war", "uar"],
         default="war",
-        help="the val metric best.pt maximises (regression: the mean CCC)",
+        help="the val metric best.pt maximises (regression: the mean CCC); an equal score is "
+        "decided by the val loss (lower wins), and equal in both by the later epoch",
     )
     t.add_argument(
         "--patience",
         type=_integer(1),
         default=None,
         metavar="N",
-        help="stop when the val score has not improved for N epochs (default: train all epochs)",
+        help="stop when the val score has not improved (nor stayed equal with a lower val "
+        "loss) for N epochs (default: train all epochs)",
     )
     t.add_argument(
         "--val-fraction",

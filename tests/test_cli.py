@@ -165,6 +165,13 @@ def test_train_writes_checkpoint_and_resumes(tmp_path):
     )
     rows = (run / "metrics.csv").read_text().strip().splitlines()
     assert rows[0].startswith("epoch,loss") and len(rows) == 3
+    assert rows[0].split(",")[-1] == "val_loss"  # the val loss of every epoch
+    # the last lines say which epoch best.pt holds and why
+    best = json.loads((run / "metrics.json").read_text())["best"]
+    assert (
+        f"  best val_war {best['score']:.4f} at epoch {best['epoch']} ({best['reason']})\n" in out
+    )
+    assert re.fullmatch(r"(first|higher|equal) val_war.*", best["reason"])
 
 
 def test_train_bad_data_folder_fails_clearly(tmp_path):

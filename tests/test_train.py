@@ -542,6 +542,117 @@ def test_metrics_files_are_replaced_whole(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# best.pt: ties in the val score (issue 30)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_select_best_rule():
+    from lsef_ext.train import select_best
+
+    first = select_best(None, 1, "val_war", 0.5, 0.9)
+    assert first == {
+        "epoch": 1,
+        "metric": "val_war",
+        "score": 0.5,
+        "val_loss": 0.9,
+        "reason": "first val_war",
+        "gained": 1,
+    }
+    assert select_best(None, 1, "val_war", math.nan, 0.9) is None  # a NaN score never wins
+    assert select_best(first, 2, "val_war", math.nan, 0.1) is first
+    assert select_best(first, 2, "val_war", 0.4, 0.1) is first  # lower score, lower loss: no
+    higher = select_best(first, 2, "val_war", 0.75, 2.0)
+    assert higher["epoch"] == 2 and higher["reason"] == "higher val_war" and higher["gained"] == 2
+    assert select_best(first, 2, "val_war", 0.5, 0.95) is first  # equal score, higher loss
+    lower = select_best(first, 2, "val_war", 0.5, 0.8)
+    assert lower["reason"] == "equal val_war, lower val loss" and lower["gained"] == 2
+    same = select_best(lower, 3, "val_war", 0.5, 0.8)
+    assert same["epoch"] == 3 and same["reason"] == "equal val_war and val loss, later epoch"
+    assert same["gained"] == 2  # a full tie moves best.pt but is no gain for patience
+    assert select_best(lower, 3, "val_war", 0.5, math.nan) is lower  # NaN loses to a number
+    nan_loss = select_best(None, 1, "val_war", 0.5, math.nan)
+    assert select_best(nan_loss, 2, "val_war", 0.5, 3.0)["reason"].endswith("lower val loss")
+    old = {"epoch": 1, "metric": "val_war", "score": 0.5}  # an older checkpoint's record
+    assert select_best(old, 2, "val_war", 0.5, 3.0)["reason"] == "equal val_war, lower val loss"
+
+
+def _easy_clips(n, seed):
+    """Three well separated classes (the same class means for every seed): val WAR is 100 %
+    from the first epoch on."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.arange(n) % 3
+    return means[t][:, None, :] + 0.8 * torch.randn(n, 6, 8, generator=g), t
+
+
+def test_saturated_val_score_keeps_the_epoch_with_the_lowest_val_loss(tmp_path):
+    """Val WAR 100 % in every epoch (as on a real set with a small val split): best.pt is the
+    epoch with the lowest val loss, not the first, undertrained one. The val loss is the real
+    one, computed in the same val pass."""
+    x, t = _easy_clips(96, 1)
+    vx, vt = _easy_clips(48, 2)
+    cfg = config(epochs=4, out=str(tmp_path), lr=1e-2, batch_size=16, rao=False)
+    tr = Trainer(cfg, (x, t, 3), val=(vx, vt), progress=False)
+    hist = tr.fit()
+    assert [row["val_war"] for row in hist] == [1.0] * 4  # saturated from epoch 1
+    losses = [row["val_loss"] for row in hist]
+    assert all(math.isfinite(v) for v in losses) and len(set(losses)) == 4
+    want = min(range(4), key=lambda i: (losses[i], -i)) + 1
+    assert want > 1  # training lowers the val loss: the first epoch is not the best one
+    assert tr.best["epoch"] == want and tr.best["val_loss"] == losses[want - 1]
+    assert tr.best["score"] == 1.0 and tr.best["reason"] == "equal val_war, lower val loss"
+    saved = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert saved["epoch"] == want and saved["best"] == tr.best
+    assert json.loads((tmp_path / "metrics.json").read_text())["best"] == tr.best
+    with open(tmp_path / "metrics.csv") as f:
+        assert [float(r["val_loss"]) for r in csv.DictReader(f)] == pytest.approx(losses)
+    # val_loss is the task loss (cross-entropy) of best.pt's model on the val clips
+    from lsef_ext.train import load_checkpoint
+
+    model = load_checkpoint(str(tmp_path / "best.pt")).model
+    ce = torch.nn.functional.cross_entropy(predict(model, vx), vt)
+    assert float(ce) == pytest.approx(tr.best["val_loss"], rel=1e-6)
+
+
+def test_ties_in_score_and_loss_keep_the_later_epoch_and_patience_follows_the_rule(
+    tmp_path, monkeypatch, capsys
+):
+    import lsef_ext.train as train_mod
+
+    losses = iter([0.9, 0.5, 0.7, 0.5, 0.6, 0.4])
+    real = train_mod.evaluate
+    monkeypatch.setattr(
+        train_mod, "evaluate", lambda *a, **k: {**real(*a, **k), "war": 1.0, "loss": next(losses)}
+    )
+    cfg = config(epochs=6, n_train=64, out=str(tmp_path), patience=3, model="meanpool-mlp")
+    tr = Trainer(cfg, load_data(cfg, "train"), val=load_data(cfg, "val"), progress=True)
+    tr.fit()
+    # epoch 2 lowers the loss; epoch 4 ties it (the later epoch is kept) but gains nothing, so
+    # patience counts from epoch 2 and stops after epoch 5
+    assert tr.stopped_early and len(tr.history) == 5
+    assert tr.best["epoch"] == 4 and tr.best["gained"] == 2
+    assert tr.best["reason"] == "equal val_war and val loss, later epoch"
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 4
+    out = capsys.readouterr().out
+    assert "early stop after epoch 5: no better val_war (nor an equal one with a lower val " in out
+    assert "val loss 0.5000" in out
+
+
+def test_metrics_csv_takes_every_rows_keys(tmp_path):
+    """A history resumed from a run whose rows lacked val_loss still writes metrics.csv."""
+    cfg = config(epochs=1, n_train=64, out=str(tmp_path))
+    tr = Trainer(cfg, load_data(cfg, "train"), progress=False)
+    tr.history = [{"epoch": 1, "loss": 1.0}, {"epoch": 2, "loss": 0.5, "val_loss": 0.7}]
+    tr.write_metrics()
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [
+        {"epoch": "1", "loss": "1.0", "val_loss": ""},
+        {"epoch": "2", "loss": "0.5", "val_loss": "0.7"},
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
 # DistributedDataParallel (gloo, 2 CPU processes under torchrun)
 # ---------------------------------------------------------------------------------------------
 
