@@ -180,26 +180,32 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {text if len(text) <= 300 else text[:297] + '...'}"
 
 
-def check_run_folder(cfg: TrainConfig, write_test: bool = True) -> None:
+def check_run_folder(cfg: TrainConfig, write_test: bool = True) -> Optional[str]:
     """Checks ``cfg.out`` before anything is trained (:class:`Trainer` calls it first):
 
     * without ``cfg.resume``, an ``out`` that holds a run (any of ``RUN_FILES``) is refused
       unless ``cfg.overwrite`` (its files are then replaced when the first epoch is saved);
-    * with ``cfg.resume``, ``out`` must hold ``checkpoint.pt`` (FileNotFoundError), and
-      ``cfg.overwrite`` is refused as a contradiction;
+      leftovers of an interrupted write (``checkpoint.pt.tmp`` and the like) are no run;
+    * with ``cfg.resume``, ``out`` must hold ``checkpoint.pt``, except that a folder holding
+      none of ``RUN_FILES`` (empty, or only ``*.tmp`` leftovers: the earlier run was stopped
+      before its first epoch ended) has nothing to resume, and the run starts from epoch 0;
+      a folder that does not exist (FileNotFoundError) or that holds other run files but no
+      ``checkpoint.pt`` is refused, and ``cfg.overwrite`` is refused as a contradiction;
     * ``out`` must be a folder this process can create and write in (``write_test``: a
       temporary file is created and removed in ``out``, or, where ``out`` does not exist yet,
       in the folder it would be created in).
 
-    Raises :class:`RunError` (a ValueError) or FileNotFoundError naming the folder or file."""
+    Returns the one line to print when a resume has nothing to resume (else None). Raises
+    :class:`RunError` (a ValueError) or FileNotFoundError naming the folder or file."""
     out = cfg.out
+    note = None
     if not out:
         if cfg.resume:
             raise FileNotFoundError(
                 "resume: no run folder to resume from: set out (--out DIR) to the folder of "
                 "an earlier run"
             )
-        return
+        return None
     if os.path.exists(out) and not os.path.isdir(out):
         raise RunError(f"out folder {out} exists and is not a folder")
     if cfg.resume:
@@ -209,9 +215,23 @@ def check_run_folder(cfg: TrainConfig, write_test: bool = True) -> None:
                 "(--resume) or replace it (--overwrite)"
             )
         path = os.path.join(out, "checkpoint.pt")
-        if not os.path.isfile(path):
+        if not os.path.isdir(out):
             raise FileNotFoundError(
-                f"resume: no checkpoint at {path} (pass --out of an earlier run)"
+                f"resume: no checkpoint at {path}: the folder {out} does not exist (pass --out "
+                "of an earlier run; a run stopped before its first epoch ended may have left no "
+                "folder: start it without --resume)"
+            )
+        if not os.path.isfile(path):
+            held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+            if held:
+                raise RunError(
+                    f"resume: no checkpoint at {path}, but {out} holds {', '.join(held)}: there "
+                    "is no state to continue from; start the run again with --overwrite "
+                    "(overwrite=True), which replaces those files"
+                )
+            note = (
+                f"resume: nothing to resume in {out} (no checkpoint.pt; the earlier run stopped "
+                "before its first epoch ended): starting from epoch 0"
             )
     elif not cfg.overwrite:
         held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
@@ -236,6 +256,7 @@ def check_run_folder(cfg: TrainConfig, write_test: bool = True) -> None:
             if here == os.path.abspath(out):
                 raise RunError(f"cannot write in the out folder {out}: {_why(e)}") from e
             raise RunError(f"cannot create the out folder {out}: {here}: {_why(e)}") from e
+    return note
 
 
 def _check_config(cfg: TrainConfig) -> None:
@@ -748,7 +769,9 @@ class Trainer:
     ``best.pt`` whenever the val score (``cfg.select``: WAR or UAR; mean CCC for regression)
     improves, or stays equal with a lower val loss, or stays equal with an equal val loss (the
     later epoch is kept; :func:`select_best`, whose record ``best`` says which epoch and why),
-    and ``metrics.csv`` / ``metrics.json``; ``cfg.resume`` continues from ``checkpoint.pt``.
+    and ``metrics.csv`` / ``metrics.json``; ``cfg.resume`` continues from ``checkpoint.pt``,
+    writing the metrics files again from its history first, and starts from epoch 0 (with
+    ``resumed`` False and the line ``resume_note``) where ``out`` holds no run files at all.
     ``cfg.patience``: stop once that many epochs have passed without a higher val score or an
     equal one with a lower val loss. ``net`` is the last epoch's model; ``best.pt`` holds the
     best one. ``meta`` (from
@@ -778,7 +801,9 @@ class Trainer:
         self.cfg, self.progress, self.desc = cfg, progress, desc or cfg.model
         self.rank, self.world, local = distributed_env()
         _check_config(cfg)
-        check_run_folder(cfg, write_test=self.rank == 0)
+        # resume_note: the line saying a resume had nothing to resume (then resumed is False)
+        self.resume_note = check_run_folder(cfg, write_test=self.rank == 0)
+        self.resumed = False
         self.distributed = self.world > 1
         self.device = torch.device(cfg.device)
         if self.distributed:
@@ -833,7 +858,7 @@ class Trainer:
         self.history: List[Dict[str, float]] = []
         # best.pt's record: {"epoch", "metric", "score", "val_loss", "reason", "gained"}
         self.best: Optional[Dict[str, object]] = None
-        if cfg.resume:
+        if cfg.resume and self.resume_note is None:
             self.load()
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -943,6 +968,11 @@ class Trainer:
             self.sched._last_lr = [g["lr"] for g in self._inner.param_groups]
         self.epoch, self.history = epoch, history
         self.best = state.get("best")
+        self.resumed = True
+        # The metrics files are written again from the checkpoint's history at once: a write
+        # cut short (an empty metrics.json) or one that missed the last epoch is mended even
+        # when no epoch is left to train.
+        self.write_metrics()
 
     def write_metrics(self) -> None:
         if not self.cfg.out or self.rank != 0 or not self.history:

@@ -366,9 +366,11 @@ def _train(args: argparse.Namespace) -> int:
     )
     rank, world, _ = distributed_env()
     try:  # before the data is loaded and anything trains
-        check_run_folder(cfg, write_test=rank == 0)
+        nothing_to_resume = check_run_folder(cfg, write_test=rank == 0)
     except (RunError, FileNotFoundError) as e:
         raise UserError(str(e)) from e
+    if nothing_to_resume and rank == 0:  # a resume of a run stopped before its first epoch
+        print(nothing_to_resume, flush=True)
     try:
         train, val, meta, notes = prepare_data(cfg)
     except (ValueError, OSError) as e:
@@ -402,7 +404,7 @@ def _train(args: argparse.Namespace) -> int:
         if cfg.out:
             print(
                 f"  run folder {cfg.out}: checkpoint.pt after every epoch, best.pt at the best "
-                "val score, metrics.csv, metrics.json" + (" (resumed)" if cfg.resume else ""),
+                "val score, metrics.csv, metrics.json" + (" (resumed)" if trainer.resumed else ""),
                 flush=True,
             )
         else:
@@ -829,7 +831,10 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out (from its checkpoint.pt)",
+        help="continue the run in --out from its checkpoint.pt (metrics.csv and metrics.json "
+        "are first written again from its history). An --out that holds no run files, e.g. "
+        "only the checkpoint.pt.tmp of a run stopped before its first epoch ended, has nothing "
+        "to resume: the run starts from epoch 0 and says so",
     )
     runs.add_argument(
         "--overwrite",

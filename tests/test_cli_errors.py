@@ -124,7 +124,16 @@ def test_train_refuses_bad_folders_and_combinations(capsys, tmp_path):
         (["--dim", "8"], ["synthetic data (", "--dim 8", "D must be >="]),
         (["--resume"], ["--resume needs --out DIR"]),
         (["--accept-changes", "--out", str(empty)], ["--accept-changes", "add --resume"]),
-        (["--resume", "--out", str(empty)], [f"no checkpoint at {empty / 'checkpoint.pt'}"]),
+        (
+            ["--resume", "--out", str(tmp_path / "gone")],
+            [f"no checkpoint at {tmp_path / 'gone' / 'checkpoint.pt'}", "does not exist"]
+            + ["start it without --resume"],
+        ),
+        (
+            ["--resume", "--out", str(held)],
+            [f"no checkpoint at {held / 'checkpoint.pt'}, but {held} holds metrics.json"]
+            + ["start the run again with --overwrite"],
+        ),
         (["--out", str(a_file)], [f"out folder {a_file} exists and is not a folder"]),
         (["--out", str(a_file / "run")], [f"cannot create the out folder {a_file / 'run'}"]),
         (
@@ -193,6 +202,49 @@ def test_train_resume_and_overwrite_do_what_they_say(capsys, tmp_path):
     rc, out, err = run_main(capsys, ["train", *TINY, "--out", str(run), "--overwrite"])
     assert rc == 0, err
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_train_resume_of_a_run_stopped_before_its_first_checkpoint(capsys, tmp_path):
+    """Only checkpoint.pt.tmp is there (the run was killed while saving epoch 1): --resume
+    says there is nothing to resume and starts from epoch 0; a plain run takes the folder as
+    empty."""
+    done = tmp_path / "done"
+    assert run_main(capsys, ["train", *TINY, "--out", str(done)])[0] == 0
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt.tmp").write_bytes((done / "checkpoint.pt").read_bytes()[:500])
+    rc, out, err = run_main(capsys, ["train", *TINY, "--out", str(run), "--resume"])
+    assert rc == 0, err
+    said = (
+        f"resume: nothing to resume in {run} (no checkpoint.pt; the earlier run stopped before "
+        "its first epoch ended): starting from epoch 0\n"
+    )
+    assert out.startswith(said) and out.count("nothing to resume") == 1, out
+    assert "(resumed)" not in out and "  epoch 1 " in out
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    # resumed for real the next time
+    rc, out, err = run_main(
+        capsys, ["train", *TINY, "--epochs", "2", "--out", str(run), "--resume"]
+    )
+    assert rc == 0 and "(resumed)" in out and "nothing to resume" not in out, err
+    # a plain run on a folder holding only a stale *.tmp
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "checkpoint.pt.tmp").write_bytes(b"")
+    rc, out, err = run_main(capsys, ["train", *TINY, "--out", str(stale)])
+    assert rc == 0, err
+    assert torch.load(stale / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_train_help_says_how_ties_and_resumes_are_handled(capsys):
+    rc, out, err = run_main(capsys, ["train", "--help"])
+    assert rc == 0, err
+    text = " ".join(out.split())
+    assert (
+        "an equal score is decided by the val loss (lower wins), and equal in both by the "
+        "later epoch" in text
+    )
+    assert "has nothing to resume: the run starts from epoch 0" in text
 
 
 def test_train_without_out_says_nothing_is_saved(capsys):

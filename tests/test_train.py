@@ -638,6 +638,83 @@ def test_ties_in_score_and_loss_keep_the_later_epoch_and_patience_follows_the_ru
     assert "val loss 0.5000" in out
 
 
+# ---------------------------------------------------------------------------------------------
+# resume: nothing to resume, and the metrics files mended (issue 30)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resume_with_only_a_leftover_tmp_starts_from_epoch_0(tmp_path):
+    """Killed before the first checkpoint: only checkpoint.pt.tmp (cut short) is there."""
+    data = load_data(config(n_train=64), "train")
+    done = tmp_path / "done"
+    Trainer(config(epochs=1, n_train=64, out=str(done)), data, progress=False).fit()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt.tmp").write_bytes((done / "checkpoint.pt").read_bytes()[:1000])
+    tr = Trainer(config(epochs=1, n_train=64, out=str(run), resume=True), data, progress=False)
+    assert tr.resume_note == (
+        f"resume: nothing to resume in {run} (no checkpoint.pt; the earlier run stopped before "
+        "its first epoch ended): starting from epoch 0"
+    )
+    assert tr.epoch == 0 and not tr.resumed and tr.history == []
+    tr.fit()
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert not (run / "checkpoint.pt.tmp").exists()
+    # and now it resumes for real
+    again = Trainer(config(epochs=2, n_train=64, out=str(run), resume=True), data, progress=False)
+    assert again.resumed and again.resume_note is None and again.epoch == 1
+    # a plain run takes a folder whose only run files are *.tmp leftovers as empty
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    for name in ("checkpoint.pt.tmp", "best.pt.tmp", "metrics.json.tmp"):
+        (stale / name).write_bytes(b"")
+    assert check_run_folder(config(out=str(stale))) is None
+    Trainer(config(epochs=1, n_train=64, out=str(stale)), data, progress=False).fit()
+    assert torch.load(stale / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    # an empty folder has nothing to resume either
+    (tmp_path / "empty").mkdir()
+    assert "nothing to resume" in check_run_folder(config(out=str(tmp_path / "empty"), resume=True))
+
+
+def test_resume_without_checkpoint_but_other_run_files_says_what_to_do(tmp_path):
+    data = load_data(config(n_train=64), "train")
+    Trainer(config(epochs=1, n_train=64, out=str(tmp_path)), data, progress=False).fit()
+    (tmp_path / "checkpoint.pt").rename(tmp_path / "checkpoint.pt.tmp")
+    with pytest.raises(
+        RunError,
+        match=rf"resume: no checkpoint at {tmp_path / 'checkpoint.pt'}, but {tmp_path} holds "
+        r"metrics\.json, metrics\.csv: there is no state to continue from; start the run "
+        r"again with --overwrite",
+    ):
+        Trainer(config(epochs=1, n_train=64, out=str(tmp_path), resume=True), data, progress=False)
+    # what the message says works
+    new = Trainer(
+        config(epochs=1, n_train=64, out=str(tmp_path), overwrite=True), data, progress=False
+    )
+    new.fit()
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_resume_rewrites_damaged_metrics_from_the_checkpoint(tmp_path):
+    """The last epoch's metrics.json write was cut (an empty file) and metrics.csv is stale:
+    a resume with no epoch left to train writes both again from the checkpoint's history."""
+    cfg = config(epochs=2, n_train=64, out=str(tmp_path))
+    data = load_data(cfg, "train")
+    tr = Trainer(cfg, data, val=load_data(cfg, "val"), progress=False)
+    tr.fit()
+    (tmp_path / "metrics.json").write_text("")
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text("\n".join(csv_path.read_text().splitlines()[:2]) + "\n")  # epoch 1 only
+    again = Trainer(config(epochs=2, n_train=64, out=str(tmp_path), resume=True), data)
+    assert again.fit() == tr.history  # nothing trained
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["history"] == tr.history and saved["best"] == tr.best
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[1]["val_loss"]) == pytest.approx(tr.history[1]["val_loss"])
+
+
 def test_metrics_csv_takes_every_rows_keys(tmp_path):
     """A history resumed from a run whose rows lacked val_loss still writes metrics.csv."""
     cfg = config(epochs=1, n_train=64, out=str(tmp_path))
