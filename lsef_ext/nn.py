@@ -342,12 +342,19 @@ class CIM(nn.Module):
 
 @dataclass
 class LSEFOutput:
-    """What :class:`LSEF` returns: the prediction, the decomposition and the consistency terms."""
+    """What :class:`LSEF` returns: the prediction, the decomposition and the consistency terms.
+
+    A registered pytree node (docs/DESIGN.md §13): ``torch.export`` and ``torch.utils._pytree``
+    flatten it into ``pred``, ``L``, ``S`` and the tensors of ``terms`` (a dict, keyed by name),
+    so an LSEF model exports whole and its exported program returns an ``LSEFOutput`` again."""
 
     pred: Tensor  # (B, num_classes) logits or (B, num_targets) regression values in [-1, 1]
     L: Tensor  # (B, T, d_in) stable part (0 in padded frames)
     S: Tensor  # (B, T, d_in) sparse part (0 in padded frames)
     terms: Dict[str, Tensor] = field(default_factory=dict)
+
+
+torch.export.register_dataclass(LSEFOutput, serialized_type_name="lsef_ext.nn.LSEFOutput")
 
 
 class LSEF(nn.Module):
