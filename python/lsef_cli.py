@@ -1,4 +1,5 @@
-"""The ``lsef`` command: ``lsef demo``, ``train``, ``eval``, ``predict``, ``bench`` and ``info``.
+"""The ``lsef`` command: ``lsef demo``, ``train``, ``eval``, ``predict``, ``export``, ``bench`` and
+``info``.
 
 This is a top-level module beside the ``lsef_ext`` package, not inside it: importing anything
 inside ``lsef_ext`` first runs the package's ``__init__``, which loads torch and the compiled
@@ -645,6 +646,46 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    if not args.out.endswith(".pt2"):
+        raise UserError(
+            f"--out {args.out}: expected a file name ending in .pt2 (what torch.export and "
+            "AOTInductor write)"
+        )
+    _writable_file(args.out, "--out")
+    _apply_threads(args, cap=None)
+    from lsef_ext.export import ExportError, export_checkpoint
+    from lsef_ext.train import RunError
+
+    existed = os.path.exists(args.out)
+    try:
+        r = export_checkpoint(args.checkpoint, args.out, format=args.format)
+    except (RunError, FileNotFoundError, ExportError) as e:
+        raise UserError(str(e)) from e
+    if r.kind == "aoti":
+        what = "an AOTInductor package (the graph compiled to C++ for this kind of CPU)"
+        load = f"torch._inductor.aoti_load_package({r.path!r})"
+    else:
+        what = f"an ExportedProgram (torch.export.save), not an AOTInductor package: {r.reason}"
+        load = f"torch.export.load({r.path!r}).module()"
+    norm = (
+        "standardised inside with the checkpoint's mean and std"
+        if r.normalised
+        else "used as given (the checkpoint has no normalisation)"
+    )
+    print(
+        f"lsef export: {args.checkpoint} ({r.model}, epoch {r.epoch}) -> {r.path}"
+        + (" (replaced)" if existed else "")
+        + f", {what}\n"
+        f"  input: float32 raw features (B, {r.frames}, {r.d_in}), any batch size B >= 1, "
+        f"every clip with all {r.frames} frames; {norm}\n"
+        f"  output: {r.outputs}, one row per clip\n"
+        f"  checked against the eager model: max |difference| {r.max_abs_diff:.2g}\n"
+        f"  load it: import torch, lsef_ext; model = {load}"
+    )
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # the parser
 # --------------------------------------------------------------------------------------------
@@ -946,6 +987,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write one row per clip: class and probabilities, or target values",
     )
     pr.set_defaults(fn=_predict)
+
+    ex = command(
+        "export",
+        "write a trained model (checkpoint.pt or best.pt) as one .pt2 file for deployment: an "
+        "AOTInductor package, or an ExportedProgram where AOTInductor cannot compile it; raw "
+        "features in (the checkpoint's normalisation inside), predictions out",
+    )
+    ex.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by lsef train")
+    ex.add_argument(
+        "--out",
+        default="model.pt2",
+        metavar="PT2",
+        help="the file to write (its name ends in .pt2)",
+    )
+    ex.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "aoti", "program"],
+        help="aoti: an AOTInductor package (compiles C++, about a minute); program: an "
+        "ExportedProgram (torch.export.save, no compiler); auto: aoti, or program where "
+        "AOTInductor fails",
+    )
+    _threads_flag(ex)
+    ex.set_defaults(fn=_export)
 
     info = command("info", "versions, compiled backends, CUDA architectures, threads")
     info.set_defaults(fn=_info)

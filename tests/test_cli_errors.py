@@ -456,3 +456,47 @@ def test_threads_flag_sets_torch_threads(capsys, monkeypatch):
         "(--threads N to choose)\n"
     )
     assert torch.get_num_threads() == 1
+
+
+def test_export_refuses_bad_checkpoints_outs_and_untraceable_models(capsys, tmp_path, monkeypatch):
+    """lsef export: a missing or damaged checkpoint, an --out that is not a writable .pt2 file,
+    a bad --format, a model torch.export cannot trace: one line each, nothing written."""
+    run = tmp_path / "run"
+    rc, out, err = run_main(capsys, ["train", *TINY, "--model", "meanpool-mlp", "--out", str(run)])
+    assert rc == 0, err
+    ckpt = str(run / "checkpoint.pt")
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"not a checkpoint at all")
+    a_dir = tmp_path / "a-folder.pt2"
+    a_dir.mkdir()
+    good = str(tmp_path / "model.pt2")
+    cases = [
+        ([str(tmp_path / "nope.pt"), "--out", good], [f"checkpoint {tmp_path / 'nope.pt'}"]),
+        ([str(damaged), "--out", good], [f"cannot read checkpoint {damaged}", "damaged"]),
+        ([ckpt, "--out", str(tmp_path / "m.onnx")], ["--out", "m.onnx", "ending in .pt2"]),
+        ([ckpt, "--out", str(a_dir)], [f"--out {a_dir}: is a folder"]),
+        (
+            [ckpt, "--out", str(tmp_path / "gone" / "m.pt2")],
+            [f"the folder {tmp_path / 'gone'} does not exist"],
+        ),
+        ([ckpt, "--format", "onnx"], ["argument --format: invalid choice: 'onnx'", "--help"]),
+    ]
+    for args, names in cases:
+        rc, out, err = run_main(capsys, ["export", *args, "--threads", "1"])
+        assert_user_error(rc, err, *names)
+        assert out == ""
+
+    import torch.export
+
+    def untraceable(*a, **k):
+        raise RuntimeError("Could not guard on data-dependent expression u0 >= 1\ndetails")
+
+    monkeypatch.setattr(torch.export, "export", untraceable)
+    rc, out, err = run_main(capsys, ["export", ckpt, "--out", good, "--threads", "1"])
+    assert_user_error(
+        rc,
+        err,
+        f"{ckpt} (meanpool-mlp): torch.export cannot trace the model: RuntimeError: Could not "
+        "guard on data-dependent expression u0 >= 1",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder.pt2", "damaged.pt", "run"]
