@@ -10,10 +10,15 @@ An op set is any object with ``rsvd``, ``lowrank`` and ``soft_threshold`` of the
 * :func:`unrolled`: a fixed number of alternations ``L = lowrank(X - S)``,
   ``S = soft_threshold(X, L, lam)``, differentiable.
 
-Every matrix of a batch stops on its own test: once it has converged (or become non-finite)
-its ``L`` and ``S`` are frozen, so its result is the one it gets alone, whatever its
-neighbours do. The batch-wide "all stopped?" test, the only host synchronisation of the loop,
-runs every ``check_every`` iterations; it decides only when the loop ends, never a result.
+Every matrix of a batch stops on its own test, decided on the device: once it has converged
+(or become non-finite) its ``L`` and ``S`` (and the solver's state) are frozen by
+``torch.where``, so its result is the one it gets alone, whatever its neighbours do, and no
+later iteration changes a bit of it. The loop runs at most ``max_iter`` iterations and reads
+nothing on the host, so it traces whole under ``torch.compile(fullgraph=True)`` and
+``torch.export``, runs under ``vmap`` and can be captured in a CUDA graph. In plain eager mode
+(:func:`may_sync`) it ends early once every matrix has stopped, a host read every
+``check_every`` iterations; that decides only when the loop ends, never a result:
+``early_stop=False`` (the full bound) gives the same bits.
 """
 
 from __future__ import annotations
@@ -77,41 +82,82 @@ def _check_every(X: Tensor, check_every: Optional[int]) -> int:
     return check_every or (1 if X.device.type == "cpu" else 8)
 
 
+def may_sync(X: Tensor) -> bool:
+    """Whether a solver on ``X`` may read its stopping state on the host to end its loop early:
+    not while it is being traced (``torch.compile``, ``torch.export``, ``make_fx``, fake or meta
+    tensors), not under a functorch transform (``vmap``, ``grad``, ...: a wrapped tensor has no
+    storage to read) and not during CUDA graph capture. Elsewhere (plain eager mode) it may."""
+    if torch.compiler.is_compiling():  # first: the checks below do not trace
+        return False
+    if X.device.type == "meta" or isinstance(X, torch._subclasses.FakeTensor):
+        return False
+    functorch = torch._C._functorch
+    if functorch.maybe_current_level() is not None or functorch.is_functorch_wrapped_tensor(X):
+        return False
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if get_proxy_mode() is not None:
+        return False
+    return not (X.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 class _Stopping:
-    """Each matrix's stopping state in a solver loop.
+    """Each matrix's stopping state in a solver loop, kept on the device.
 
-    A matrix stops once its test value ``err`` is below ``tol`` or not finite; from then on
-    the solver holds its results (``torch.where`` on :attr:`done`). Until some matrix has
-    stopped nothing needs holding: where the test runs every iteration (``every == 1``, the
-    CPU), the test is read on the host and no selection is made while every matrix is still
-    running; with ``every > 1`` (a GPU) the loop cannot know, so it always selects."""
+    A matrix stops once its test value ``err`` is below ``tol`` or not finite (:attr:`done`,
+    bool ``(*, 1, 1)``); from then on the solver holds its state (:meth:`hold`, ``torch.where``
+    on :attr:`done`), so later iterations never change it, and :attr:`iters` (int64 ``*``)
+    stops counting. The loop runs at most ``max_iter`` iterations; reading nothing on the host,
+    it traces whole under ``torch.compile`` and ``torch.export`` and runs under ``vmap``.
 
-    def __init__(self, X: Tensor, every: int):
-        self.shape, self.device, self.every = X.shape[:-2], X.device, every
-        # whether the solver must hold stopped matrices; under torch.compile the host-side
-        # reading is not traceable, so the tensor form is used (it breaks the graph as before)
-        self.frozen = every > 1 or torch.compiler.is_compiling()
-        self.done = torch.zeros(self.shape + (1, 1), dtype=torch.bool, device=self.device)
-        self.iters = torch.zeros(self.shape, dtype=torch.int64, device=self.device)
+    Where :func:`may_sync` allows it (plain eager mode) and ``early_stop`` is on, the loop ends
+    once every matrix has stopped, asked on the host every ``every`` iterations; since stopped
+    matrices are frozen, the iterations it skips would not have changed a bit. With
+    ``every == 1`` (the CPU) the state is read every iteration, and nothing is selected while
+    no matrix has stopped (``torch.where`` would pick the new values anyway)."""
+
+    def __init__(self, X: Tensor, every: int, early_stop: bool = True):
+        shape, device = X.shape[:-2], X.device
+        self.every = every
+        self.sync = early_stop and may_sync(X)
+        # whether the solver must hold stopped matrices: always, except on the host-read path
+        # while no matrix has stopped
+        self.frozen = not (self.sync and every == 1)
+        self.done = torch.zeros(shape + (1, 1), dtype=torch.bool, device=device)
+        self.iters = torch.zeros(shape, dtype=torch.int64, device=device)
         self.count = 0  # iterations run while no matrix had stopped (the unfrozen phase)
+        self.tol_host: Optional[float] = None
+
+    def hold(self, old: Tuple[Tensor, ...], new: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
+        """The solver's next state: ``new``, but ``old`` for the matrices that have stopped."""
+        if not self.frozen:
+            return new
+        return tuple(torch.where(self.done, a, b) for a, b in zip(old, new))
 
     def update(self, err: Tensor, tol: float, it: int) -> bool:
         """Records iteration ``it``'s test values ``err`` ``(*, 1, 1)``; True: every matrix
-        has stopped, end the loop."""
+        has stopped and the loop may end (only where :attr:`sync`)."""
         if not self.frozen:
+            # The host-read path: the device test below, evaluated exactly on the host (the
+            # device compares in err's dtype, so tol is rounded to it).
             self.count += 1
-            stopped = [not (v >= tol) or v == math.inf for v in err.flatten().tolist()]
+            if self.tol_host is None:
+                self.tol_host = torch.tensor(tol, dtype=err.dtype).item()
+            stopped = [
+                (0.0 if v != v or v == math.inf else v) < self.tol_host
+                for v in err.flatten().tolist()
+            ]
             if all(stopped):
                 return True
             if any(stopped):
                 self.frozen = True
-                self.done = torch.tensor(stopped, device=self.device).view(self.shape + (1, 1))
-                self.iters += self.count
+                self.done = torch.tensor(stopped, device=self.done.device).view(self.done.shape)
+                self.iters = self.iters + self.count
             return False
-        self.iters += ~self.done[..., 0, 0]
+        self.iters = self.iters + ~self.done[..., 0, 0]
         # NaN and +Inf count as stopped: nan_to_num makes them 0, below any tol > 0
         self.done = self.done | (torch.nan_to_num(err, nan=0.0, posinf=0.0) < tol)
-        return it % self.every == 0 and bool(self.done.all())
+        return self.sync and it % self.every == 0 and bool(self.done.all())
 
     def iterations(self) -> Tensor:
         """Iterations run per matrix (int64, shape ``*``)."""
@@ -126,10 +172,13 @@ def rpca_ialm(
     max_iter: int = RPCA_MAX_ITER,
     tol: float = RPCA_TOL,
     check_every: Optional[int] = None,
+    early_stop: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Principal component pursuit by the inexact augmented Lagrange multiplier method (Lin,
     Chen & Ma 2010, Alg. 5) with the singular value thresholding capped at rank k. A matrix
-    stops when ``||X - L - S||_F < tol ||X||_F`` or its residual is not finite.
+    stops when ``||X - L - S||_F < tol ||X||_F`` or its residual is not finite; the loop runs
+    at most ``max_iter`` iterations, and ends sooner once all have stopped where ``early_stop``
+    and :func:`may_sync` allow (the same bits; see :class:`_Stopping`).
 
     Returns ``(L, S, iterations)``, ``iterations`` of shape ``*`` (int64), per matrix.
     """
@@ -146,19 +195,14 @@ def rpca_ialm(
     x_norm = _safe(torch.linalg.matrix_norm(X, keepdim=True))
     L = torch.zeros_like(X)
     S = torch.zeros_like(X)
-    state = _Stopping(X, every)
+    state = _Stopping(X, every, early_stop)
     for it in range(1, max_iter + 1):
         L_new = rank_k_svt(ops, X - S + Y / mu, k, (1 / mu).squeeze(-1))
         S_new = ops.soft_threshold(X - L_new + Y / mu, None, lam / mu)
         Z = X - L_new - S_new
-        if state.frozen:
-            done = state.done
-            L = torch.where(done, L, L_new)
-            S = torch.where(done, S, S_new)
-            Y = torch.where(done, Y, Y + mu * Z)
-            mu = torch.where(done, mu, torch.minimum(mu * rho, mu_max))
-        else:
-            L, S, Y, mu = L_new, S_new, Y + mu * Z, torch.minimum(mu * rho, mu_max)
+        L, S, Y, mu = state.hold(
+            (L, S, Y, mu), (L_new, S_new, Y + mu * Z, torch.minimum(mu * rho, mu_max))
+        )
         if state.update(torch.linalg.matrix_norm(Z, keepdim=True) / x_norm, tol, it):
             break
     return L, S, state.iterations()
@@ -187,12 +231,14 @@ def stable_pcp(
     max_iter: int = RPCA_MAX_ITER,
     tol: float = RPCA_TOL,
     check_every: Optional[int] = None,
+    early_stop: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Stable principal component pursuit (Zhou, Li, Wright, Candes & Ma 2010) in its penalised
     form, ``min tau_L ||L||_* + tau_S ||S||_1 + ||X - L - S||_F^2 / 2`` with rank(L) <= k
     (thresholds from :func:`noise_thresholds`), by exact minimisation over each block in turn:
     ``L = SVT_tau_L(X - S)`` (top k), ``S = soft(X - L, tau_S)``. A matrix stops when an
-    iteration moves ``(L, S)`` by less than ``tol ||X||_F`` or it is not finite.
+    iteration moves ``(L, S)`` by less than ``tol ||X||_F`` or it is not finite; the loop as in
+    :func:`rpca_ialm`.
 
     Returns ``(L, S, iterations)`` as :func:`rpca_ialm`.
     """
@@ -201,7 +247,7 @@ def stable_pcp(
     x_norm = _safe(torch.linalg.matrix_norm(X, keepdim=True))
     S = torch.zeros_like(X)
     L = torch.zeros_like(X)
-    state = _Stopping(X, every)
+    state = _Stopping(X, every, early_stop)
     for it in range(1, max_iter + 1):
         L_new = rank_k_svt(ops, X - S, k, tau_L.squeeze(-1))
         S_new = ops.soft_threshold(X, L_new, tau_S)
@@ -209,11 +255,7 @@ def stable_pcp(
             torch.linalg.matrix_norm(L_new - L, keepdim=True) ** 2
             + torch.linalg.matrix_norm(S_new - S, keepdim=True) ** 2
         )
-        if state.frozen:
-            L = torch.where(state.done, L, L_new)
-            S = torch.where(state.done, S, S_new)
-        else:
-            L, S = L_new, S_new
+        L, S = state.hold((L, S), (L_new, S_new))
         if state.update(step / x_norm, tol, it):
             break
     return L, S, state.iterations()
@@ -285,8 +327,12 @@ def lowrank_sparse(
     method: str = "rpca",
     noise: Noise = None,
     check_every: Optional[int] = None,
+    early_stop: bool = True,
 ) -> Tuple[Tensor, Tensor]:
-    """The algorithm of :func:`lsef_ext.ops.lowrank_sparse` over the op set ``ops``."""
+    """The algorithm of :func:`lsef_ext.ops.lowrank_sparse` over the op set ``ops``.
+
+    ``early_stop=False`` runs the robust-PCA loops to their bound (``n_steps``, default 100)
+    even in eager mode, as traced code does; the result is the same bits (tested)."""
     if method not in ("rpca", "unrolled"):
         raise ValueError(f"lowrank_sparse: method must be 'rpca' or 'unrolled', got {method!r}")
     if n_steps is not None and n_steps < 1:
@@ -304,14 +350,20 @@ def lowrank_sparse(
     scale = pow2_normaliser(X)
     X = X * scale
     if noise is None or (sigma is not None and noise == 0):  # no noise: the exact constraint
-        L, S, _ = rpca_ialm(ops, X, k, lam, max_iter, check_every=check_every)
+        L, S, _ = rpca_ialm(
+            ops, X, k, lam, max_iter, check_every=check_every, early_stop=early_stop
+        )
         return L / scale, S / scale
     if noise == "auto":
         # The level from the exact solution: its L is close to the low-rank part (the exact
         # constraint sends the noise to S); a plain rank-k fit would be pulled by the outliers.
-        L, _, _ = rpca_ialm(ops, X, k, None, max_iter, check_every=check_every)
+        L, _, _ = rpca_ialm(
+            ops, X, k, None, max_iter, check_every=check_every, early_stop=early_stop
+        )
         sigma = noise_level(X, L, k)
     else:
         sigma = sigma * scale
-    L, S, _ = stable_pcp(ops, X, k, sigma, lam, max_iter, check_every=check_every)
+    L, S, _ = stable_pcp(
+        ops, X, k, sigma, lam, max_iter, check_every=check_every, early_stop=early_stop
+    )
     return L / scale, S / scale
