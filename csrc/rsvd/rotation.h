@@ -25,12 +25,16 @@ LSEF_BLOCK_HD A rotation_tangent(A a, A b, A g, A inv_sqrt_eps) {
 
 // The rotation of a pair with a = x_i . x_i, b = x_j . x_j, g = x_i . x_j: cs, sn for
 // x_i' = cs x_i - sn x_j, x_j' = sn x_i + cs x_j, and whether to rotate at all. A pair already
-// orthogonal to working precision (|g| <= eps sqrt(a b), or g = 0) is left alone: false, with
-// cs = 1, sn = 0 (an exact identity, so a caller may also apply it). Branch-free in its
+// orthogonal to working precision (|g| <= eps sqrt(a) sqrt(b), or g = 0) is left alone: false,
+// with cs = 1, sn = 0 (an exact identity, so a caller may also apply it). Branch-free in its
 // arithmetic, so a loop over independent pairs vectorises.
+// The test takes two square roots, not sqrt(a b): a and b are sums of squares of the entries, so
+// a b is a fourth power of them. It overflowed in float32 once the input's largest magnitude
+// passed about 2^30 (inside rescale.h's band), every pair then looked orthogonal, and the sweeps
+// stopped at once with S off by 10 % (DESIGN.md §6, "Scale").
 template <typename A>
 LSEF_BLOCK_HD bool jacobi_rotation(A a, A b, A g, A eps, A inv_sqrt_eps, A& cs, A& sn) {
-  const bool skip = (g < A(0) ? -g : g) <= eps * sqrt(a * b) || g == A(0);
+  const bool skip = (g < A(0) ? -g : g) <= eps * sqrt(a) * sqrt(b) || g == A(0);
   const A t = skip ? A(0) : rotation_tangent(a, b, skip ? A(1) : g, inv_sqrt_eps);
   cs = A(1) / sqrt(A(1) + t * t);
   sn = cs * t;
