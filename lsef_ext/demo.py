@@ -8,7 +8,7 @@ import json
 import os
 import time
 from dataclasses import replace
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -262,11 +262,13 @@ def demo(
     device: str = "cpu",
     bench: bool = True,
     models: Sequence[str] = DEMO_MODELS,
+    amp: Optional[str] = None,
 ) -> Dict[str, object]:
-    """Runs the demo; returns the results and writes figures and ``results.json`` to ``out``."""
+    """Runs the demo; returns the results and writes figures and ``results.json`` to ``out``.
+    ``amp``: ``TrainConfig.amp`` of every model (``"bf16"``, ``"fp16"`` on CUDA, None)."""
     os.makedirs(out, exist_ok=True)
     t_start = time.perf_counter()
-    base = TrainConfig(seed=seed, device=device)
+    base = TrainConfig(seed=seed, device=device, amp=amp)
     if quick:
         base = replace(base, n_train=1024, n_test=512, epochs=8)
     print(
@@ -281,6 +283,7 @@ def demo(
         )
         + f" on {device}"
         + (f", {torch.get_num_threads()} thread(s)" if device == "cpu" else "")
+        + (f", autocast {amp}" if amp else "")
         + (" (--quick)" if quick else "")
         + f"; figures and results.json go to {out}{os.sep}",
         flush=True,
@@ -318,7 +321,10 @@ def demo(
     summary = {name: {k: v for k, v in r.items() if k != "trainer"} for name, r in results.items()}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(
-            {"config": {"quick": quick, "seed": seed, "device": device}, "results": summary},
+            {
+                "config": {"quick": quick, "seed": seed, "device": device, "amp": amp},
+                "results": summary,
+            },
             f,
             indent=2,
         )

@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -55,6 +56,8 @@ __all__ = [
     "RUN_FILES",
     "check_run_folder",
     "select_best",
+    "AMP_DTYPES",
+    "amp_autocast",
 ]
 
 
@@ -129,6 +132,9 @@ class TrainConfig:
     resume: bool = False  # continue the run in ``out`` (its checkpoint.pt)
     overwrite: bool = False  # start a new run in an ``out`` that holds one (else refused)
     accept_changes: bool = False  # resume although RESUME_SETTINGS differ from the checkpoint's
+    # mixed precision: None (float32), "bf16" (CPU or CUDA) or "fp16" (CUDA only, GradScaler);
+    # the forward and loss of training and of the val/test evaluation run under torch.autocast
+    amp: Optional[str] = None
     extra: Dict[str, object] = field(default_factory=dict)  # more LSEF keyword arguments
     rao_options: Dict[str, object] = field(default_factory=dict)  # more RAO keyword arguments
 
@@ -164,8 +170,22 @@ RESUME_SETTINGS = (
     "class_weights",
     "select",
     "val_fraction",
+    "amp",
 )
 RESUME_SYNTHETIC = ("D", "n_train", "data_seed")
+# Settings that checkpoints of format 2 written before them lack, with the value their runs had.
+_SETTING_DEFAULTS: Dict[str, object] = {"amp": None}
+
+# --amp: the autocast dtype of each choice.
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_autocast(device: Union[str, torch.device], amp: Optional[str]):
+    """The context a forward runs in for ``TrainConfig.amp``: ``torch.autocast`` on the device's
+    type in bfloat16 (``"bf16"``) or float16 (``"fp16"``), or no context (``None``: float32)."""
+    if amp is None:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[amp])
 
 
 def _why(e: BaseException) -> str:
@@ -278,6 +298,14 @@ def _check_config(cfg: TrainConfig) -> None:
         )
     if cfg.select not in ("war", "uar"):
         raise ValueError(f"TrainConfig: select must be 'war' or 'uar', got {cfg.select!r}")
+    if cfg.amp not in (None, *AMP_DTYPES):
+        raise ValueError(f"TrainConfig: amp must be None, 'bf16' or 'fp16', got {cfg.amp!r}")
+    if cfg.amp == "fp16" and torch.device(cfg.device).type != "cuda":
+        raise ValueError(
+            f"TrainConfig: amp='fp16' (--amp fp16) needs a CUDA device, got device={cfg.device!r}: "
+            "float16 autocast is slow on the CPU and its GradScaler is for CUDA; on the CPU use "
+            "amp='bf16' (--amp bf16)"
+        )
     if cfg.class_weights not in (None, "balanced"):
         raise ValueError(
             f"TrainConfig: class_weights must be None or 'balanced', got {cfg.class_weights!r}"
@@ -519,15 +547,19 @@ def predict(
     batch_size: int = 256,
     device: str = "cpu",
     lengths: Optional[Tensor] = None,
+    amp: Optional[str] = None,
 ) -> Tensor:
-    """The model's outputs (logits or regression values) for all of ``x``, in eval mode;
-    ``lengths``: each clip's valid frames (None: all)."""
+    """The model's outputs (logits or regression values) for all of ``x``, in eval mode, as
+    float32; ``lengths``: each clip's valid frames (None: all); ``amp``: the forward runs under
+    :func:`amp_autocast` (``"bf16"`` or ``"fp16"``; None: float32)."""
     was = model.training
     model.eval()
     outs = []
     for i in range(0, x.shape[0], batch_size):
         lb = None if lengths is None else lengths[i : i + batch_size].to(device)
-        outs.append(_output(_call(model, x[i : i + batch_size].to(device), lb)).float().cpu())
+        with amp_autocast(device, amp):
+            out = _output(_call(model, x[i : i + batch_size].to(device), lb))
+        outs.append(out.float().cpu())
     model.train(was)
     return torch.cat(outs) if outs else torch.empty(0)
 
@@ -556,12 +588,13 @@ def evaluate(
     lengths: Optional[Tensor] = None,
     target_names: Optional[Sequence[str]] = None,
     loss: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    amp: Optional[str] = None,
 ) -> Dict[str, float]:
     """``{"war", "uar"}`` (classification) or ``{"ccc_<target>", ..., "ccc_mean"}``
     (regression; targets named ``target_names``, default valence/arousal for two). With
     ``loss`` (a function of the outputs and ``t``), also ``"loss"``: its value on the same
-    outputs (one pass over ``x``)."""
-    p = predict(model, x, device=device, lengths=lengths)
+    outputs (one pass over ``x``; computed in float32). ``amp``: as for :func:`predict`."""
+    p = predict(model, x, device=device, lengths=lengths, amp=amp)
     out = _metrics(p, t, task, target_names)
     if loss is not None:
         out["loss"] = float(loss(p, t))
@@ -603,7 +636,9 @@ def evaluate_conditions(
 
     A condition's test set is taken from ``test_sets`` (as :func:`load_test_sets` returns) when
     it is there, else loaded with ``load_data(cfg, "test", corruption)``; ``cfg.task`` picks the
-    metrics. ``device``: where to run the model; default, where its parameters are."""
+    metrics and ``cfg.amp`` the precision of the forward (:func:`amp_autocast`; pass
+    ``dataclasses.replace(cfg, amp=None)`` for float32). ``device``: where to run the model;
+    default, where its parameters are."""
     if device is None:
         device = next(model.parameters(), torch.empty(0)).device
     out = {}
@@ -615,7 +650,7 @@ def evaluate_conditions(
         )
         x, t = data[0], data[1]
         lengths = data.lengths if isinstance(data, ClipSet) else None
-        out[c] = evaluate(model, x, t, cfg.task, device, lengths)
+        out[c] = evaluate(model, x, t, cfg.task, device, lengths, amp=cfg.amp)
     return out
 
 
@@ -773,8 +808,10 @@ class Trainer:
     writing the metrics files again from its history first, and starts from epoch 0 (with
     ``resumed`` False and the line ``resume_note``) where ``out`` holds no run files at all.
     ``cfg.patience``: stop once that many epochs have passed without a higher val score or an
-    equal one with a lower val loss. ``net`` is the last epoch's model; ``best.pt`` holds the
-    best one. ``meta`` (from
+    equal one with a lower val loss. ``cfg.amp`` (``"bf16"``, or ``"fp16"`` on CUDA with a
+    GradScaler, whose state is checkpointed): the forward and loss of each step, and the val
+    forward, run under :func:`amp_autocast` (see :meth:`train_step`). ``net`` is the last
+    epoch's model; ``best.pt`` holds the best one. ``meta`` (from
     :func:`prepare_data`) is saved in every checkpoint, so that :func:`load_checkpoint`
     rebuilds the model and its inputs from the file alone.
 
@@ -846,6 +883,9 @@ class Trainer:
         inner = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.opt = RAO(inner, rank=cfg.rank, ops=cfg.ops, **cfg.rao_options) if cfg.rao else inner
         self._inner = inner
+        # fp16: the loss is scaled before backward and the gradients unscaled before the step
+        # (which is skipped where they hold Inf or NaN); bf16 has float32's range and needs none.
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         self.steps_per_epoch = math.ceil(self.x.shape[0] / (cfg.batch_size * self.world))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             inner,
@@ -866,10 +906,11 @@ class Trainer:
         return os.path.join(self.cfg.out, "checkpoint.pt") if self.cfg.out else None
 
     def state(self) -> Dict[str, object]:
-        """The checkpoint: the run (config, epoch, history, optimiser, scheduler and RNG state,
-        to resume it) and everything :func:`load_checkpoint` needs to rebuild the model alone
-        (``model_spec``, ``meta``: frames, class and target names, normalisation statistics;
-        the library and torch versions)."""
+        """The checkpoint: the run (config, epoch, history, optimiser, scheduler, GradScaler
+        (``--amp fp16``; else None) and RNG state, to resume it) and everything
+        :func:`load_checkpoint` needs to rebuild the model alone (``model_spec``, ``meta``:
+        frames, class and target names, normalisation statistics; the library and torch
+        versions)."""
         from . import __version__
 
         return {
@@ -884,6 +925,7 @@ class Trainer:
             "model": _unwrap(self.model).state_dict(),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "rng": torch.get_rng_state(),
         }
 
@@ -933,6 +975,7 @@ class Trainer:
                 f"history is not what lsef train writes: {type(saved).__name__}, "
                 f"{type(epoch).__name__} {epoch!r}, {type(history).__name__})"
             )
+        saved = {**_SETTING_DEFAULTS, **saved}
         for key in RESUME_IDENTITY:
             if saved.get(key) != getattr(self.cfg, key):
                 raise RunError(
@@ -955,6 +998,8 @@ class Trainer:
             _unwrap(self.model).load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state.get("scaler"):  # else a fresh scale
+                self.scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"])
         except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
             raise RunError(f"resume: checkpoint {path} does not fit this run ({_why(e)})") from e
@@ -1016,11 +1061,24 @@ class Trainer:
 
     def train_step(self, xb: Tensor, tb: Tensor, lb: Optional[Tensor] = None) -> float:
         """One optimisation step on a batch (``lb``: its clips' valid frames); returns the
-        loss."""
-        loss = self._loss(_call(self.model, xb, lb), tb)
+        loss.
+
+        With ``cfg.amp`` the forward and the loss run under :func:`amp_autocast` and the
+        backward outside it (PyTorch's AMP recipe); the parameters, their gradients and the
+        optimizer state stay float32. ``"fp16"`` scales the loss with the GradScaler and
+        unscales the gradients before the optimizer (RAO, where on, so scales true gradients)
+        steps; a step whose gradients hold Inf or NaN is skipped and the scale lowered."""
+        with amp_autocast(self.device, self.cfg.amp):
+            loss = self._loss(_call(self.model, xb, lb), tb)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        if self.scaler is None:
+            loss.backward()
+            self.opt.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)  # RAO shares the inner optimizer's param_groups
+            self.scaler.step(self.opt)
+            self.scaler.update()
         self.sched.step()
         return float(loss.detach())
 
@@ -1076,6 +1134,7 @@ class Trainer:
                     vlen,
                     self.meta.get("target_names"),
                     loss=self.task_loss,
+                    amp=cfg.amp,
                 )
                 row.update({f"val_{k}": v for k, v in scores.items()})
                 metric = cfg.select if cfg.task == "classification" else "ccc_mean"

@@ -114,6 +114,15 @@ def _need_cuda(flag: str, device: str = "cuda") -> None:
         )
 
 
+def _need_cuda_for_fp16(amp: Optional[str], device: str) -> None:
+    """--amp fp16 is refused off CUDA (TrainConfig refuses it too, less readably)."""
+    if amp == "fp16" and not device.startswith("cuda"):
+        raise UserError(
+            f"--amp fp16 needs --device cuda (got --device {device}): float16 autocast is slow "
+            "on the CPU and its GradScaler is for CUDA; on the CPU use --amp bf16"
+        )
+
+
 def _why(e: OSError) -> str:
     return e.strerror or str(e)
 
@@ -288,6 +297,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    _need_cuda_for_fp16(args.amp, args.device)
     if args.device == "cuda":
         _need_cuda("--device cuda")
     _writable_folder(args.out, "--out")
@@ -297,7 +307,12 @@ def _demo(args: argparse.Namespace) -> int:
     c = TrainConfig()
     _apply_threads(args, cap=work_cap(c.batch_size, c.T, max(c.D, c.d_model)))
     demo(
-        out=args.out, quick=args.quick, seed=args.seed, device=args.device, bench=not args.no_bench
+        out=args.out,
+        quick=args.quick,
+        seed=args.seed,
+        device=args.device,
+        bench=not args.no_bench,
+        amp=args.amp,
     )
     return 0
 
@@ -307,6 +322,7 @@ def _train(args: argparse.Namespace) -> int:
         raise UserError("--resume needs --out DIR: the folder of the run to continue")
     if args.accept_changes and not args.resume:
         raise UserError("--accept-changes applies to a resumed run only: add --resume")
+    _need_cuda_for_fp16(args.amp, args.device)
     if args.device.startswith("cuda"):
         _need_cuda(f"--device {args.device}", args.device)
     if args.data is not None:
@@ -364,6 +380,7 @@ def _train(args: argparse.Namespace) -> int:
         patience=args.patience,
         select=args.select,
         val_fraction=args.val_fraction,
+        amp=args.amp,
     )
     rank, world, _ = distributed_env()
     try:  # before the data is loaded and anything trains
@@ -397,7 +414,7 @@ def _train(args: argparse.Namespace) -> int:
             f"{'FeatureFolder ' + args.data if args.data else 'SyntheticAffect'}"
             f" ({x.shape[0]} clips, T={x.shape[1]}, D={x.shape[2]}), {cfg.epochs} epochs, "
             f"{world} process(es) of {threads} thread(s), device {cfg.device}, "
-            f"RAO {'on' if cfg.rao else 'off'}",
+            f"RAO {'on' if cfg.rao else 'off'}" + (f", autocast {cfg.amp}" if cfg.amp else ""),
             flush=True,
         )
         for note in notes + _model_notes(cfg, train, meta):
@@ -727,6 +744,19 @@ def _threads_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _amp_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--amp",
+        choices=["bf16", "fp16"],
+        default=None,
+        help="mixed precision: the forward and loss of training and of the val/test evaluation "
+        "run under torch.autocast in bfloat16 (CPU or CUDA) or float16 with a GradScaler (CUDA "
+        "only: float16 autocast is slow on the CPU and GradScaler is for CUDA); the lsef ops "
+        "compute in float32, and the parameters, optimizer state and checkpoints stay float32 "
+        "(default: off, float32 throughout)",
+    )
+
+
 def _version() -> str:
     """The installed lsef_ext's version, read from its metadata (importing the package would
     load torch)."""
@@ -788,6 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=_integer(0, 2**32 - 1), default=0, help="random seed")
     d.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     d.add_argument("--no-bench", action="store_true", help="skip the op speed table")
+    _amp_flag(d)
     _threads_flag(d)
     d.set_defaults(fn=_demo)
 
@@ -888,10 +919,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --resume: continue although --lr, --weight-decay, --ops, --data, "
         "--batch-size, --seed, --frames, --no-normalise, --class-weights, --select, "
-        "--val-fraction (synthetic data: --dim, --n-train) differ from the checkpoint's run; the "
-        "new values apply from the next step. Careful: where a folder has no val split, --seed "
-        "and --val-fraction choose the held-out clips, so changing them moves clips between "
-        "train and val. Without it such a resume is refused",
+        "--val-fraction, --amp (synthetic data: --dim, --n-train) differ from the checkpoint's "
+        "run; the new values apply from the next step. Careful: where a folder has no val split, "
+        "--seed and --val-fraction choose the held-out clips, so changing them moves clips "
+        "between train and val. Without it such a resume is refused",
     )
     t.add_argument(
         "--no-normalise",
@@ -932,6 +963,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no progress bars and no line per epoch (the history is printed at the end)",
     )
+    _amp_flag(t)
     _threads_flag(t)
     t.set_defaults(fn=_train)
 

@@ -500,3 +500,24 @@ def test_export_refuses_bad_checkpoints_outs_and_untraceable_models(capsys, tmp_
         "guard on data-dependent expression u0 >= 1",
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder.pt2", "damaged.pt", "run"]
+
+
+def test_amp_flag_refuses_fp16_off_cuda_and_runs_bf16(capsys, tmp_path):
+    """--amp: fp16 off CUDA is one line naming --amp fp16 (train and demo), before anything is
+    written; a bad choice is a usage error; bf16 on the CPU trains and says so."""
+    cases = [
+        (["train", *TINY, "--amp", "fp16"], ["--amp fp16 needs --device cuda", "--amp bf16"]),
+        (
+            ["demo", "--amp", "fp16", "--out", str(tmp_path / "demo")],
+            ["--amp fp16 needs --device cuda (got --device cpu)"],
+        ),
+        (["train", "--amp", "fp32"], ["argument --amp: invalid choice: 'fp32'", "--help"]),
+    ]
+    for argv, names in cases:
+        rc, out, err = run_main(capsys, argv)
+        assert_user_error(rc, err, *names)
+        assert out == ""
+    assert not (tmp_path / "demo").exists()
+    rc, out, err = run_main(capsys, ["train", *TINY, "--model", "meanpool-mlp", "--amp", "bf16"])
+    assert rc == 0, err
+    assert "RAO off, autocast bf16" in out and "test under clean: WAR" in out
