@@ -1,19 +1,27 @@
 """The public functional API of lsef_ext, and the Python half of every op's registration.
 
 Each op has: a documented function calling ``torch.ops.lsef.<op>.default``; a fake kernel
-(``register_fake``: shapes, dtypes and devices only) so ``torch.compile`` can trace it; and an
-autograd formula (``register_autograd``) whose backward calls compiled ops too.
+(``register_fake``: shapes, dtypes and devices only) so ``torch.compile`` can trace it; an
+``autograd.Function`` registered as the op's Autograd kernel, with ``setup_context`` (so
+``torch.func`` transforms work), a backward written in differentiable pieces (double backward)
+and a ``jvp`` (forward mode); a batching rule (``vmap``); and an autocast rule. The table of
+what works under which transform is in the README ("Works with") and docs/DESIGN.md §14.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import sys
 from types import SimpleNamespace
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch.utils._pytree import tree_map
 
 from . import rpca as _rpca
 
@@ -78,6 +86,160 @@ def _as_tensor(value: Scalar, like: Tensor, op: str, name: str) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# transforms: autograd kernels, batching rules and autocast, shared by every op
+# --------------------------------------------------------------------------------------------
+
+_LIB = torch.library.Library("lsef", "IMPL")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _transform_active() -> bool:
+    """A functorch transform (grad, vjp, jacrev, jacfwd, hessian, jvp, vmap) or a forward-mode
+    dual level is active: a call may then be differentiated other than by plain reverse mode."""
+    return torch._C._are_functorch_transforms_active() or _fwAD._current_level >= 0
+
+
+def _higher_order() -> bool:
+    """Inside a backward or jvp: whether what it computes may itself be differentiated
+    (``create_graph=True``, a functorch transform, a dual level). Backward formulas then use
+    differentiable pieces; otherwise the fused kernels."""
+    return torch.is_grad_enabled() or _transform_active()
+
+
+def _below_autograd():
+    return torch._C._AutoDispatchBelowAutograd()
+
+
+def _refuse_nested_jvp(op: str) -> None:
+    """Called first in a jvp whose result depends on the op's saved inputs through more than a
+    mask: under forward mode over forward mode (``jacfwd(jacfwd(f))``, nested ``jvp``) PyTorch
+    hands a custom Function's jvp its saved tensors without the outer tangent
+    (pytorch#197867), which would give wrong second derivatives in silence; raise instead."""
+    jvps = sum(1 for i in retrieve_all_functorch_interpreters() if i.key() == TransformType.Jvp)
+    if jvps > 1:
+        raise RuntimeError(
+            f"{op}: forward mode over forward mode (nested jvp, jacfwd(jacfwd(...))) is not "
+            "supported: PyTorch passes a custom Function's jvp its saved inputs without the outer "
+            "tangent (pytorch#197867); use torch.func.hessian (forward over reverse) or "
+            "jacrev(jacfwd(...))"
+        )
+
+
+def _refuse_compiled_forward_mode(op: str) -> None:
+    """Forward-mode AD inside a compiled region: Dynamo traces the op, not its Function, and a
+    custom jvp would be dropped (pytorch#192985): raise rather than give wrong tangents."""
+    if _fwAD._current_level >= 0:
+        raise RuntimeError(
+            f"{op}: forward-mode AD inside torch.compile is not supported (a custom jvp is "
+            "dropped under compile, pytorch#192985); call the compiled function outside "
+            "forward mode, or take the jvp of the eager function"
+        )
+
+
+def _with_eager_variant(full):
+    """Adds ``full.eager``: the same forward and backward in the older ``forward(ctx, ...)``
+    form, for plain reverse mode in eager code. ``autograd.Function.apply`` binds the
+    arguments of a Function with ``setup_context`` through ``inspect.signature`` on every call
+    (several microseconds); this form skips that. Transforms use ``full`` itself."""
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            out = full.forward(*args)
+            full.setup_context(ctx, args, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return full.backward(ctx, *grads)
+
+    Eager.__name__ = Eager.__qualname__ = f"{full.__name__}Eager"
+    full.eager = Eager
+    return full
+
+
+def _save_for_forward(ctx, *tensors) -> None:
+    """Saves tensors for a jvp, which runs only under forward mode or a functorch transform."""
+    if _transform_active():
+        ctx.save_for_forward(*tensors)
+
+
+def _apply(function, name: str, *args):
+    """The call of op ``lsef::name`` from the Python API: through ``function`` (an
+    autograd.Function, so that every transform sees its setup_context, backward and jvp) where
+    a derivative may be taken (an input requires grad with grad mode on, a forward-mode dual
+    level, a functorch transform), else straight to the kernel, with no Python overhead.
+    Under torch.compile the op itself is traced (Dynamo cannot trace a Function with a custom
+    jvp); its Autograd kernel is the same Function, so AOTAutograd gets the same backward."""
+    op = getattr(torch.ops.lsef, name).default
+    if torch.compiler.is_compiling():
+        _refuse_compiled_forward_mode(name)
+        return op(*args)
+    if _transform_active():
+        return function.apply(*args)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return function.eager.apply(*args)
+    return op(*args)
+
+
+def _register_autograd(name: str, function, public: str) -> None:
+    """``function`` (an autograd.Function) as the Autograd kernel of ``lsef::name``, for calls
+    of ``torch.ops.lsef.name`` itself: plain reverse mode goes through the Function. A forward
+    dual level or a functorch transform cannot reach the Function from inside the dispatcher
+    (PyTorch runs ``custom_function_call`` above it; pytorch#168393), so such calls raise and
+    name the Python function that supports them, instead of giving zero derivatives."""
+    op = getattr(torch.ops.lsef, name).default
+    # The dispatcher leaves out trailing arguments equal to their defaults: put them back.
+    defaults = [a.default_value for a in op._schema.arguments]
+
+    def autograd_kernel(keyset, *args):
+        if _transform_active():
+            raise RuntimeError(
+                f"torch.ops.lsef.{name} called directly under forward-mode AD or a torch.func "
+                f"transform: call lsef_ext.ops.{public}, which supports both"
+            )
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return function.eager.apply(*args, *defaults[len(args) :])
+        with _below_autograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    _LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
+def _register_autocast(names: Sequence[str]) -> None:
+    """Under autocast every lsef op computes in float32 (float64 inputs stay float64): lower
+    precision inputs are cast up on entry, as PyTorch's own float32-list ops do (DESIGN.md §14)."""
+    for name in names:
+        for device in ("cpu", "cuda"):
+            if torch.amp.is_autocast_available(device):
+                torch.library.register_autocast(f"lsef::{name}", device, torch.float32, lib=_LIB)
+
+
+def _batch_first(x, dim, size: int):
+    """A vmapped tensor with its batch dimension first, or an unbatched one expanded to it."""
+    if not isinstance(x, Tensor):
+        return x
+    return x.movedim(dim, 0) if dim is not None else x.expand(size, *x.shape)
+
+
+def _out_dims(out):
+    return tree_map(lambda t: 0 if isinstance(t, Tensor) else None, out)
+
+
+def _vmap_leading(name: str) -> None:
+    """The batching rule of an op batched over the leading dimensions of all its tensors alike:
+    the vmapped dimension becomes one more leading dimension of each (rsvd's test matrix is
+    shared by the batch, so each sample still gets its own result)."""
+    op = getattr(torch.ops.lsef, name).default
+
+    def rule(info, in_dims, *args):
+        out = op(*(_batch_first(a, d, info.batch_size) for a, d in zip(args, in_dims)))
+        return out, _out_dims(out)
+
+    torch.library.register_vmap(f"lsef::{name}", rule, lib=_LIB)
+
+
+# --------------------------------------------------------------------------------------------
 # soft_threshold
 # --------------------------------------------------------------------------------------------
 
@@ -96,6 +258,10 @@ def soft_threshold(X: Tensor, L: Optional[Tensor], lam: Scalar, hard: bool = Fal
             ``X`` works too (it is expanded first). A tensor ``lam`` gets a gradient.
         hard: hard instead of soft thresholding (``lam`` then gets a zero gradient).
 
+    float16 and bfloat16 work on every device (on the CPU they are computed in float32 and
+    rounded once). Under ``torch.autocast`` the op computes in float32, so ``X``, ``L`` and
+    ``lam`` may then come in the mix of dtypes autocast produces.
+
     Returns:
         ``S``, contiguous, of ``X``'s shape and dtype. NaN in ``X`` or ``L`` gives NaN in the
         matching outputs, and so does NaN in ``lam`` when soft; when hard, an entry whose
@@ -107,7 +273,14 @@ def soft_threshold(X: Tensor, L: Optional[Tensor], lam: Scalar, hard: bool = Fal
         raise TypeError(f"{op}: L must be a tensor or None, got {type(L).__name__}")
     if not isinstance(hard, bool):
         raise TypeError(f"{op}: hard must be a bool, got {type(hard).__name__} {hard!r}")
-    return torch.ops.lsef.soft_threshold.default(X, L, _as_tensor(lam, X, op, "lam"), hard)
+    lam = _as_tensor(lam, X, op, "lam")
+    if X.dtype in _HALF and X.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        # The CPU kernel is float32/float64: half-precision inputs are computed in float32
+        # and rounded once (the CUDA kernels also compute in float32; DESIGN.md §14).
+        _check_soft_threshold(op, X, L, lam)
+        up = [t if t is None else t.float() for t in (X, L, lam)]
+        return _apply(_SoftThreshold, op, *up, hard).to(X.dtype)
+    return _apply(_SoftThreshold, op, X, L, lam, hard)
 
 
 def _broadcastable(shape: Sequence[int], target: Sequence[int]) -> bool:
@@ -167,22 +340,129 @@ def _soft_threshold_backward_fake(grad, X, L, lam, hard, output_mask):
     return dX, dL, dlam
 
 
-def _soft_threshold_setup_context(ctx, inputs, output):
-    X, L, lam, hard = inputs
-    ctx.hard = hard
-    ctx.save_for_backward(X, L, lam)
+def _soft_threshold_jvp(X, L, lam, hard, tX, tL, tlam) -> Tensor:
+    """The directional derivative of soft_threshold: with ``M = 1[|R| > lam]``,
+    ``M (tX - tL)``, minus ``sign(R) M tlam`` when soft. Away from the kinks ``|R| = lam`` it is
+    exact, and it is the adjoint of the backward (so also the backward's own derivative in its
+    gradient argument)."""
+    R = X if L is None else X - L
+    mask = R.abs() > lam
+    t = torch.zeros_like(X) if tX is None else tX
+    if tL is not None:
+        t = t - tL
+    out = torch.where(mask, t, 0)
+    if not hard and tlam is not None:
+        out = out - torch.where(mask, torch.sign(R) * tlam, 0)
+    return out
 
 
-def _soft_threshold_backward(ctx, grad):
-    X, L, lam = ctx.saved_tensors
-    mask = list(ctx.needs_input_grad[:3])
-    dX, dL, dlam = torch.ops.lsef.soft_threshold_backward.default(grad, X, L, lam, ctx.hard, mask)
-    return dX, dL, dlam, None
+@_with_eager_variant
+class _SoftThreshold(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(X, L, lam, hard):
+        with _below_autograd():
+            return torch.ops.lsef.soft_threshold.default(X, L, lam, hard)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        X, L, lam, hard = inputs
+        ctx.hard = hard
+        ctx.save_for_backward(X, L, lam)
+        _save_for_forward(ctx, X, L, lam)
+
+    @staticmethod
+    def backward(ctx, grad):
+        X, L, lam = ctx.saved_tensors
+        mask = ctx.needs_input_grad[:3]
+        if not any(mask):
+            return None, None, None, None
+        dX, dL, dlam = _SoftThresholdBackward.apply(grad, X, L, lam, ctx.hard, *mask)
+        return dX, dL, dlam, None
+
+    @staticmethod
+    def jvp(ctx, tX, tL, tlam, _):
+        X, L, lam = ctx.saved_tensors
+        return _soft_threshold_jvp(X, L, lam, ctx.hard, tX, tL, tlam)
 
 
-torch.library.register_autograd(
-    "lsef::soft_threshold", _soft_threshold_backward, setup_context=_soft_threshold_setup_context
+class _SoftThresholdBackward(torch.autograd.Function):
+    """soft_threshold's backward (the fused kernel) as a function of its gradient argument, in
+    which it is linear: its derivative there is soft_threshold's jvp. In X, L and lam it is
+    piecewise constant (the mask), so its derivative there is exactly zero away from the kinks:
+    second derivatives of soft_threshold are zero, and so are those given here."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, X, L, lam, hard, want_X, want_L, want_lam):
+        # (three bools, not a list: functorch would take a list for three more inputs)
+        mask = [want_X, want_L, want_lam]
+        with _below_autograd():
+            return torch.ops.lsef.soft_threshold_backward.default(grad, X, L, lam, hard, mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, X, L, lam, hard, *mask = inputs
+        ctx.hard, ctx.mask = hard, mask
+        ctx.save_for_backward(X, L, lam)
+        _save_for_forward(ctx, X, L, lam)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, hX, hL, hlam):
+        X, L, lam = ctx.saved_tensors
+        if hX is None and hL is None and hlam is None:
+            return (None,) * 8
+        return (_soft_threshold_jvp(X, L, lam, ctx.hard, hX, hL, hlam),) + (None,) * 7
+
+    @staticmethod
+    def jvp(ctx, tgrad, tX, tL, tlam, *_flags):
+        X, L, lam = ctx.saved_tensors
+        if tgrad is None:
+            tgrad = torch.zeros_like(X)
+        with _below_autograd():
+            out = torch.ops.lsef.soft_threshold_backward.default(
+                tgrad, X, L, lam, ctx.hard, ctx.mask
+            )
+        return tuple(out)
+
+
+def _soft_threshold_vmap(info, in_dims, X, L, lam, hard=False):
+    B = info.batch_size
+    X = _batch_first(X, in_dims[0], B)
+    L = _batch_first(L, in_dims[1], B)
+    if in_dims[2] is not None:  # one lam per sample, aligned with X's trailing dimensions
+        lam = lam.movedim(in_dims[2], 0)
+        lam = lam.reshape(B, *([1] * (X.dim() - lam.dim())), *lam.shape[1:])
+    return torch.ops.lsef.soft_threshold.default(X, L, lam, hard), 0
+
+
+def _soft_threshold_backward_vmap(info, in_dims, grad, X, L, lam, hard, mask):
+    B = info.batch_size
+    grad, X, L = (_batch_first(t, d, B) for t, d in zip((grad, X, L), in_dims[:3]))
+    if grad.dim() == X.dim() - 1:
+        grad = grad.expand(B, *grad.shape)
+    if X.dim() == grad.dim() - 1:
+        X = X.expand(B, *X.shape)
+    per_sample = lam.shape if in_dims[3] is None else lam.movedim(in_dims[3], 0).shape[1:]
+    # lam per sample (expanded where shared): its gradient is then per sample too
+    lam = _batch_first(lam, in_dims[3], B)
+    lam = lam.reshape(B, *([1] * (X.dim() - 1 - len(per_sample))), *per_sample)
+    dX, dL, dlam = torch.ops.lsef.soft_threshold_backward.default(grad, X, L, lam, hard, mask)
+    if dlam is not None:
+        dlam = dlam.reshape(B, *per_sample)
+    out = (dX, dL, dlam)
+    return out, _out_dims(out)
+
+
+_register_autograd("soft_threshold", _SoftThreshold, "soft_threshold")
+torch.library.register_vmap("lsef::soft_threshold", _soft_threshold_vmap, lib=_LIB)
+torch.library.register_vmap(
+    "lsef::soft_threshold_backward", _soft_threshold_backward_vmap, lib=_LIB
 )
+_register_autocast(["soft_threshold", "soft_threshold_backward"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,9 +489,8 @@ def rank_scale(G: Tensor, U: Tensor, alpha: Scalar, beta: Scalar) -> Tensor:
     op = "rank_scale"
     _check_tensor(op, "G", G)
     _check_tensor(op, "U", U)
-    return torch.ops.lsef.rank_scale.default(
-        G, U, _as_tensor(alpha, G, op, "alpha"), _as_tensor(beta, G, op, "beta")
-    )
+    alpha, beta = _as_tensor(alpha, G, op, "alpha"), _as_tensor(beta, G, op, "beta")
+    return _apply(_RankScale, op, G, U, alpha, beta)
 
 
 def _check_rank_scale(
@@ -273,50 +552,116 @@ def _rank_scale_fake(G, U, alpha, beta):
     return G.new_empty(G.shape)
 
 
-def _rank_scale_setup_context(ctx, inputs, output):
-    G, U, alpha, beta = inputs
-    # G itself is only needed for the gradients of U, alpha and beta.
-    needs_G = any(ctx.needs_input_grad[1:])
-    ctx.save_for_backward(G if needs_G else None, U, alpha, beta)
-
-
 def _reduce_to(t: Tensor, like: Tensor) -> Tensor:
     """Per-matrix values reduced to a coefficient's shape (a scalar sums over the batch)."""
     return t.reshape(like.shape) if like.numel() != 1 else t.sum().reshape(like.shape)
 
 
-def _rank_scale_backward(ctx, grad):
-    G, U, alpha, beta = ctx.saved_tensors
-    need_G, need_U, need_alpha, need_beta = ctx.needs_input_grad
-    dG = rank_scale(grad, U, alpha, beta) if need_G else None
-    dU = dalpha = dbeta = None
-    if need_U or need_alpha or need_beta:
-        # With C = U^T G and D = U^T grad:  <grad, U C> = <D, C>,  and
-        # dU = (alpha - beta) (grad C^T + G D^T).
-        C = U.mT @ G
-        D = U.mT @ grad
-        inside = (D * C).sum(dim=(-2, -1))
-        if need_alpha:
-            dalpha = _reduce_to(inside, alpha)
-        if need_beta:
-            dbeta = _reduce_to((grad * G).sum(dim=(-2, -1)) - inside, beta)
-        if need_U:
-            # alpha and beta are each one value or one per matrix (in any mix): their difference
-            # is one value, or one per matrix broadcast over each matrix's (m, r) gradient.
-            delta = alpha - beta
-            delta = delta.reshape(()) if delta.numel() == 1 else delta.reshape(*G.shape[:-2], 1, 1)
-            dU = delta * (grad @ C.mT + G @ D.mT)
-            if U.dim() == 2 and dU.dim() > 2:
-                dU = dU.sum(dim=tuple(range(dU.dim() - 2)))
-    return dG, dU, dalpha, dbeta
+def _per_matrix(c: Tensor, G: Tensor) -> Tensor:
+    """A coefficient (one value, or one per matrix of ``G``) broadcastable over ``G``."""
+    return c.reshape(()) if c.numel() == 1 else c.reshape(*G.shape[:-2], 1, 1)
 
 
-torch.library.register_autograd(
-    "lsef::rank_scale", _rank_scale_backward, setup_context=_rank_scale_setup_context
-)
+@_with_eager_variant
+class _RankScale(torch.autograd.Function):
+    """rank_scale's derivatives, all in differentiable pieces (rank_scale itself and matrix
+    products), so every order is exact: the op is linear in G and polynomial in U, alpha,
+    beta."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(G, U, alpha, beta):
+        with _below_autograd():
+            return torch.ops.lsef.rank_scale.default(G, U, alpha, beta)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        G, U, alpha, beta = inputs
+        # G itself is only needed for the gradients of U, alpha and beta.
+        needs_G = any(ctx.needs_input_grad[1:])
+        ctx.save_for_backward(G if needs_G else None, U, alpha, beta)
+        _save_for_forward(ctx, G, U, alpha, beta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        G, U, alpha, beta = ctx.saved_tensors
+        need_G, need_U, need_alpha, need_beta = ctx.needs_input_grad
+        dG = rank_scale(grad, U, alpha, beta) if need_G else None
+        dU = dalpha = dbeta = None
+        if need_U or need_alpha or need_beta:
+            # With C = U^T G and D = U^T grad:  <grad, U C> = <D, C>,  and
+            # dU = (alpha - beta) (grad C^T + G D^T).
+            C = U.mT @ G
+            D = U.mT @ grad
+            inside = (D * C).sum(dim=(-2, -1))
+            if need_alpha:
+                dalpha = _reduce_to(inside, alpha)
+            if need_beta:
+                dbeta = _reduce_to((grad * G).sum(dim=(-2, -1)) - inside, beta)
+            if need_U:
+                # alpha and beta are each one value or one per matrix (in any mix): their
+                # difference is one value, or one per matrix broadcast over each (m, r) gradient.
+                dU = _per_matrix(alpha - beta, G) * (grad @ C.mT + G @ D.mT)
+                if U.dim() == 2 and dU.dim() > 2:
+                    dU = dU.sum(dim=tuple(range(dU.dim() - 2)))
+        return dG, dU, dalpha, dbeta
+
+    @staticmethod
+    def jvp(ctx, tG, tU, talpha, tbeta):
+        _refuse_nested_jvp("rank_scale")
+        # d[beta G + (alpha - beta) U U^T G] = rank_scale(tG) + tbeta G
+        #     + (talpha - tbeta) U U^T G + (alpha - beta) (tU U^T G + U tU^T G)
+        G, U, alpha, beta = ctx.saved_tensors
+        out = torch.zeros_like(G) if tG is None else rank_scale(tG, U, alpha, beta)
+        if tbeta is not None:
+            out = out + _per_matrix(tbeta, G) * G
+        if talpha is not None or tbeta is not None:
+            dd = (0 if talpha is None else talpha) - (0 if tbeta is None else tbeta)
+            out = out + _per_matrix(torch.as_tensor(dd), G) * (U @ (U.mT @ G))
+        if tU is not None:
+            out = out + _per_matrix(alpha - beta, G) * (tU @ (U.mT @ G) + U @ (tU.mT @ G))
+        return out
 
 
-class _RankAwareGradScale(torch.autograd.Function):
+def _rank_scale_vmap(info, in_dims, G, U, alpha, beta):
+    B = info.batch_size
+    G = _batch_first(G, in_dims[0], B)
+    batch = G.shape[:-2]  # (B, *)
+    if in_dims[1] is not None:
+        U = U.movedim(in_dims[1], 0)
+        if U.dim() == 3 and len(batch) > 1:  # one (m, r) U per sample, over its matrices
+            U = U.reshape(B, *([1] * (len(batch) - 1)), *U.shape[1:]).expand(*batch, *U.shape[1:])
+    elif U.dim() > 2:
+        U = U.expand(B, *U.shape)
+    coefs = []
+    for c, d in ((alpha, in_dims[2]), (beta, in_dims[3])):
+        if d is not None:
+            c = c.movedim(d, 0)
+            c = (
+                c.reshape(B, *([1] * (len(batch) - c.dim()))).expand(batch)
+                if c.dim() < len(batch)
+                else c
+            )
+        elif c.numel() != 1:
+            c = c.expand(B, *c.shape)
+        coefs.append(c)
+    return torch.ops.lsef.rank_scale.default(G, U, *coefs), 0
+
+
+_register_autograd("rank_scale", _RankScale, "rank_scale")
+torch.library.register_vmap("lsef::rank_scale", _rank_scale_vmap, lib=_LIB)
+_register_autocast(["rank_scale"])
+
+
+@_with_eager_variant
+class _RankAwareGradScaleReverse(torch.autograd.Function):
+    """The identity in value, whose derivative in x is defined to be rank_scale (self-adjoint).
+    The output does not depend on U, alpha or beta (zero derivatives, exact); the backward is
+    rank_scale, differentiable in every argument, so double backward sees how the scaled
+    gradient depends on U, alpha and beta too. This class (reverse mode only) is what
+    torch.compile traces: Dynamo cannot trace a Function with a custom jvp."""
+
     @staticmethod
     def forward(x, U, alpha, beta):
         return x.view_as(x)
@@ -325,11 +670,34 @@ class _RankAwareGradScale(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _, U, alpha, beta = inputs
         ctx.save_for_backward(U, alpha, beta)
+        _save_for_forward(ctx, U, alpha, beta)
 
     @staticmethod
     def backward(ctx, grad):
         U, alpha, beta = ctx.saved_tensors
         return rank_scale(grad, U, alpha, beta), None, None, None
+
+
+class _RankAwareGradScale(_RankAwareGradScaleReverse):
+    """The same with forward mode, used under forward AD and torch.func: the jvp scales the
+    tangent as the backward scales the gradient, so jacfwd equals jacrev (as for the
+    reference, ``x.detach() + rank_scale(x - x.detach(), ...)``). Its output is a copy: a
+    Function returning a view must have a view for a tangent."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, U, alpha, beta):
+        return x.clone()
+
+    @staticmethod
+    def jvp(ctx, tx, tU, talpha, tbeta):
+        _refuse_nested_jvp("rank_aware_grad_scale")
+        U, alpha, beta = ctx.saved_tensors
+        return rank_scale(tx, U, alpha, beta)
+
+
+_RankAwareGradScaleEager = _RankAwareGradScaleReverse.eager
 
 
 def rank_aware_grad_scale(x: Tensor, U: Tensor, alpha: Scalar, beta: Scalar) -> Tensor:
@@ -349,7 +717,12 @@ def rank_aware_grad_scale(x: Tensor, U: Tensor, alpha: Scalar, beta: Scalar) -> 
     # reported now, under this op's name, rather than from rank_scale during the backward.
     if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64):
         raise RuntimeError(f"{op}: x must be float32 or float64 on the CPU, got {x.dtype}")
-    return _RankAwareGradScale.apply(x, U, alpha, beta)
+    if torch.compiler.is_compiling():
+        _refuse_compiled_forward_mode(op)
+        return _RankAwareGradScaleReverse.apply(x, U, alpha, beta)
+    if _transform_active():
+        return _RankAwareGradScale.apply(x, U, alpha, beta)
+    return _RankAwareGradScaleEager.apply(x, U, alpha, beta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +750,7 @@ def rsvd(A: Tensor, k: int, oversample: int = 8, n_iter: int = 2, seed: int = 0)
     elsewhere; close, repeated and zero singular values are regularised (docs/DESIGN.md §6).
     """
     _check_rsvd_types("rsvd", A, k, oversample, n_iter, seed)
-    return torch.ops.lsef.rsvd.default(A, k, oversample, n_iter, seed)
+    return _apply(_Rsvd, "rsvd", A, k, oversample, n_iter, seed)
 
 
 def lowrank(A: Tensor, k: int, oversample: int = 8, n_iter: int = 2, seed: int = 0) -> Tensor:
@@ -389,7 +762,7 @@ def lowrank(A: Tensor, k: int, oversample: int = 8, n_iter: int = 2, seed: int =
     gaps, so it is stable where ``rsvd``'s is not.
     """
     _check_rsvd_types("lowrank", A, k, oversample, n_iter, seed)
-    return torch.ops.lsef.lowrank.default(A, k, oversample, n_iter, seed)[0]
+    return _apply(_Lowrank, "lowrank", A, k, oversample, n_iter, seed)[0]
 
 
 def _check_rsvd_types(op: str, A, k, oversample, n_iter, seed) -> None:
@@ -455,31 +828,185 @@ def _lowrank_backward_fake(grad, U, V):
     return grad.new_empty(grad.shape)
 
 
-def _rsvd_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*output)
+def _svd_factors(S: Tensor):
+    """Townsend's regularised factors for a spectrum S (*, k), as rsvd_backward (C++) forms
+    them: ``F_ij = E / (E^2 + tau^4)``, ``E = s_j^2 - s_i^2``, and ``S^-1 = s / (s^2 +
+    tau^2)``, ``tau = sqrt(eps) s_max``, computed on ``w S`` (``w`` the power of two bringing
+    s_max into [1, 2), exact) so that no square under- or overflows. Returns ``(F, S_inv, Sw,
+    w)`` at that scale: F is homogeneous of degree -2 in S and S_inv of degree -1, so a term
+    ``F (P S)`` is ``w F_w (P S_w)`` and ``S^-1`` is ``w S_inv_w``."""
+    w = _rpca.pow2_normaliser(S.unsqueeze(-1))  # (*, 1, 1)
+    Sw = S * w.squeeze(-1)
+    info = torch.finfo(S.dtype)
+    tau = (math.sqrt(info.eps) * Sw.amax(dim=-1, keepdim=True)).clamp_min(info.tiny)
+    s2 = Sw * Sw
+    E = s2.unsqueeze(-2) - s2.unsqueeze(-1)
+    tau2 = (tau * tau).unsqueeze(-1)
+    F = torch.where(E != 0, E / (E * E + tau2 * tau2), 0)
+    S_inv = torch.where(Sw > 0, Sw / (s2 + tau * tau), 0)
+    return F, S_inv, Sw, w
 
 
-def _rsvd_backward(ctx, grad_U, grad_S, grad_V):
-    U, S, V = ctx.saved_tensors
-    dA = torch.ops.lsef.rsvd_backward.default(grad_U, grad_S, grad_V, U, S, V)
-    return dA, None, None, None, None
+def _svd_tangents(tA: Tensor, U: Tensor, S: Tensor, V: Tensor):
+    """The directional derivative of the rank-k truncated SVD ``(U, S, V)`` along ``tA``, with
+    the discarded singular values taken as zero (Townsend 2016; the adjoint of rsvd_backward,
+    regularised the same way): with ``P = U^T tA V``,
+    ``tS = diag(P)``, ``tU = U (F o (P S + S P^T)) + (I - U U^T) tA V S^-1``,
+    ``tV = V (F o (S P + P^T S)) + (I - V V^T) tA^T U S^-1``."""
+    P = U.mT @ tA @ V
+    F, S_inv, Sw, w = _svd_factors(S)
+    row, col = Sw.unsqueeze(-2), Sw.unsqueeze(-1)  # (P S)_ij = P_ij s_j, (S P)_ij = s_i P_ij
+    inv = (S_inv * w.squeeze(-1)).unsqueeze(-2)
+    tU = U @ (w * F * (P * row + col * P.mT)) + (tA @ V - U @ P) * inv
+    tV = V @ (w * F * (col * P + P.mT * row)) + (tA.mT @ U - V @ P.mT) * inv
+    return tU, P.diagonal(dim1=-2, dim2=-1), tV
 
 
-def _lowrank_setup_context(ctx, inputs, output):
-    _, U, V = output
-    ctx.mark_non_differentiable(U, V)
-    ctx.save_for_backward(U, V)
+class _SvdBackward(torch.autograd.Function):
+    """rsvd_backward (Townsend's dA for gradients of U, S and V). It is linear in the gradients
+    gU, gS, gV, its derivative there being the jvp of the SVD (:func:`_svd_tangents`), but it
+    has no derivative in U, S, V: asking for one, by either mode, raises ``message``, which
+    names the op, instead of giving zero."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(gU, gS, gV, U, S, V, message):
+        with _below_autograd():
+            return torch.ops.lsef.rsvd_backward.default(gU, gS, gV, U, S, V)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.message = inputs[-1]
+        ctx.save_for_backward(*inputs[3:6])
+        _save_for_forward(ctx, *inputs[3:6])
+
+    @staticmethod
+    def backward(ctx, grad):
+        # A gradient for U, S or V is asked for only if the engine goes on to run the node it
+        # flows into (needs_input_grad is fixed at forward time; a Hessian-vector product by
+        # the double-backward trick differentiates this node in its linear arguments only).
+        for node, _ in ctx.next_functions[3:6]:
+            if node is not None and torch._C._will_engine_execute_node(node):
+                raise RuntimeError(ctx.message)
+        tU, tS, tV = _svd_tangents(grad, *ctx.saved_tensors)
+        want = ctx.needs_input_grad
+        return (tU if want[0] else None, tS if want[1] else None, tV if want[2] else None) + (
+            None,
+        ) * 4
+
+    @staticmethod
+    def jvp(ctx, tgU, tgS, tgV, tU, tS, tV, _message):
+        _refuse_nested_jvp("rsvd")
+        if tU is not None or tS is not None or tV is not None:
+            raise RuntimeError(ctx.message)
+        U, S, V = ctx.saved_tensors
+        with _below_autograd():
+            return torch.ops.lsef.rsvd_backward.default(tgU, tgS, tgV, U, S, V)
 
 
-def _lowrank_backward(ctx, grad_L, grad_U, grad_V):
-    U, V = ctx.saved_tensors
-    return torch.ops.lsef.lowrank_backward.default(grad_L, U, V), None, None, None, None
+def _svd_backward(gU, gS, gV, U, S, V, op: str) -> Tensor:
+    """dA for gradients of (U, S, V) (any may be None): the fused rsvd_backward kernel. Where
+    only S has a gradient, ``U diag(gS) V^T`` in differentiable pieces: its own derivative (the
+    second derivative of S) then comes from the derivatives of U and V. Through U or V there is
+    no second derivative: differentiating the result raises, naming the op."""
+    if gU is None and gV is None:
+        return (U * gS.unsqueeze(-2)) @ V.mT
+    if not _higher_order():
+        return torch.ops.lsef.rsvd_backward.default(gU, gS, gV, U, S, V)
+    message = (
+        f"{op}: no second derivative through the singular vectors U, V with respect to A "
+        "(double backward, hessian, forward-over-reverse); it exists for rsvd's S and for "
+        "lowrank's L"
+    )
+    return _SvdBackward.apply(gU, gS, gV, U, S, V, message)
 
 
-torch.library.register_autograd("lsef::rsvd", _rsvd_backward, setup_context=_rsvd_setup_context)
-torch.library.register_autograd(
-    "lsef::lowrank", _lowrank_backward, setup_context=_lowrank_setup_context
-)
+@_with_eager_variant
+class _Rsvd(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(A, k, oversample, n_iter, seed):
+        with _below_autograd():
+            return torch.ops.lsef.rsvd.default(A, k, oversample, n_iter, seed)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*output)
+        _save_for_forward(ctx, *output)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gU, gS, gV):
+        U, S, V = ctx.saved_tensors
+        if gU is None and gS is None and gV is None:
+            return (None,) * 5
+        return _svd_backward(gU, gS, gV, U, S, V, "rsvd"), None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tA, *_ints):
+        _refuse_nested_jvp("rsvd")
+        U, S, V = ctx.saved_tensors
+        return _svd_tangents(tA, U, S, V)
+
+
+def _tangent_projection(G: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    """``P_U G + G P_V - P_U G P_V``: the fused kernel, or differentiable products where the
+    result may be differentiated again (its derivative in U and V is then exact)."""
+    if not _higher_order():
+        return torch.ops.lsef.lowrank_backward.default(G, U, V)
+    UtG = U.mT @ G
+    return U @ UtG + (G @ V - U @ (UtG @ V)) @ V.mT
+
+
+def _lowrank_spectrum(L: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    """S from L = U diag(S) V^T (U, V orthonormal): diag(U^T L V)."""
+    return (U.mT @ L @ V).diagonal(dim1=-2, dim2=-1)
+
+
+@_with_eager_variant
+class _Lowrank(torch.autograd.Function):
+    """lowrank's outputs are (L, U, V) (the Python API returns L). L's derivative is the
+    tangent-space projection, exact where rank(A) <= k, in both modes. U and V are
+    differentiable outputs so that the projection's own derivative (second derivatives of L)
+    flows back through them: their derivative is Townsend's, as rsvd's."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(A, k, oversample, n_iter, seed):
+        with _below_autograd():
+            return torch.ops.lsef.lowrank.default(A, k, oversample, n_iter, seed)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*output)
+        _save_for_forward(ctx, *output)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gL, gU, gV):
+        L, U, V = ctx.saved_tensors
+        dA = None if gL is None else _tangent_projection(gL, U, V)
+        if gU is not None or gV is not None:
+            d = _svd_backward(gU, None, gV, U, _lowrank_spectrum(L, U, V), V, "lowrank")
+            dA = d if dA is None else dA + d
+        return dA, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tA, *_ints):
+        _refuse_nested_jvp("lowrank")
+        L, U, V = ctx.saved_tensors
+        tU, _, tV = _svd_tangents(tA, U, _lowrank_spectrum(L, U, V), V)
+        return _tangent_projection(tA, U, V), tU, tV
+
+
+_register_autograd("rsvd", _Rsvd, "rsvd")
+_register_autograd("lowrank", _Lowrank, "lowrank")
+for _name in ("rsvd", "rsvd_backward", "lowrank", "lowrank_backward"):
+    _vmap_leading(_name)
+_register_autocast(["rsvd", "rsvd_backward", "lowrank", "lowrank_backward"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,12 +1061,36 @@ def lowrank_sparse(
             a gradient with grad mode on.
     """
     _check_lowrank_sparse(X, k, lam, n_steps)
-    if method == "rpca" and torch.is_grad_enabled() and X.requires_grad:
-        raise RuntimeError(
-            "lowrank_sparse(method='rpca') is not differentiable; call it under torch.no_grad() "
-            "or use method='unrolled'"
-        )
+    if method == "rpca":
+        _refuse_rpca_derivative(X, lam)
+    if X.dtype in _HALF + (torch.float32,) and torch.is_autocast_enabled(X.device.type):
+        # A factorisation: computed in float32 with autocast off inside (DESIGN.md §14).
+        with torch.autocast(X.device.type, enabled=False):
+            up = lam.float() if isinstance(lam, Tensor) and lam.dtype in _HALF else lam
+            return lowrank_sparse(X.float(), k, up, n_steps, method, noise)
     return _rpca.lowrank_sparse(sys.modules[__name__], X, k, lam, n_steps, method, noise)
+
+
+def _refuse_rpca_derivative(X: Tensor, lam) -> None:
+    """The robust-PCA solver has no derivative: a call that asks for one (an input that
+    requires grad, or carries a forward-mode tangent) raises, naming the argument and mode."""
+    for name, t in (("X", X), ("lam", lam)):
+        if not isinstance(t, Tensor):
+            continue
+        if torch.is_grad_enabled() and t.requires_grad:
+            mode = "a gradient (backward, torch.func.grad, vjp, jacrev)"
+        elif (
+            not torch.compiler.is_compiling()
+            and _transform_active()
+            and _fwAD.unpack_dual(t).tangent is not None
+        ):
+            mode = "a forward-mode tangent (torch.func.jvp, jacfwd, torch.autograd.forward_ad)"
+        else:
+            continue
+        raise RuntimeError(
+            f"lowrank_sparse(method='rpca') is not differentiable, but {name} asks for {mode}; "
+            f"call it under torch.no_grad() on {name}.detach(), or use method='unrolled'"
+        )
 
 
 def _check_lowrank_sparse(X, k, lam, n_steps) -> None:

@@ -268,8 +268,8 @@ def unrolled(
     ``S = 0``, differentiable through every step; ``lam`` defaults to
     :func:`universal_threshold` of the first residual ``X - lowrank(X, k)`` (no gradient)."""
     if lam is None:
-        with torch.no_grad():
-            lam = universal_threshold(X - ops.lowrank(X, k))
+        # no derivative in either mode (no_grad stops reverse mode only; detach both)
+        lam = universal_threshold(X.detach() - ops.lowrank(X.detach(), k))
     S = torch.zeros_like(X)
     for _ in range(steps):
         L = ops.lowrank(X - S, k)

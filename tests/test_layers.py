@@ -1,4 +1,4 @@
-"""The import layers of lsef_ext: ops -> nn/optim -> train (data beside it) -> demo/bench -> cli.
+"""The import layers of lsef_ext: ops -> nn/optim -> train (data beside it) -> demo/bench/export -> cli.
 
 The top layer, the ``lsef`` command, is the top-level module ``lsef_cli`` beside the package (so
 that ``lsef --help`` need not import torch): an import of ``lsef_cli`` counts as one of "cli".
@@ -34,6 +34,7 @@ LAYERS = {
     "train": 2,
     "demo": 3,
     "bench": 3,
+    "export": 3,  # lsef export: a checkpoint (train) to a deployable program
     "cli": 4,  # lsef_cli, outside the package
 }
 

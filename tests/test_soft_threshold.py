@@ -257,8 +257,25 @@ def test_bad_dtypes():
         ops.soft_threshold(torch.ones(3, dtype=torch.long), None, torch.tensor(1))
     with pytest.raises(RuntimeError, match="lam must have the dtype of X"):
         ops.soft_threshold(torch.randn(3), None, torch.tensor(0.1, dtype=torch.float64))
+    # The CPU kernel itself is float32/float64 ...
     with pytest.raises(RuntimeError, match="must be float32 or float64 on the CPU, got Half"):
-        ops.soft_threshold(torch.randn(3).half(), None, 0.1)
+        torch.ops.lsef.soft_threshold.default(
+            torch.randn(3).half(), None, torch.tensor(0.1).half(), False
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_the_cpu_computes_in_float32(dtype):
+    """... and the Python API takes float16 / bfloat16 on the CPU (autocast produces them):
+    computed in float32 and rounded once, with gradients in the inputs' dtype (issue 31)."""
+    X, L = torch.randn(4, 6).to(dtype), torch.randn(4, 6).to(dtype)
+    lam = torch.rand(6).to(dtype)
+    want = ops.soft_threshold(X.float(), L.float(), lam.float()).to(dtype)
+    got = ops.soft_threshold(X, L, lam)
+    assert got.dtype == dtype and torch.equal(got, want)
+    Xg = X.clone().requires_grad_()
+    ops.soft_threshold(Xg, L, lam).sum().backward()
+    assert Xg.grad.dtype == dtype
 
 
 @pytest.mark.parametrize("lam", [-0.1, torch.tensor([0.1, -0.2, 0.3]), torch.full((2, 3), 0.1)])

@@ -164,8 +164,8 @@ def lowrank_sparse(
         raise ValueError(f"lowrank_sparse: k must be in [1, min(m, n)] = [1, {mn}], got {k}")
     if method == "unrolled":
         if lam is None:
-            with torch.no_grad():
-                lam = universal_threshold(X - _lowrank(X, k))
+            # no derivative in either mode (no_grad stops reverse mode only; detach both)
+            lam = universal_threshold(X.detach() - _lowrank(X.detach(), k))
         S = torch.zeros_like(X)
         for _ in range(UNROLLED_STEPS if n_steps is None else n_steps):
             L = _lowrank(X - S, k)
