@@ -175,11 +175,22 @@ def _apply(function, name: str, *args):
     if torch.compiler.is_compiling():
         _refuse_compiled_forward_mode(name)
         return op(*args)
+    if torch.is_autocast_enabled(args[0].device.type):
+        # The autocast rule (float32) applied here, before the Function saves its inputs: the
+        # op's own Autocast kernel would cast only below it, leaving the backward with the
+        # uncast inputs.
+        args = tuple(_to_float32(a) for a in args)
     if _transform_active():
         return function.apply(*args)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         return function.eager.apply(*args)
     return op(*args)
+
+
+def _to_float32(a):
+    if isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float64:
+        return a.float()
+    return a
 
 
 def _register_autograd(name: str, function, public: str) -> None:

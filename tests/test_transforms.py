@@ -125,9 +125,9 @@ ENTRIES: Dict[str, Entry] = {
         rs_samples,
     ),
     "rank_aware_grad_scale": Entry(
-        lambda x: ops.rank_aware_grad_scale(x, U_FIXED, 0.5, 2.0),
+        lambda x: ops.rank_aware_grad_scale(x, U_FIXED.to(x), 0.5, 2.0),
         lambda x: lsef_ref.rank_aware_grad_scale(
-            x, U_FIXED, torch.tensor(0.5, dtype=D), torch.tensor(2.0, dtype=D)
+            x, U_FIXED.to(x), torch.tensor(0.5).to(x), torch.tensor(2.0).to(x)
         ),
         lambda: iter([(torch.randn(2, 5, 3, generator=gen(8), dtype=D),)]),
         fd=False,
@@ -156,11 +156,18 @@ ENTRIES: Dict[str, Entry] = {
 ENTRY_IDS = list(ENTRIES)
 
 
+CUDA = torch.cuda.is_available()
+NEEDS_CUDA = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
 def cases(attr="samples"):
+    """(op, sample) for every sample of every entry, on the CPU and (where present) CUDA."""
     out = []
     for name, e in ENTRIES.items():
         for i, s in enumerate((getattr(e, attr) or e.samples)()):
             out.append(pytest.param(name, s, id=f"{name}-{i}"))
+            cuda = tuple(a.cuda() for a in s) if CUDA else s
+            out.append(pytest.param(name, cuda, id=f"{name}-{i}-cuda", marks=NEEDS_CUDA))
     return out
 
 
@@ -173,7 +180,9 @@ def weights(out, seed=11):
     pattern, deterministic and free of random calls, so it also runs inside vmap."""
     flat, _ = tree_flatten(out)
     return [
-        torch.cos(torch.arange(o.numel(), dtype=D) * 0.7 + seed + i).reshape(o.shape)
+        torch.cos(torch.arange(o.numel(), dtype=D, device=o.device) * 0.7 + seed + i).reshape(
+            o.shape
+        )
         for i, o in enumerate(flat)
     ]
 
@@ -210,6 +219,7 @@ TRANSFORMS = [
     "vmap(grad)",
     "torch.compile(fullgraph)",
     "torch.export",
+    "autocast",
 ]
 PUBLIC = [
     "soft_threshold",
@@ -232,6 +242,7 @@ for op in ("rank_scale", "rank_aware_grad_scale", "rsvd", "lowrank", "lowrank_sp
     SUPPORT[op]["jacfwd(jacfwd)"] = "raises (pytorch#197867)"
 for t in DERIVATIVES:
     SUPPORT["lowrank_sparse (rpca)"][t] = "raises (not differentiable)"
+SUPPORT["rank_aware_grad_scale"]["autocast"] = "yes; CPU: x float32/64 only"
 SUPPORT["lowrank_sparse (rpca)"]["vmap"] = "yes"
 
 
@@ -499,3 +510,57 @@ def test_compile_rpca_fullgraph():
     X = rank_k((2, 6, 7), 2, 10)
     fn = lambda X: ops.lowrank_sparse(X, 2, n_steps=5)  # noqa: E731
     close(torch.compile(fn, fullgraph=True, backend="aot_eager")(X), fn(X), rtol=0, atol=1e-12)
+
+
+# --- autocast --------------------------------------------------------------------------------
+
+AUTOCAST_DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
+
+
+@pytest.mark.parametrize("device", AUTOCAST_DEVICES)
+@pytest.mark.parametrize("name", ENTRY_IDS)
+def test_autocast_computes_in_float32(device, name):
+    """Under autocast (bfloat16) every op takes the dtype mix autocast produces (here: the
+    first input in bfloat16, the others float32) and computes in float32: the result equals the
+    float32 call on the same (rounded) inputs, and gradients reach the inputs in their dtypes."""
+    e = ENTRIES[name]
+    args = [a.float().to(device) for a in next(iter(e.samples()))]
+    args[0] = args[0].to(torch.bfloat16)
+    if name == "rank_aware_grad_scale" and device == "cpu":
+        # Its gradient would reach rank_scale in bfloat16, which the CPU kernel lacks: refused
+        # at the call (it is the identity in value; nothing in lsef_ext.nn calls it).
+        with (
+            torch.autocast(device, dtype=torch.bfloat16),
+            pytest.raises(RuntimeError, match="x must be float32 or float64 on the CPU"),
+        ):
+            e.fn(*args)
+        return
+    want = e.fn(*[a.float() for a in args])
+    leaves = [a.detach().clone().requires_grad_() for a in args]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = e.fn(*leaves)
+    for g, w in zip(tree_flatten(got)[0], tree_flatten(want)[0]):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    loss = sum(o.float().sum() for o in tree_flatten(got)[0])
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    for leaf, g in zip(leaves, grads):
+        assert g is None or g.dtype == leaf.dtype
+
+
+@pytest.mark.parametrize("device", AUTOCAST_DEVICES)
+def test_autocast_rpca_and_the_lsef_model(device):
+    from lsef_ext.nn import LSEF
+
+    X = torch.randn(4, 16, 24, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        L, S = ops.lowrank_sparse(X.to(torch.bfloat16), 3)
+        assert L.dtype == S.dtype == torch.float32
+        model = LSEF(d_in=24, num_classes=3).to(device)
+        out = model(X)
+        loss = torch.nn.functional.cross_entropy(
+            out.pred.float(), torch.tensor([0, 1, 2, 0], device=device)
+        )
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
