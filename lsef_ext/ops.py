@@ -175,7 +175,7 @@ def _apply(function, name: str, *args):
     if torch.compiler.is_compiling():
         _refuse_compiled_forward_mode(name)
         return op(*args)
-    if torch.is_autocast_enabled(args[0].device.type):
+    if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(args[0].device.type):
         # The autocast rule (float32) applied here, before the Function saves its inputs: the
         # op's own Autocast kernel would cast only below it, leaving the backward with the
         # uncast inputs.
