@@ -1045,7 +1045,11 @@ class Trainer:
     def task_loss(self, pred: Tensor, t: Tensor) -> Tensor:
         """The task's loss of outputs ``pred`` against targets ``t``: cross-entropy (with the
         run's class weights) or MSE plus ``1 − CCC``; the training loss adds the model's
-        consistency regulariser, and the val loss (``val_loss``) is this alone."""
+        consistency regulariser, and the val loss (``val_loss``) is this alone. Outputs in
+        bfloat16 or float16 (``--amp``) are taken up to float32 first: the class weights, the
+        targets and CCC's moments are not rounded to the outputs' dtype."""
+        if pred.dtype in (torch.bfloat16, torch.float16):
+            pred = pred.float()
         if self.cfg.task == "classification":
             w = None if self.loss_weight is None else self.loss_weight.to(pred.device, pred.dtype)
             return F.cross_entropy(pred, t.to(pred.device), weight=w)

@@ -66,6 +66,17 @@ def test_bf16_trains_on_the_cpu(model):
     assert_trains(trainer(tiny(model=model, amp="bf16")))
 
 
+def test_bf16_regression_and_class_weights_keep_the_loss_in_float32():
+    cfg = tiny(model="meanpool-mlp", amp="bf16", task="regression")
+    assert_trains(trainer(cfg))
+    tr = trainer(tiny(model="meanpool-mlp", amp="bf16", class_weights="balanced", epochs=1))
+    pred, t = torch.randn(16, 7).bfloat16(), tr.t[:16]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = tr.task_loss(pred, t)
+    want = torch.nn.functional.cross_entropy(pred.float(), t, weight=tr.loss_weight)
+    assert loss.dtype == torch.float32 and torch.equal(loss, want)
+
+
 def test_bf16_with_rao_trains_on_the_cpu():
     assert_trains(trainer(tiny(model="lsef", amp="bf16", rao=True)))
 
