@@ -106,7 +106,7 @@ def test_unknown_command_fails_with_usage():
     )
     assert r.returncode == 2 and r.stderr == (
         "lsef: error: argument COMMAND: invalid choice: 'nope' (choose from 'demo', 'train', "
-        "'eval', 'predict', 'info', 'bench') (see 'lsef --help')\n"
+        "'eval', 'predict', 'export', 'info', 'bench') (see 'lsef --help')\n"
     )
 
 

@@ -1,4 +1,5 @@
-"""The import layers of lsef_ext: ops -> nn/optim -> train (data beside it) -> demo/bench/export -> cli.
+"""The import layers of lsef_ext: ops -> nn/optim -> train (data beside it) -> demo/bench/export
+-> cli.
 
 The top layer, the ``lsef`` command, is the top-level module ``lsef_cli`` beside the package (so
 that ``lsef --help`` need not import torch): an import of ``lsef_cli`` counts as one of "cli".
