@@ -933,20 +933,29 @@ def _svd_backward(gU, gS, gV, U, S, V, op: str) -> Tensor:
     return _SvdBackward.apply(gU, gS, gV, U, S, V, message)
 
 
+def _factorisation_forward(name: str):
+    """The forward of rsvd's and lowrank's Functions: the op below autograd."""
+    op = getattr(torch.ops.lsef, name).default
+
+    def forward(A, k, oversample, n_iter, seed):
+        with _below_autograd():
+            return op(A, k, oversample, n_iter, seed)
+
+    return staticmethod(forward)
+
+
+def _save_outputs(ctx, inputs, output) -> None:
+    """setup_context of rsvd's and lowrank's Functions: both derivatives need the outputs only."""
+    ctx.save_for_backward(*output)
+    _save_for_forward(ctx, *output)
+    ctx.set_materialize_grads(False)
+
+
 @_with_eager_variant
 class _Rsvd(torch.autograd.Function):
     generate_vmap_rule = True
-
-    @staticmethod
-    def forward(A, k, oversample, n_iter, seed):
-        with _below_autograd():
-            return torch.ops.lsef.rsvd.default(A, k, oversample, n_iter, seed)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*output)
-        _save_for_forward(ctx, *output)
-        ctx.set_materialize_grads(False)
+    forward = _factorisation_forward("rsvd")
+    setup_context = staticmethod(_save_outputs)
 
     @staticmethod
     def backward(ctx, gU, gS, gV):
@@ -984,17 +993,8 @@ class _Lowrank(torch.autograd.Function):
     flows back through them: their derivative is Townsend's, as rsvd's."""
 
     generate_vmap_rule = True
-
-    @staticmethod
-    def forward(A, k, oversample, n_iter, seed):
-        with _below_autograd():
-            return torch.ops.lsef.lowrank.default(A, k, oversample, n_iter, seed)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*output)
-        _save_for_forward(ctx, *output)
-        ctx.set_materialize_grads(False)
+    forward = _factorisation_forward("lowrank")
+    setup_context = staticmethod(_save_outputs)
 
     @staticmethod
     def backward(ctx, gL, gU, gV):

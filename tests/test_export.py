@@ -14,12 +14,12 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
 import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
 import lsef_cli as cli
+from test_eval_predict import CLASSES, make_folder
 from lsef_ext import export as lx
 from lsef_ext.data import FeatureFolder, standardise
 from lsef_ext.nn import CIM, DDM, LSEF, SEM, LSEFOutput, MeanPoolMLP, TemporalTransformer
@@ -177,29 +177,6 @@ def test_predictor_bakes_in_the_normalisation():
 # --------------------------------------------------------------------------------------------
 # lsef export, and the file in a fresh process
 # --------------------------------------------------------------------------------------------
-
-CLASSES = ("ang", "hap", "sad")
-
-
-def make_folder(root, n=40, frames=12, channels=6, targets=None):
-    """Clips of ``frames`` x ``channels`` on an offset, scaled range (so that the baked-in
-    standardisation matters); class c adds +4 to channel c. ``targets``: regression columns."""
-    rng = np.random.default_rng(0)
-    (root / "features").mkdir(parents=True)
-    rows = [",".join(["clip", *(targets or ["label"]), "split"])]
-    for i in range(n):
-        c = i % len(CLASSES)
-        x = rng.normal(size=(frames, channels)).astype(np.float32) * 3 + 5
-        x[:, c] += 4
-        np.save(root / "features" / f"c{i}.npy", x)
-        split = "train" if i % 4 else "test"
-        if targets:
-            vals = [f"{float(x[:, j].mean() / 10):.4f}" for j in range(len(targets))]
-            rows.append(",".join([f"c{i}", *vals, split]))
-        else:
-            rows.append(f"c{i},{CLASSES[c]},{split}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def train_checkpoint(root, out, model, task="classification", **extra):
