@@ -453,10 +453,6 @@ def _soft_threshold_vmap(info, in_dims, X, L, lam, hard=False):
 def _soft_threshold_backward_vmap(info, in_dims, grad, X, L, lam, hard, mask):
     B = info.batch_size
     grad, X, L = (_batch_first(t, d, B) for t, d in zip((grad, X, L), in_dims[:3]))
-    if grad.dim() == X.dim() - 1:
-        grad = grad.expand(B, *grad.shape)
-    if X.dim() == grad.dim() - 1:
-        X = X.expand(B, *X.shape)
     per_sample = lam.shape if in_dims[3] is None else lam.movedim(in_dims[3], 0).shape[1:]
     # lam per sample (expanded where shared): its gradient is then per sample too
     lam = _batch_first(lam, in_dims[3], B)
