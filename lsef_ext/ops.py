@@ -645,11 +645,8 @@ def _rank_scale_vmap(info, in_dims, G, U, alpha, beta):
     for c, d in ((alpha, in_dims[2]), (beta, in_dims[3])):
         if d is not None:
             c = c.movedim(d, 0)
-            c = (
-                c.reshape(B, *([1] * (len(batch) - c.dim()))).expand(batch)
-                if c.dim() < len(batch)
-                else c
-            )
+            if c[0].numel() == 1:  # one value per sample, over its matrices
+                c = c.reshape(B, *([1] * (len(batch) - 1))).expand(batch)
         elif c.numel() != 1:
             c = c.expand(B, *c.shape)
         coefs.append(c)

@@ -439,6 +439,21 @@ def test_vmap(name, args):
             close(g, torch.stack([tree_flatten(o)[0][j] for o in want]))
 
 
+@pytest.mark.parametrize("per_sample", [(), (1,), (2,)], ids=["scalar", "one", "per-matrix"])
+def test_vmap_rank_scale_coefficients(per_sample):
+    """rank_scale's batching rule for a vmapped alpha of each allowed per-sample shape, with a
+    shared 2-D U over per-sample batches of matrices."""
+    g = gen(16)
+    G = torch.randn(3, 2, 5, 4, generator=g, dtype=D)
+    U = torch.linalg.qr(torch.randn(5, 2, generator=g, dtype=D))[0]
+    alpha = torch.rand(3, *per_sample, generator=g, dtype=D)
+    got = vmap(lambda Gi, ai: ops.rank_scale(Gi, U, ai, 0.5))(G, alpha)
+    beta = torch.tensor(0.5, dtype=D)
+    coef = [alpha[i] if per_sample == (2,) else alpha[i].reshape(()) for i in range(3)]
+    want = torch.stack([lsef_ref.rank_scale(G[i], U, coef[i], beta) for i in range(3)])
+    close(got, want)
+
+
 def test_vmap_rpca():
     X = torch.stack([rank_k((6, 7), 2, s) for s in range(3)])
     X[:, 1, 2] += 5.0
