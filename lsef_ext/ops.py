@@ -1061,8 +1061,12 @@ def lowrank_sparse(
         ValueError: ``X`` with fewer than 2 dimensions or an empty matrix; ``k`` outside
             ``[1, min(m, n)]``; a number ``lam`` below 0 or NaN; ``n_steps < 1``; an unknown
             ``method`` or ``noise``.
-        RuntimeError: ``X`` not floating-point; ``method="rpca"`` on an ``X`` that requires
-            a gradient with grad mode on.
+        RuntimeError: ``X`` not floating-point; ``method="rpca"`` where ``X`` or a tensor
+            ``lam`` asks for a derivative (requires grad with grad mode on, or carries a
+            forward-mode tangent: torch.func.jvp, jacfwd, forward_ad).
+
+    Under ``torch.autocast`` it computes in float32 (float64 stays float64), with autocast off
+    inside, and returns float32.
     """
     _check_lowrank_sparse(X, k, lam, n_steps)
     if method == "rpca":
