@@ -39,20 +39,10 @@ def torch_version():
     return torch.__version__
 
 
-def torch_requirement():
-    """The torch series this build is compiled for (its C++ ABI is not stable across minor
-    releases), as torch-scatter and flash-attn pin theirs; any torch >= 2.4 where the metadata is
-    prepared without torch (the build itself then stops with NO_TORCH)."""
-    version = torch_version()
-    if version is None:
-        return "torch>=2.4"
-    major, minor = (int(x) for x in version.split("+")[0].split(".")[:2])
-    return f"torch>={major}.{minor},<{major}.{minor + 1}"
-
-
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
-        super().__init__(name, sources=[])
+        # py_limited_api: the modules use CPython's stable ABI (abi3) from 3.10 on.
+        super().__init__(name, sources=[], py_limited_api=True)
 
 
 class CMakeBuild(build_ext):
@@ -63,10 +53,10 @@ class CMakeBuild(build_ext):
             raise SystemExit(1)
         output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         output_dir.mkdir(parents=True, exist_ok=True)
-        # The torch this build is for, read by lsef_ext/__init__.py before it loads the library.
-        (output_dir / "_build_torch.py").write_text(
-            f'"""Written by setup.py at build time."""\n\nTORCH_VERSION = "{version}"\n'
-        )
+        # Left by builds from before the stable ABI, which pinned a torch series.
+        (output_dir / "_build_torch.py").unlink(missing_ok=True)
+        for old in output_dir.glob("_C.cpython-*.so"):
+            old.unlink()
         # A fixed folder in the source tree (not setuptools' temporary one), so a rebuild after
         # touching one kernel recompiles only that file, editable installs included. One per
         # Python environment: CMake's cache remembers the torch it configured against.
@@ -106,7 +96,8 @@ def say(line: str) -> None:
 
 
 setup(
-    install_requires=[torch_requirement(), "numpy", "tqdm", "matplotlib"],
     ext_modules=[CMakeExtension("lsef_ext._C")],
     cmdclass={"build_ext": CMakeBuild},
+    # One wheel, lsef_ext-<version>-cp310-abi3-<platform>.whl, for every CPython >= 3.10.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -7,8 +7,10 @@
 #   LSEF_CUDA=OFF   CPU kernels only.
 #
 # Target architectures: TORCH_CUDA_ARCH_LIST from the environment (torch's format, e.g.
-# "8.0;9.0+PTX"), else CMAKE_CUDA_ARCHITECTURES if given, else sm_80 and sm_90 machine code plus
-# compute_90 PTX, which newer GPUs compile at load time.
+# "8.0;9.0+PTX"), else CMAKE_CUDA_ARCHITECTURES if given, else machine code for every data-centre
+# and desktop generation nvcc 13 builds for that these kernels suit (sm_80 Ampere, sm_90 Hopper,
+# sm_100 Blackwell, sm_120 Blackwell desktop) plus compute_120 PTX, which newer GPUs compile at
+# load time.
 string(TOUPPER "${LSEF_CUDA}" _lsef_cuda_mode)
 if(_lsef_cuda_mode MATCHES "^(1|TRUE|YES)$")
   set(_lsef_cuda_mode ON)
@@ -82,7 +84,7 @@ if(_lsef_no_cuda STREQUAL "")
   elseif(DEFINED CMAKE_CUDA_ARCHITECTURES)
     set(LSEF_CUDA_ARCHITECTURES ${CMAKE_CUDA_ARCHITECTURES})
   else()
-    set(LSEF_CUDA_ARCHITECTURES 80-real 90-real 90-virtual)
+    set(LSEF_CUDA_ARCHITECTURES 80-real 90-real 100-real 120-real 120-virtual)
   endif()
   # Set before enable_language so CMake does not probe a default architecture of its own.
   set(CMAKE_CUDA_ARCHITECTURES ${LSEF_CUDA_ARCHITECTURES})
@@ -100,48 +102,17 @@ if(_lsef_no_cuda STREQUAL "")
   endif()
 endif()
 
-# ATen's CUDA headers include the cuBLAS, cuSPARSE and cuSOLVER headers, and the kernels need
-# the shared CUDA runtime. A toolkit may hold only the compiler and the runtime (pip's
-# nvidia-cuda-nvcc, or a trimmed image); torch's own nvidia/* wheels then supply the rest, and
-# match torch's CUDA version by construction. The toolkit's copies come first.
+# The kernels need the CUDA runtime's headers and its static library (from the toolkit), and
+# libtorch_cuda, which holds the C shim's CUDA part (the current stream), found already loaded
+# at import by soname as libtorch_cpu is (CMakeLists.txt).
 if(_lsef_no_cuda STREQUAL "")
   find_package(CUDAToolkit QUIET)
-  set(_lsef_bundled_include "")
-  set(_lsef_bundled_lib "")
-  foreach(_dir IN LISTS _lsef_nvidia_dirs)
-    file(GLOB _inc LIST_DIRECTORIES true "${_dir}/*/include")
-    file(GLOB _lib LIST_DIRECTORIES true "${_dir}/*/lib")
-    list(APPEND _lsef_bundled_include ${_inc})
-    list(APPEND _lsef_bundled_lib ${_lib})
-  endforeach()
-
-  set(_lsef_toolkit_include
-      ${CUDAToolkit_INCLUDE_DIRS} "${CMAKE_CUDA_COMPILER_TOOLKIT_ROOT}/include")
-  set(LSEF_CUDA_EXTRA_INCLUDE_DIRS "")
-  foreach(_header cublas_v2.h cublasLt.h cusparse.h cusolverDn.h)
-    unset(_lsef_header_dir)
-    find_path(_lsef_header_dir ${_header} NO_CACHE NO_DEFAULT_PATH
-              PATHS ${_lsef_toolkit_include} ${_lsef_bundled_include})
-    if(NOT _lsef_header_dir)
-      string(CONCAT _lsef_no_cuda "${_header} is in neither the CUDA toolkit "
-                    "(${CMAKE_CUDA_COMPILER_TOOLKIT_ROOT}) nor torch's nvidia/* packages")
-      break()
-    endif()
-    if(NOT _lsef_header_dir IN_LIST _lsef_toolkit_include)
-      list(APPEND LSEF_CUDA_EXTRA_INCLUDE_DIRS "${_lsef_header_dir}")
-    endif()
-  endforeach()
-  list(REMOVE_DUPLICATES LSEF_CUDA_EXTRA_INCLUDE_DIRS)
-
-  if(TARGET CUDA::cudart)
-    set(_lsef_cudart CUDA::cudart)
-  else()
-    find_library(_lsef_cudart NAMES cudart libcudart.so.${_lsef_nvcc_major} NO_CACHE
-                 NO_DEFAULT_PATH PATHS ${_lsef_bundled_lib})
-    if(NOT _lsef_cudart)
-      string(CONCAT _lsef_no_cuda "the shared CUDA runtime (libcudart) is in neither the CUDA "
-                    "toolkit nor torch's nvidia/* packages")
-    endif()
+  if(NOT TARGET CUDA::cudart_static)
+    set(_lsef_no_cuda "the CUDA toolkit of ${CMAKE_CUDA_COMPILER} has no static runtime (libcudart_static.a)")
+  endif()
+  find_library(LSEF_TORCH_CUDA_LIBRARY torch_cuda PATHS "${LSEF_TORCH_LIB}" NO_DEFAULT_PATH)
+  if(NOT LSEF_TORCH_CUDA_LIBRARY)
+    set(_lsef_no_cuda "torch's lib folder ${LSEF_TORCH_LIB} has no libtorch_cuda")
   endif()
 endif()
 
@@ -156,7 +127,6 @@ if(NOT _lsef_no_cuda STREQUAL "")
 endif()
 
 set(LSEF_WITH_CUDA ON)
-set_property(TARGET torch::cudart PROPERTY INTERFACE_LINK_LIBRARIES "${_lsef_cudart}")
 
 # The architectures as cuobjdump names them: sm_XY for machine code, compute_XY for PTX.
 set(LSEF_CUDA_ARCHS_TEXT "")
@@ -179,9 +149,11 @@ message(STATUS "lsef_ext: CUDA kernels with nvcc ${CMAKE_CUDA_COMPILER_VERSION} 
 function(lsef_configure_cuda_target target)
   set_target_properties(${target} PROPERTIES
     CUDA_ARCHITECTURES "${LSEF_CUDA_ARCHITECTURES}"
-    # Not CMake's default static runtime: the kernels must share torch's runtime (its streams,
-    # its allocator's memory, its error state), which torch::cudart links as a shared library.
-    CUDA_RUNTIME_LIBRARY None)
+    # The CUDA runtime linked statically (docs/DESIGN.md §15): the module then loads under any
+    # CUDA build of torch whose driver runs CUDA 13 code, whatever runtime torch ships. Streams,
+    # memory and the context are the driver's, shared with torch's own runtime; error state is
+    # per runtime, and the kernels check their own launches.
+    CUDA_RUNTIME_LIBRARY Static)
   # LSEF_CXX_STANDARD (CMakeLists.txt) is given to nvcc directly because CMake 3.25 knows no
   # C++20 flag for nvcc (CUDA_STANDARD 20 fails to generate).
   # -O3 comes with CMake's Release flags, and ptxas optimises device code fully unless -G.
@@ -192,9 +164,5 @@ function(lsef_configure_cuda_target target)
     LSEF_WITH_CUDA
     LSEF_CUDA_VERSION="${CMAKE_CUDA_COMPILER_VERSION}"
     LSEF_CUDA_ARCHS="${LSEF_CUDA_ARCHS_TEXT}")
-  # Only for nvcc, which searches its own toolkit's headers (-I) before any -isystem folder.
-  target_include_directories(${target} SYSTEM PRIVATE
-    $<$<COMPILE_LANGUAGE:CUDA>:${LSEF_CUDA_EXTRA_INCLUDE_DIRS}>)
-  # TORCH_LIBRARIES already brings torch_cuda and c10_cuda.
-  target_link_libraries(${target} PRIVATE torch::cudart)
+  target_link_libraries(${target} PRIVATE "${LSEF_TORCH_CUDA_LIBRARY}" CUDA::cudart_static)
 endfunction()

@@ -4,29 +4,36 @@ Importing the package loads the compiled kernels, which register ``torch.ops.lse
 """
 
 import glob
+import json
 import os
-import warnings
 
-import torch  # noqa: F401  (the compiled library needs libtorch loaded first)
+import torch  # noqa: F401  (the compiled modules need libtorch loaded first)
+
+# The oldest torch the compiled modules run under: they use only the LibTorch stable ABI as of
+# this version (csrc/common/stable.h, docs/DESIGN.md §15), so one build serves it and every
+# later torch. setup.py and CMakeLists.txt hold the same number.
+MIN_TORCH = (2, 10)
 
 
-def _series(version: str) -> str:
-    return ".".join(version.split("+")[0].split(".")[:2])
+def _torch_version() -> tuple:
+    return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 
 
 def _load_library():
-    """Imports the compiled library, saying what is wrong where it cannot be used: a source tree
-    that was never built, or a build for another torch series (whose C++ ABI differs)."""
+    """Imports the compiled modules: the CPU kernels (``_C``), and the CUDA kernels
+    (``_C_cuda``) where the running torch has CUDA and the wheel holds them. Says what is wrong
+    where they cannot be used: a torch older than the stable ABI they use, or a source tree that
+    was never built."""
+    if _torch_version() < MIN_TORCH:
+        raise ImportError(
+            f"lsef_ext needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (its compiled kernels use "
+            f"the LibTorch stable ABI of that version), but torch {torch.__version__} is "
+            "installed. Upgrade torch: pip install -U torch"
+        )
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        from ._build_torch import TORCH_VERSION as built
-    except ImportError:
-        built = None
-    mismatch = built is not None and _series(built) != _series(torch.__version__)
-    rebuild = 'pip install --no-build-isolation --force-reinstall --no-deps "lsef_ext @ <source>"'
-    try:
-        from . import _C  # noqa: F401  (registers the op schemas and kernels)
+        from . import _C  # noqa: F401  (registers the CPU kernels)
     except ImportError as e:
-        here = os.path.dirname(os.path.abspath(__file__))
         if not glob.glob(os.path.join(here, "_C.*")):
             raise ImportError(
                 f"lsef_ext: the compiled library (_C) is not in {here}: this is a source tree "
@@ -35,21 +42,12 @@ def _load_library():
                 "package is then used), or build in place: "
                 "pip install --no-build-isolation -e ."
             ) from e
-        if mismatch:
-            raise ImportError(
-                f"lsef_ext was built for torch {built} but torch {torch.__version__} is "
-                f"installed, and the library cannot load under it ({e}). Rebuild it against "
-                f"this torch: {rebuild}"
-            ) from e
         raise
-    if mismatch:
-        warnings.warn(
-            f"lsef_ext was built for torch {built} but torch {torch.__version__} is installed; "
-            f"the C++ ABI can differ between torch series. Rebuild: {rebuild}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    if torch.version.cuda is not None and glob.glob(os.path.join(here, "_C_cuda.*")):
+        from . import _C_cuda  # noqa: F401  (registers the CUDA kernels)
 
+
+from . import _schemas  # noqa: E402, F401  (declares the op schemas)
 
 _load_library()
 
@@ -60,8 +58,26 @@ __all__ = ["ops", "build_info", "__version__"]
 
 
 def build_info() -> dict:
-    """What the compiled library contains: compiler, build type, the torch it was built
-    against, backends (``["CPU"]`` or ``["CPU", "CUDA"]``) and CUDA version and architectures."""
-    import json
+    """What the compiled library contains: compiler, build type, the oldest torch it runs under
+    (``torch_target``) and the torch it was built with, backends (``["CPU"]`` or
+    ``["CPU", "CUDA"]``: CUDA where the CUDA module is loaded) and, with CUDA, the CUDA version
+    and architectures (``sm_XY`` machine code, ``compute_XY`` PTX)."""
+    from . import _C
 
-    return json.loads(torch.ops.lsef._build_info())
+    info = json.loads(_C.BUILD_INFO)
+    info["backends"] = ["CPU"]
+    info["cuda_version"] = info["cuda_archs"] = None
+    cuda = _C_cuda_module()
+    if cuda is not None:
+        info["backends"].append("CUDA")
+        cuda_info = json.loads(cuda.BUILD_INFO)
+        info["cuda_version"] = cuda_info["cuda_version"]
+        info["cuda_archs"] = cuda_info["cuda_archs"]
+    return info
+
+
+def _C_cuda_module():
+    """The loaded CUDA module, or None (a CPU-only torch, or a build without CUDA kernels)."""
+    import sys
+
+    return sys.modules.get(__name__ + "._C_cuda")

@@ -202,8 +202,14 @@ def _register_autograd(name: str, function, public: str) -> None:
     op = getattr(torch.ops.lsef, name).default
     # The dispatcher leaves out trailing arguments equal to their defaults: put them back.
     defaults = [a.default_value for a in op._schema.arguments]
+    # A non-optional tensor given as None is a TypeError, checked here: no exception of the
+    # stable ABI's kernels reaches Python as one (csrc/common/checks.h).
+    required = [(i, a.name) for i, a in enumerate(op._schema.arguments) if str(a.type) == "Tensor"]
 
     def autograd_kernel(keyset, *args):
+        for i, arg_name in required:
+            if args[i] is None:
+                raise TypeError(f"{name}: {arg_name} must be a tensor, got None")
         if _transform_active():
             raise RuntimeError(
                 f"torch.ops.lsef.{name} called directly under forward-mode AD or a torch.func "

@@ -25,7 +25,8 @@ SOURCE = Path(__file__).resolve().parents[1] / PACKAGE
 # ``from lsef_ext import <name that is not a module>``); "_C" is the compiled library.
 LAYERS = {
     "_C": 0,
-    "_build_torch": 0,  # written by setup.py: the torch the build is for
+    "_C_cuda": 0,  # the compiled CUDA kernels
+    "_schemas": 0,  # the op schemas
     "__init__": 0,
     "rpca": 0,  # robust-PCA helpers that ops uses
     "ops": 0,

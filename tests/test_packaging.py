@@ -1,10 +1,9 @@
-"""Packaging: the torch-series guard at import, the files a wheel must carry."""
+"""Packaging: the torch-version guard at import, the abi3 modules, the files a wheel must carry."""
 
 import sys
-import types
-import warnings
 from pathlib import Path
 
+import pytest
 import torch
 
 import lsef_ext
@@ -12,24 +11,22 @@ import lsef_ext
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_torch_series_guard_warns_naming_both_versions(monkeypatch):
-    """A library built for another torch series warns once at import, naming both versions and
-    the rebuild command (setup.py records the build's torch in lsef_ext/_build_torch.py)."""
-    fake = types.ModuleType("lsef_ext._build_torch")
-    fake.TORCH_VERSION = "1.99.0"
-    monkeypatch.setitem(sys.modules, "lsef_ext._build_torch", fake)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+def test_too_old_torch_gives_one_clear_import_error(monkeypatch):
+    """Under a torch older than the stable ABI the kernels use, importing fails with one
+    ImportError naming both versions (the wheel's metadata asks for torch >= 2.10 too)."""
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu128")
+    with pytest.raises(ImportError, match=r"^lsef_ext needs torch >= 2\.10 .* torch 2\.9\.1\+cu128 "):
         lsef_ext._load_library()
-    messages = [str(w.message) for w in caught if w.category is RuntimeWarning]
-    assert len(messages) == 1
-    assert "torch 1.99.0" in messages[0] and f"torch {torch.__version__}" in messages[0]
-    assert "pip install --no-build-isolation --force-reinstall" in messages[0]
-    fake.TORCH_VERSION = torch.__version__  # the same series: silent
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        lsef_ext._load_library()
-    assert not [w for w in caught if w.category is RuntimeWarning]
+
+
+def test_modules_are_abi3_and_name_no_torch_series():
+    """The compiled modules carry CPython's stable-ABI suffix (one file for every Python >= 3.10)
+    and record the oldest torch they run under, not the series they were built with."""
+    here = Path(lsef_ext.__file__).parent
+    assert [p.name for p in here.glob("_C.*so")] == ["_C.abi3.so"]
+    info = lsef_ext.build_info()
+    assert info["torch_target"] == "%d.%d" % lsef_ext.MIN_TORCH
+    assert not (here / "_build_torch.py").exists()
 
 
 def test_package_metadata_files():

@@ -2,11 +2,6 @@
 // The op is separable by columns: G'[:, c] needs only G[:, c] and C[:, c] = U^T G[:, c]. So every
 // task takes one matrix and a block of columns small enough to stay in cache, computes its slice
 // of C, then writes its slice of G'. G is read from memory once and G' written once.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <vector>
 
@@ -49,20 +44,20 @@ __attribute__((target_clones("arch=x86-64-v3", "default"))) void scale_tile(
 }
 
 template <typename T>
-void rank_scale_kernel(const Args& a, at::Tensor& out) {
+void rank_scale_kernel(const Args& a, Tensor& out) {
   const int64_t m = a.m, n = a.n, r = a.r;
   const int64_t width = std::min(
       n, std::max<int64_t>(16, kTileBytes / std::max<int64_t>(1, m * sizeof(T)) / 16 * 16));
   const int64_t tiles_per_matrix = ceil_div(n, width);
-  const T* G = a.G.data_ptr<T>();
-  const T* U = a.U.data_ptr<T>();
-  const T* alpha = a.alpha.data_ptr<T>();
-  const T* beta = a.beta.data_ptr<T>();
+  const T* G = cptr<T>(a.G);
+  const T* U = cptr<T>(a.U);
+  const T* alpha = cptr<T>(a.alpha);
+  const T* beta = cptr<T>(a.beta);
   const int64_t alpha_step = a.alpha.numel() == 1 ? 0 : 1;
   const int64_t beta_step = a.beta.numel() == 1 ? 0 : 1;
   const int64_t U_step = a.shared_U ? 0 : m * r;
-  T* O = out.data_ptr<T>();
-  at::parallel_for(0, a.batch * tiles_per_matrix, 1, [&](int64_t t0, int64_t t1) {
+  T* O = ptr<T>(out);
+  parallel_for(0, a.batch * tiles_per_matrix, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> C(r * width);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / tiles_per_matrix;
@@ -73,13 +68,14 @@ void rank_scale_kernel(const Args& a, at::Tensor& out) {
   });
 }
 
-at::Tensor rank_scale_cpu(const at::Tensor& G, const at::Tensor& U, const at::Tensor& alpha,
-                          const at::Tensor& beta) {
+Tensor rank_scale_cpu(const Tensor& G, const Tensor& U, const Tensor& alpha,
+                          const Tensor& beta) {
   check_cpu_dtype(kOp, "G", G);
   const Args a = prepare(kOp, G, U, alpha, beta);
-  at::Tensor out = empty_output(a.G);
+  Tensor out = empty_output(a.G);
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(a.G.scalar_type(), kOp, [&] { rank_scale_kernel<scalar_t>(a, out); });
+  dispatch_floating(a.G.scalar_type(), kOp,
+                    [&](auto tag) { rank_scale_kernel<typename decltype(tag)::type>(a, out); });
   return out;
 }
 
@@ -87,4 +83,6 @@ at::Tensor rank_scale_cpu(const at::Tensor& G, const at::Tensor& U, const at::Te
 }  // namespace rank_scale
 }  // namespace lsef
 
-TORCH_LIBRARY_IMPL(lsef, CPU, m) { m.impl("rank_scale", &lsef::rank_scale::rank_scale_cpu); }
+STABLE_TORCH_LIBRARY_IMPL(lsef, CPU, m) {
+  m.impl("rank_scale", TORCH_BOX(&lsef::rank_scale::rank_scale_cpu));
+}

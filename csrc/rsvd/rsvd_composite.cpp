@@ -1,15 +1,6 @@
-// rsvd_backward, lowrank and lowrank_backward: written once with ATen matrix products, so they
-// run on every backend that has an rsvd kernel (CompositeExplicitAutograd). Math: docs/DESIGN.md
-// §6-7.
-#include <ATen/TensorOperators.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/diag_embed.h>
-#include <ATen/ops/matmul.h>
-#include <ATen/ops/where.h>
-#include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
-#include <torch/library.h>
-
+// rsvd_backward, lowrank and lowrank_backward: written once with ATen matrix products (boxed
+// calls through the stable ABI), so they run on every backend that has an rsvd kernel
+// (CompositeExplicitAutograd). Math: docs/DESIGN.md §6-7.
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -22,32 +13,31 @@ namespace lsef {
 namespace rsvd {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_dispatch(const at::Tensor& A, int64_t k,
-                                                             int64_t oversample, int64_t n_iter,
-                                                             int64_t seed) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("lsef::rsvd", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, int64_t, int64_t, int64_t, int64_t)>();
-  return op.call(A, k, oversample, n_iter, seed);
+// lsef::rsvd through the dispatcher: its CPU or CUDA kernel, by A's device.
+std::tuple<Tensor, Tensor, Tensor> rsvd_dispatch(const Tensor& A, int64_t k, int64_t oversample,
+                                                 int64_t n_iter, int64_t seed) {
+  const auto out = aten::call_n<3>("lsef::rsvd", "", A, k, oversample, n_iter, seed);
+  return {out[0], out[1], out[2]};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank(const at::Tensor& A, int64_t k,
+std::tuple<Tensor, Tensor, Tensor> lowrank(const Tensor& A, int64_t k,
                                                        int64_t oversample, int64_t n_iter,
                                                        int64_t seed) {
   check("lowrank", A, k, oversample, n_iter);  // errors name the op the user called
   auto [U, S, V] = rsvd_dispatch(A, k, oversample, n_iter, seed);
-  return {at::matmul(U * S.unsqueeze(-2), V.mT()), U, V};
+  const Tensor US = aten::mul(U, torch::stable::unsqueeze(S, -2));
+  return {torch::stable::matmul(US, aten::mT(V)), U, V};
 }
 
 // The regularisation scale of a batch of spectra: sqrt(machine epsilon) times the largest
 // singular value of each matrix (never exactly 0).
-at::Tensor regularisation_scale(const at::Tensor& S) {
-  const double eps = S.scalar_type() == at::kDouble ? std::numeric_limits<double>::epsilon()
-                                                    : std::numeric_limits<float>::epsilon();
-  const double tiny = S.scalar_type() == at::kDouble ? std::numeric_limits<double>::min()
-                                                     : std::numeric_limits<float>::min();
-  return (std::sqrt(eps) * std::get<0>(S.max(-1, true))).clamp_min(tiny);
+Tensor regularisation_scale(const Tensor& S) {
+  const bool f64 = S.scalar_type() == kDouble;
+  const double eps = f64 ? std::numeric_limits<double>::epsilon()
+                         : std::numeric_limits<float>::epsilon();
+  const double tiny = f64 ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+  return aten::clamp(aten::mul(aten::max_keepdim(S, -1), std::sqrt(eps)), aten::scalar(tiny),
+                     std::nullopt);
 }
 
 // Townsend (2016), "Differentiating the Singular Value Decomposition", for A ~ U diag(S) V^T
@@ -61,54 +51,64 @@ at::Tensor regularisation_scale(const at::Tensor& S) {
 // Scale: every term but diag(gS) is homogeneous of degree -1 in S, so it is computed from
 // S w (w the power of two that brings s_max into [1, 2): exact) and multiplied by w; squares
 // of S itself would overflow from s ~ 1e19 in float32 and underflow below 1e-19.
-at::Tensor rsvd_backward(const std::optional<at::Tensor>& gU, const std::optional<at::Tensor>& gS,
-                         const std::optional<at::Tensor>& gV, const at::Tensor& U,
-                         const at::Tensor& S_in, const at::Tensor& V) {
-  const at::Tensor w = unit_scale(std::get<0>(S_in.max(-1, true))).unsqueeze(-1);  // (*, 1, 1)
-  const at::Tensor S = S_in * w.squeeze(-1);
-  const at::Tensor tau_s = regularisation_scale(S);  // (*, 1)
-  const at::Tensor s2 = S * S;
-  const at::Tensor E = s2.unsqueeze(-2) - s2.unsqueeze(-1);  // E[i, j] = s_j^2 - s_i^2
-  const at::Tensor tau2 = (tau_s * tau_s).unsqueeze(-1);
+Tensor rsvd_backward(const std::optional<Tensor>& gU, const std::optional<Tensor>& gS,
+                         const std::optional<Tensor>& gV, const Tensor& U,
+                         const Tensor& S_in, const Tensor& V) {
+  using aten::add;
+  using aten::mul;
+  using aten::mT;
+  using aten::sub;
+  using torch::stable::matmul;
+  using torch::stable::unsqueeze;
+  const Tensor w = unsqueeze(unit_scale(aten::max_keepdim(S_in, -1)), -1);  // (*, 1, 1)
+  const Tensor S = mul(S_in, torch::stable::squeeze(w, -1));
+  const Tensor tau_s = regularisation_scale(S);  // (*, 1)
+  const Tensor s2 = mul(S, S);
+  const Tensor E = sub(unsqueeze(s2, -2), unsqueeze(s2, -1));  // E[i, j] = s_j^2 - s_i^2
+  const Tensor tau2 = unsqueeze(mul(tau_s, tau_s), -1);
   // `where` keeps 0/0 out where a gap or a singular value is exactly zero and tau underflows.
-  const at::Tensor zero = at::zeros({}, S.options());
-  const at::Tensor F = at::where(E != 0, E / (E * E + tau2 * tau2), zero);  // 0 on the diagonal
-  const at::Tensor S_inv = at::where(S > 0, S / (s2 + tau_s * tau_s), zero);
+  const Tensor zero = aten::scalar(0, S.scalar_type());
+  const Tensor F = aten::where(aten::ne(E, zero), aten::div(E, add(mul(E, E), mul(tau2, tau2))),
+                               zero);  // 0 on the diagonal
+  const Tensor S_inv =
+      aten::where(aten::gt(S, zero), aten::div(S, add(s2, mul(tau_s, tau_s))), zero);
 
-  at::Tensor inner = at::zeros_like(E);
-  at::Tensor outer;  // terms outside span(U) x span(V)
+  Tensor inner = aten::zeros_like(E);
+  Tensor outer;  // terms outside span(U) x span(V)
   if (gU.has_value()) {
-    const at::Tensor UtgU = at::matmul(U.mT(), *gU);
-    inner = inner + (F * (UtgU - UtgU.mT())) * S.unsqueeze(-2);
-    const at::Tensor gU_perp = *gU - at::matmul(U, UtgU);
-    outer = at::matmul(gU_perp * S_inv.unsqueeze(-2), V.mT());
+    const Tensor UtgU = matmul(mT(U), *gU);
+    inner = add(inner, mul(mul(F, sub(UtgU, mT(UtgU))), unsqueeze(S, -2)));
+    const Tensor gU_perp = sub(*gU, matmul(U, UtgU));
+    outer = matmul(mul(gU_perp, unsqueeze(S_inv, -2)), mT(V));
   }
   if (gV.has_value()) {
-    const at::Tensor VtgV = at::matmul(V.mT(), *gV);
-    inner = inner + S.unsqueeze(-1) * (F * (VtgV - VtgV.mT()));
-    const at::Tensor gV_perp = *gV - at::matmul(V, VtgV);
-    const at::Tensor term = at::matmul(U * S_inv.unsqueeze(-2), gV_perp.mT());
-    outer = outer.defined() ? outer + term : term;
+    const Tensor VtgV = matmul(mT(V), *gV);
+    inner = add(inner, mul(unsqueeze(S, -1), mul(F, sub(VtgV, mT(VtgV)))));
+    const Tensor gV_perp = sub(*gV, matmul(V, VtgV));
+    const Tensor term = matmul(mul(U, unsqueeze(S_inv, -2)), mT(gV_perp));
+    outer = outer.defined() ? add(outer, term) : term;
   }
-  inner = inner * w;
-  if (gS.has_value()) inner = inner + at::diag_embed(*gS);
-  at::Tensor dA = at::matmul(at::matmul(U, inner), V.mT());
-  return outer.defined() ? dA + outer * w : dA;
+  inner = mul(inner, w);
+  if (gS.has_value()) inner = add(inner, aten::diag_embed(*gS));
+  const Tensor dA = matmul(matmul(U, inner), mT(V));
+  return outer.defined() ? add(dA, mul(outer, w)) : dA;
 }
 
 }  // namespace
 
-at::Tensor lowrank_backward(const at::Tensor& grad, const at::Tensor& U, const at::Tensor& V) {
-  const at::Tensor UtG = at::matmul(U.mT(), grad);  // (*, k, n)
-  const at::Tensor GV = at::matmul(grad, V);        // (*, m, k)
-  return at::matmul(U, UtG) + at::matmul(GV - at::matmul(U, at::matmul(UtG, V)), V.mT());
+Tensor lowrank_backward(const Tensor& grad, const Tensor& U, const Tensor& V) {
+  using torch::stable::matmul;
+  const Tensor UtG = matmul(aten::mT(U), grad);  // (*, k, n)
+  const Tensor GV = matmul(grad, V);             // (*, m, k)
+  return aten::add(matmul(U, UtG),
+                   matmul(aten::sub(GV, matmul(U, matmul(UtG, V))), aten::mT(V)));
 }
 
 }  // namespace rsvd
 }  // namespace lsef
 
-TORCH_LIBRARY_IMPL(lsef, CompositeExplicitAutograd, m) {
-  m.impl("rsvd_backward", &lsef::rsvd::rsvd_backward);
-  m.impl("lowrank", &lsef::rsvd::lowrank);
-  m.impl("lowrank_backward", &lsef::rsvd::lowrank_backward);  // the CPU has its own kernel
+STABLE_TORCH_LIBRARY_IMPL(lsef, CompositeExplicitAutograd, m) {
+  m.impl("rsvd_backward", TORCH_BOX(&lsef::rsvd::rsvd_backward));
+  m.impl("lowrank", TORCH_BOX(&lsef::rsvd::lowrank));
+  m.impl("lowrank_backward", TORCH_BOX(&lsef::rsvd::lowrank_backward));  // the CPU has its own
 }

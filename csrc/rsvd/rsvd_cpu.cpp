@@ -1,14 +1,6 @@
 // rsvd: CPU kernel (float32, float64). Each matrix of the batch is handled start to finish by
 // one task, in cache: sketch, power iterations, exact SVD of the small projection, sign
 // convention. See docs/DESIGN.md §6 for the algorithm.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/matmul.h>
-#include <torch/library.h>
-
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -16,6 +8,8 @@
 #include <tuple>
 #include <vector>
 
+#include "common/cpu_utils.h"
+#include "common/philox.h"
 #include "rsvd/dense.h"
 #include "rsvd/rsvd_args.h"
 #include "rsvd/rescale.h"
@@ -297,15 +291,15 @@ __attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void svd_ta
 
 // Householder-orthonormalises every matrix of Y (B, p, l); returns Q (B, p, l).
 template <typename T>
-at::Tensor orthonormalize(const at::Tensor& Y) {
+Tensor orthonormalize(const Tensor& Y) {
   const int64_t batch = Y.size(0), p = Y.size(1), l = Y.size(2);
-  at::Tensor Yc = Y.mT().contiguous();  // column-major p x l per matrix
-  at::Tensor Q = at::empty_like(Yc);
-  T* y = Yc.data_ptr<T>();
-  T* q = Q.data_ptr<T>();
-  at::parallel_for(0, batch, 1,
+  Tensor Yc = torch::stable::contiguous(aten::mT(Y));  // column-major p x l per matrix
+  Tensor Q = empty_as(Yc, Yc.sizes());
+  T* y = ptr<T>(Yc);
+  T* q = ptr<T>(Q);
+  parallel_for(0, batch, 1,
                    [&](int64_t b0, int64_t b1) { orthonormalize_range(y, q, p, l, b0, b1); });
-  return Q.mT();
+  return aten::mT(Q);
 }
 
 // BLAS path for large matrices: the shared large-path driver (rsvd_host.h: the same range
@@ -313,35 +307,35 @@ at::Tensor orthonormalize(const at::Tensor& Y) {
 // than the products; products through ATen, BLAS-3), then per matrix the exact SVD of the
 // projection, Uc = Q Vw (k columns), signs and outputs.
 template <typename T>
-void blas(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor& omega_t,
-          at::Tensor& U, at::Tensor& S, at::Tensor& V) {
+void blas(const Tensor& A, const Shape& sh, int64_t n_iter, const Tensor& omega_t,
+          Tensor& U, Tensor& S, Tensor& V) {
   // One vectorised pass per matrix for finiteness and largest magnitude (instead of ATen's three)
-  Screen screen{at::empty({sh.batch}, A.options().dtype(at::kBool)),
-                at::empty({sh.batch}, A.options())};
+  Screen screen{empty_as(A, {sh.batch}, kBool), empty_as(A, {sh.batch})};
   {
-    const T* a = A.data_ptr<T>();
-    bool* ok = screen.finite.data_ptr<bool>();
-    T* mx = screen.amax.data_ptr<T>();
-    at::parallel_for(0, sh.batch, 1, [&](int64_t b0, int64_t b1) {
+    const T* a = cptr<T>(A);
+    bool* ok = ptr<bool>(screen.finite);
+    T* mx = ptr<T>(screen.amax);
+    parallel_for(0, sh.batch, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) ok[b] = all_finite(a + b * sh.m * sh.n, sh.m * sh.n, mx[b]);
     });
   }
   const Projection pr = project(A, sh, n_iter, omega_t, A.scalar_type(), orthonormalize<T>, screen);
   const int64_t batch = sh.batch, p = pr.p, q = pr.q, l = pr.l, k = sh.k;
-  at::Tensor Vcol = at::empty({batch, k, q}, pr.Z.options());  // column-major q x k
-  at::Tensor sv = at::empty({batch, l}, pr.Z.options());
-  at::Tensor Vw = at::empty({batch, l, l}, pr.Z.options());  // column-major
-  T *z = pr.Z.data_ptr<T>(), *vc = Vcol.data_ptr<T>(), *ss = sv.data_ptr<T>();
-  T* vw = Vw.data_ptr<T>();
-  at::parallel_for(0, batch, 1,
+  Tensor Vcol = empty_as(pr.Z, {batch, k, q});  // column-major q x k
+  Tensor sv = empty_as(pr.Z, {batch, l});
+  Tensor Vw = empty_as(pr.Z, {batch, l, l});  // column-major
+  T *z = ptr<T>(pr.Z), *vc = ptr<T>(Vcol), *ss = ptr<T>(sv);
+  T* vw = ptr<T>(Vw);
+  parallel_for(0, batch, 1,
                    [&](int64_t b0, int64_t b1) { svd_tall_range(z, q, l, k, vc, ss, vw, b0, b1); });
   // Q Vw's first k columns, column-major p x k
-  const at::Tensor Ucol = at::matmul(pr.Q, Vw.narrow(1, 0, k).mT()).mT().contiguous();
-  const T* uc = Ucol.data_ptr<T>();
-  const bool* ok = pr.finite.data_ptr<bool>();
-  const T* unscale = pr.unscale.data_ptr<T>();
-  T *u = U.data_ptr<T>(), *s = S.data_ptr<T>(), *v = V.data_ptr<T>();
-  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+  const Tensor Ucol = torch::stable::contiguous(
+      aten::mT(torch::stable::matmul(pr.Q, aten::mT(torch::stable::narrow(Vw, 1, 0, k)))));
+  const T* uc = cptr<T>(Ucol);
+  const bool* ok = cptr<bool>(pr.finite);
+  const T* unscale = cptr<T>(pr.unscale);
+  T *u = ptr<T>(U), *s = ptr<T>(S), *v = ptr<T>(V);
+  parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       T *ub = u + b * sh.m * k, *sb = s + b * k, *vb = v + b * sh.n * k;
       if (!ok[b]) {
@@ -357,26 +351,26 @@ void blas(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cpu(const at::Tensor& A_in, int64_t k,
+std::tuple<Tensor, Tensor, Tensor> rsvd_cpu(const Tensor& A_in, int64_t k,
                                                         int64_t oversample, int64_t n_iter,
                                                         int64_t seed) {
   const Shape sh = check(kOp, A_in, k, oversample, n_iter);
   check_cpu_dtype(kOp, "A", A_in);
-  const at::Tensor A = A_in.contiguous();
-  at::Tensor U, S, V;
+  const Tensor A = torch::stable::contiguous(A_in);
+  Tensor U, S, V;
   std::tie(U, S, V) = empty_outputs(A, sh);
   if (sh.batch == 0) return {U, S, V};
-  const at::Tensor omega_t =
-      sh.exact() ? at::Tensor() : test_matrix_t(std::max(sh.m, sh.n), sh.l, seed, A.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), kOp, [&] {
-    using T = scalar_t;
+  const Tensor omega_t =
+      sh.exact() ? Tensor() : test_matrix_t(std::max(sh.m, sh.n), sh.l, seed, A.scalar_type());
+  dispatch_floating(A.scalar_type(), kOp, [&](auto tag) {
+    using T = typename decltype(tag)::type;
     if (!sh.exact() && std::min(sh.m, sh.n) > fused_max_side()) {
       return blas<T>(A, sh, n_iter, omega_t, U, S, V);
     }
-    const T* a = A.data_ptr<T>();
-    const T* om = omega_t.defined() ? omega_t.data_ptr<T>() : nullptr;
-    T *u = U.data_ptr<T>(), *s = S.data_ptr<T>(), *v = V.data_ptr<T>();
-    at::parallel_for(0, sh.batch, 1, [&](int64_t b0, int64_t b1) {
+    const T* a = cptr<T>(A);
+    const T* om = omega_t.defined() ? cptr<T>(omega_t) : nullptr;
+    T *u = ptr<T>(U), *s = ptr<T>(S), *v = ptr<T>(V);
+    parallel_for(0, sh.batch, 1, [&](int64_t b0, int64_t b1) {
       fused_range<T>(a, sh, n_iter, om, u, s, v, b0, b1);
     });
   });
@@ -419,29 +413,50 @@ __attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void tangen
 // The CPU kernel of lowrank_backward: matching batches of float32/float64 go through
 // tangent_range; anything else (broadcast batch shapes, mixed dtypes, empty) through the
 // composite, which also gives the errors for bad input.
-at::Tensor lowrank_backward_cpu(const at::Tensor& grad, const at::Tensor& U, const at::Tensor& V) {
+Tensor lowrank_backward_cpu(const Tensor& grad, const Tensor& U, const Tensor& V) {
   const bool fast = grad.defined() && U.defined() && V.defined() && grad.dim() >= 2 &&
                     U.dim() == grad.dim() && V.dim() == grad.dim() &&
-                    (grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble) &&
+                    (grad.scalar_type() == kFloat || grad.scalar_type() == kDouble) &&
                     U.scalar_type() == grad.scalar_type() &&
                     V.scalar_type() == grad.scalar_type() && grad.numel() > 0 && U.numel() > 0 &&
-                    U.sizes().slice(0, U.dim() - 2) == grad.sizes().slice(0, grad.dim() - 2) &&
-                    V.sizes().slice(0, V.dim() - 2) == grad.sizes().slice(0, grad.dim() - 2) &&
+                    leading(U, 2) == leading(grad, 2) && leading(V, 2) == leading(grad, 2) &&
                     U.size(-2) == grad.size(-2) && V.size(-2) == grad.size(-1) &&
                     U.size(-1) == V.size(-1);
   if (!fast) return lowrank_backward(grad, U, V);
   const int64_t m = grad.size(-2), n = grad.size(-1), k = U.size(-1);
   const int64_t batch = grad.numel() / (m * n);
-  const at::Tensor g = grad.contiguous(), u = U.contiguous(), v = V.contiguous();
-  at::Tensor out = at::empty(grad.sizes(), g.options());
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "lowrank_backward", [&] {
-    const scalar_t *gp = g.data_ptr<scalar_t>(), *up = u.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+  const Tensor g = torch::stable::contiguous(grad), u = torch::stable::contiguous(U);
+  const Tensor v = torch::stable::contiguous(V);
+  Tensor out = empty_as(g, grad.sizes());
+  dispatch_floating(g.scalar_type(), "lowrank_backward", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
+    const scalar_t *gp = cptr<scalar_t>(g), *up = cptr<scalar_t>(u);
+    const scalar_t* vp = cptr<scalar_t>(v);
+    scalar_t* op = ptr<scalar_t>(out);
+    parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
       tangent_range(gp, up, vp, op, m, n, k, b0, b1);
     });
   });
+  return out;
+}
+
+// The generator's raw words and normals, for tests that compare with python/lsef_ref.
+Tensor philox_words(int64_t blocks, int64_t seed) {
+  Tensor out = empty_cpu({blocks, 4}, kLong);
+  int64_t* o = ptr<int64_t>(out);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const philox::Words w =
+        philox::philox4x32_10(static_cast<uint64_t>(b), static_cast<uint64_t>(seed));
+    for (int t = 0; t < 4; ++t) o[b * 4 + t] = w.x[t];
+  }
+  return out;
+}
+
+Tensor philox_normal(int64_t count, int64_t seed) {
+  Tensor out = empty_cpu({count}, kDouble);
+  double* o = ptr<double>(out);
+  for (int64_t i = 0; i < count; ++i)
+    o[i] = philox::normal(static_cast<uint64_t>(i), static_cast<uint64_t>(seed));
   return out;
 }
 
@@ -449,7 +464,13 @@ at::Tensor lowrank_backward_cpu(const at::Tensor& grad, const at::Tensor& U, con
 }  // namespace rsvd
 }  // namespace lsef
 
-TORCH_LIBRARY_IMPL(lsef, CPU, m) {
-  m.impl("rsvd", &lsef::rsvd::rsvd_cpu);
-  m.impl("lowrank_backward", &lsef::rsvd::lowrank_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(lsef, CPU, m) {
+  m.impl("rsvd", TORCH_BOX(&lsef::rsvd::rsvd_cpu));
+  m.impl("lowrank_backward", TORCH_BOX(&lsef::rsvd::lowrank_backward_cpu));
+}
+
+// No tensor inputs: these run on the CPU whatever the caller's device.
+STABLE_TORCH_LIBRARY_IMPL(lsef, CompositeExplicitAutograd, m) {
+  m.impl("_philox_words", TORCH_BOX(&lsef::rsvd::philox_words));
+  m.impl("_philox_normal", TORCH_BOX(&lsef::rsvd::philox_normal));
 }

@@ -1,11 +1,9 @@
 // rsvd: the host code both backends share (docs/DESIGN.md §6, §10): the test matrix Omega, the
 // path switches read from the environment, and the large path's driver up to its tail (masking
-// of non-finite matrices, the randomized range finder with ATen products, the projection).
+// of non-finite matrices, the randomized range finder with ATen products (boxed calls), the projection).
 // Each backend supplies its batched orthonormalisation (CPU: a task per matrix; CUDA: a block
 // per matrix) and its own tail (exact SVD of the projection, signs, outputs).
 #pragma once
-
-#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <functional>
@@ -18,7 +16,7 @@ namespace rsvd {
 // Omega^T (l x q, row-major) on the CPU in `dtype`: element (c, j) is Omega[j, c] of the q x l
 // test matrix, the standard normal of Philox stream index j * l + c for `seed`, drawn in double
 // and rounded once to `dtype`. Both backends draw it here, so they use the same bits.
-at::Tensor test_matrix_t(int64_t q, int64_t l, int64_t seed, at::ScalarType dtype);
+Tensor test_matrix_t(int64_t q, int64_t l, int64_t seed, ScalarType dtype);
 
 // The integer in environment variable `name`, or `fallback` when it is unset. Read at every
 // call (one getenv, far below the cost of any rsvd call), so a test or a measurement can switch
@@ -27,18 +25,18 @@ int64_t env_int(const char* name, int64_t fallback);
 
 // The power of two w, elementwise, with amax * w in [1, 2) (1 where amax is zero or not finite;
 // w and 1 / w normal numbers of amax's dtype): exact scaling for scale-equivariant formulas.
-at::Tensor unit_scale(const at::Tensor& amax);
+Tensor unit_scale(const Tensor& amax);
 
 // Householder-orthonormalises every matrix of Y (B, p, l); returns Q (B, p, l).
-using Orthonormalize = std::function<at::Tensor(const at::Tensor&)>;
+using Orthonormalize = std::function<Tensor(const Tensor&)>;
 
 // What the large path hands to a backend's tail, for the wide orientation W (p x q, p <= q) of
 // each matrix (A itself when m <= n, else A^T).
 struct Projection {
-  at::Tensor finite;   // (B,) bool: the matrix was all finite (the others went through as zeros)
-  at::Tensor unscale;  // (B,) acc: 2^-shift, the factor S gets back (W below is 2^shift A)
-  at::Tensor Q;        // (B, p, l): orthonormal basis of W's sketched range; undefined when exact
-  at::Tensor Z;        // (B, l, q) contiguous: W^T Q column-major (q x l); W^T itself when exact
+  Tensor finite;   // (B,) bool: the matrix was all finite (the others went through as zeros)
+  Tensor unscale;  // (B,) acc: 2^-shift, the factor S gets back (W below is 2^shift A)
+  Tensor Q;        // (B, p, l): orthonormal basis of W's sketched range; undefined when exact
+  Tensor Z;        // (B, l, q) contiguous: W^T Q column-major (q x l); W^T itself when exact
   int64_t p, q, l;     // l = p when exact
   bool wide;           // m <= n
 };
@@ -50,15 +48,15 @@ struct Projection {
 // `screen`: the backend's (finite (B,) bool, amax (B,) acc) of A's matrices, computed in one pass
 // where it can (the CPU); undefined tensors: ATen computes them (three passes over A).
 struct Screen {
-  at::Tensor finite, amax;
+  Tensor finite, amax;
 };
-Projection project(const at::Tensor& A, const Shape& sh, int64_t n_iter, const at::Tensor& omega_t,
-                   at::ScalarType acc, const Orthonormalize& orth, const Screen& screen = {});
+Projection project(const Tensor& A, const Shape& sh, int64_t n_iter, const Tensor& omega_t,
+                   ScalarType acc, const Orthonormalize& orth, const Screen& screen = {});
 
 // lowrank's backward with ATen products, for any backend and any broadcastable shapes
 // (rsvd_composite.cpp; the CPU kernel takes matching float32/float64 batches itself):
 // U (U^T G) + (G V - U (U^T G V)) V^T.
-at::Tensor lowrank_backward(const at::Tensor& grad, const at::Tensor& U, const at::Tensor& V);
+Tensor lowrank_backward(const Tensor& grad, const Tensor& U, const Tensor& V);
 
 }  // namespace rsvd
 }  // namespace lsef

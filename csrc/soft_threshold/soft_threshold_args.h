@@ -1,7 +1,6 @@
 // soft_threshold: argument validation and lam's broadcast class, shared by every backend.
 #pragma once
 
-#include <ATen/core/Tensor.h>
 #include <optional>
 #include <tuple>
 
@@ -17,15 +16,15 @@ namespace soft_threshold {
 enum class LamMode { Scalar, Channel, Full };
 
 struct Args {
-  at::Tensor X;    // contiguous
-  at::Tensor L;    // contiguous, or undefined when absent
-  at::Tensor lam;  // contiguous; X's shape in Full mode
+  Tensor X;    // contiguous
+  Tensor L;    // contiguous, or undefined when absent
+  Tensor lam;  // contiguous; X's shape in Full mode
   LamMode mode;
   int64_t channels;   // X.size(-1) (1 for a 0-d X)
   bool lam_expanded;  // lam was broadcast to X's shape here
 };
 
-inline bool broadcastable_to(const at::Tensor& t, at::IntArrayRef shape) {
+inline bool broadcastable_to(const Tensor& t, IntArrayRef shape) {
   if (t.dim() > static_cast<int64_t>(shape.size())) return false;
   for (int64_t i = 1; i <= t.dim(); ++i) {
     const int64_t s = t.size(-i);
@@ -34,7 +33,7 @@ inline bool broadcastable_to(const at::Tensor& t, at::IntArrayRef shape) {
   return true;
 }
 
-inline LamMode classify(const at::Tensor& lam, const at::Tensor& X) {
+inline LamMode classify(const Tensor& lam, const Tensor& X) {
   if (lam.numel() == 1) return LamMode::Scalar;
   if (lam.dim() >= 1 && X.dim() >= 1 && lam.size(-1) == X.size(-1) && lam.numel() == lam.size(-1)) {
     return LamMode::Channel;
@@ -42,48 +41,48 @@ inline LamMode classify(const at::Tensor& lam, const at::Tensor& X) {
   return LamMode::Full;
 }
 
-inline Args prepare(const char* op, const at::Tensor& X, const std::optional<at::Tensor>& L,
-                    const at::Tensor& lam) {
+inline Args prepare(const char* op, const Tensor& X, const std::optional<Tensor>& L,
+                    const Tensor& lam) {
   check_floating(op, "X", X);
   if (L.has_value()) {
     check_same_dtype(op, "L", *L, "X", X);
     check_same_device(op, "L", *L, "X", X);
-    TORCH_CHECK_VALUE(L->sizes() == X.sizes(), op, ": L must have the shape of X ", X.sizes(),
-                      ", got ", L->sizes());
+    LSEF_CHECK_VALUE(same_sizes(L->sizes(), X.sizes()), op, ": L must have the shape of X ", shape(X),
+                      ", got ", shape(*L));
   }
   check_same_dtype(op, "lam", lam, "X", X);
   check_same_device(op, "lam", lam, "X", X);
-  TORCH_CHECK_VALUE(broadcastable_to(lam, X.sizes()), op, ": lam of shape ", lam.sizes(),
-                    " is not broadcastable to X of shape ", X.sizes(),
+  LSEF_CHECK_VALUE(broadcastable_to(lam, X.sizes()), op, ": lam of shape ", shape(lam),
+                    " is not broadcastable to X of shape ", shape(X),
                     " (use a scalar, one value per channel of the last dim, or X's shape)");
   Args a;
-  a.X = X.contiguous();
-  a.L = L.has_value() ? L->contiguous() : at::Tensor();
+  a.X = torch::stable::contiguous(X);
+  a.L = L.has_value() ? torch::stable::contiguous(*L) : Tensor();
   a.mode = classify(lam, X);
   a.channels = X.dim() == 0 ? 1 : X.size(-1);
-  a.lam_expanded = a.mode == LamMode::Full && lam.sizes() != X.sizes();
-  a.lam = a.lam_expanded ? lam.expand(X.sizes()).contiguous() : lam.contiguous();
+  a.lam_expanded = a.mode == LamMode::Full && !same_sizes(lam.sizes(), X.sizes());
+  a.lam = torch::stable::contiguous(a.lam_expanded ? aten::expand(lam, X.sizes()) : lam);
   return a;
 }
 
-using OptionalTensor = std::optional<at::Tensor>;
+using OptionalTensor = std::optional<Tensor>;
 
 // The backward's incoming gradient must match X.
-inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& X) {
+inline void check_grad(const char* op, const Tensor& grad, const Tensor& X) {
   check_same_dtype(op, "grad", grad, "X", X);
   check_same_device(op, "grad", grad, "X", X);
-  TORCH_CHECK_VALUE(grad.sizes() == X.sizes(), op, ": grad must have the shape of X ", X.sizes(),
-                    ", got ", grad.sizes());
+  LSEF_CHECK_VALUE(same_sizes(grad.sizes(), X.sizes()), op, ": grad must have the shape of X ",
+                   shape(X), ", got ", shape(grad));
 }
 
 // The backward's return value: lam's gradient summed back to lam's own shape, and None for
 // every gradient not asked for.
 inline std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> pack_grads(
-    const Args& a, const at::Tensor& lam, bool want_X, bool want_L, bool want_lam,
-    const at::Tensor& dX, const at::Tensor& dL, at::Tensor dlam) {
-  if (want_lam && a.lam_expanded) dlam = dlam.sum_to_size(lam.sizes());
-  if (want_lam) dlam = dlam.view(lam.sizes());
-  auto maybe = [](bool want, const at::Tensor& t) {
+    const Args& a, const Tensor& lam, bool want_X, bool want_L, bool want_lam,
+    const Tensor& dX, const Tensor& dL, Tensor dlam) {
+  if (want_lam && a.lam_expanded) dlam = aten::sum_to_size(dlam, lam.sizes());
+  if (want_lam) dlam = torch::stable::view(dlam, lam.sizes());
+  auto maybe = [](bool want, const Tensor& t) {
     return want ? OptionalTensor(t) : std::nullopt;
   };
   return {maybe(want_X, dX), maybe(want_L, dL), maybe(want_lam, dlam)};
@@ -92,7 +91,7 @@ inline std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> pack_grads(
 // lam must be non-negative. Scalar and per-channel lam are small and checked here; a full-shape
 // lam is checked inside the kernels' pass over it, which then call this with the result.
 inline void check_lam_nonnegative(const char* op, bool has_negative) {
-  TORCH_CHECK_VALUE(!has_negative, op, ": lam must be non-negative, got a negative value");
+  LSEF_CHECK_VALUE(!has_negative, op, ": lam must be non-negative, got a negative value");
 }
 
 }  // namespace soft_threshold

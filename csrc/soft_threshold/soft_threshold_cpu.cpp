@@ -1,10 +1,4 @@
 // soft_threshold: CPU kernels (float32, float64). One fused pass over X, L (and lam) each way.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/zeros_like.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <atomic>
 #include <vector>
@@ -65,19 +59,19 @@ void forward_segment(const T* __restrict__ x, const T* __restrict__ l, const T* 
 }
 
 template <typename T>
-void forward_kernel(const Args& a, bool hard, at::Tensor& S) {
+void forward_kernel(const Args& a, bool hard, Tensor& S) {
   const int64_t numel = a.X.numel();
   const int64_t C = a.channels;
   const BlockGrid grid = make_grid(numel, C, a.mode);
-  const T* x = a.X.data_ptr<T>();
-  const T* l = a.L.defined() ? a.L.data_ptr<T>() : nullptr;
-  const T* lam = a.lam.data_ptr<T>();
-  T* s = S.data_ptr<T>();
+  const T* x = cptr<T>(a.X);
+  const T* l = a.L.defined() ? cptr<T>(a.L) : nullptr;
+  const T* lam = cptr<T>(a.lam);
+  T* s = ptr<T>(S);
   std::atomic<bool> negative{false};
   dispatch_bool(hard, [&](auto Hard) {
     dispatch_bool(l != nullptr, [&](auto HasL) {
       dispatch_bool(a.mode == LamMode::Scalar, [&](auto ScalarLam) {
-        at::parallel_for(0, grid.count, 1, [&](int64_t b0, int64_t b1) {
+        parallel_for(0, grid.count, 1, [&](int64_t b0, int64_t b1) {
           bool neg = false;
           for (int64_t b = b0; b < b1; ++b) {
             for_each_segment(grid, b, numel, C, a.mode, [&](int64_t off, int64_t n, int64_t lo) {
@@ -151,11 +145,11 @@ void backward_segment(const T* __restrict__ g, const T* __restrict__ x, const T*
 }
 
 struct Grads {
-  at::Tensor dX, dL, dlam;
+  Tensor dX, dL, dlam;
 };
 
 template <typename T>
-void backward_kernel(const Args& a, const at::Tensor& G, bool hard, bool want_L, bool want_lam,
+void backward_kernel(const Args& a, const Tensor& G, bool hard, bool want_L, bool want_lam,
                      Grads& out) {
   const int64_t numel = a.X.numel();
   const int64_t C = a.channels;
@@ -167,16 +161,16 @@ void backward_kernel(const Args& a, const at::Tensor& G, bool hard, bool want_L,
   // Per-block partial sums of lam's gradient (in T within a block, at most kCpuBlockElems
   // terms), combined in float64 in block order below.
   std::vector<T> partials(lam_grad == LamGrad::Reduce ? grid.count * lam_width : 0, T(0));
-  const T* g = G.data_ptr<T>();
-  const T* x = a.X.data_ptr<T>();
-  const T* l = a.L.defined() ? a.L.data_ptr<T>() : nullptr;
-  const T* lam = a.lam.data_ptr<T>();
-  T* dx = out.dX.data_ptr<T>();
-  T* dl = want_L ? out.dL.data_ptr<T>() : nullptr;
-  T* dlam = lam_grad == LamGrad::Full ? out.dlam.data_ptr<T>() : nullptr;
+  const T* g = cptr<T>(G);
+  const T* x = cptr<T>(a.X);
+  const T* l = a.L.defined() ? cptr<T>(a.L) : nullptr;
+  const T* lam = cptr<T>(a.lam);
+  T* dx = ptr<T>(out.dX);
+  T* dl = want_L ? ptr<T>(out.dL) : nullptr;
+  T* dlam = lam_grad == LamGrad::Full ? ptr<T>(out.dlam) : nullptr;
 
   auto run = [&](auto Hard, auto HasL, auto ScalarLam, auto WriteL, auto LG) {
-    at::parallel_for(0, grid.count, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for(0, grid.count, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         T* acc = partials.empty() ? nullptr : partials.data() + b * lam_width;
         for_each_segment(grid, b, numel, C, a.mode, [&](int64_t off, int64_t n, int64_t lo) {
@@ -214,7 +208,7 @@ void backward_kernel(const Args& a, const at::Tensor& G, bool hard, bool want_L,
     for (int64_t b = 0; b < grid.count; ++b)
       for (int64_t j = 0; j < lam_width; ++j)
         total[j] += static_cast<double>(partials[b * lam_width + j]);
-    T* d = out.dlam.data_ptr<T>();
+    T* d = ptr<T>(out.dlam);
     for (int64_t j = 0; j < lam_width; ++j) d[j] = static_cast<T>(total[j]);
   }
 }
@@ -222,23 +216,31 @@ void backward_kernel(const Args& a, const at::Tensor& G, bool hard, bool want_L,
 void check_cpu_inputs(const char* op, const Args& a) {
   check_cpu_dtype(op, "X", a.X);
   if (a.mode != LamMode::Full) {
-    check_lam_nonnegative(op, a.lam.numel() > 0 && a.lam.lt(0).any().item<bool>());
+    // Scalar or per-channel lam: a few values, read here.
+    bool negative = false;
+    dispatch_floating(a.lam.scalar_type(), op, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      negative = any_negative(cptr<T>(a.lam), a.lam.numel());
+    });
+    check_lam_nonnegative(op, negative);
   }
 }
 
-at::Tensor soft_threshold_cpu(const at::Tensor& X, const std::optional<at::Tensor>& L,
-                              const at::Tensor& lam, bool hard) {
+Tensor soft_threshold_cpu(const Tensor& X, const std::optional<Tensor>& L,
+                              const Tensor& lam, bool hard) {
   const Args a = prepare(kOp, X, L, lam);
   check_cpu_inputs(kOp, a);
-  at::Tensor S = empty_output(a.X);
-  AT_DISPATCH_FLOATING_TYPES(a.X.scalar_type(), kOp, [&] { forward_kernel<scalar_t>(a, hard, S); });
+  Tensor S = empty_output(a.X);
+  dispatch_floating(a.X.scalar_type(), kOp, [&](auto tag) {
+    forward_kernel<typename decltype(tag)::type>(a, hard, S);
+  });
   return S;
 }
 
 // output_mask = (X, L, lam). Gradients not asked for come back as None.
 std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> soft_threshold_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& X, const std::optional<at::Tensor>& L,
-    const at::Tensor& lam, bool hard, std::array<bool, 3> output_mask) {
+    const Tensor& grad, const Tensor& X, const std::optional<Tensor>& L,
+    const Tensor& lam, bool hard, std::vector<bool> output_mask) {
   const Args a = prepare(kBackwardOp, X, L, lam);
   check_cpu_inputs(kBackwardOp, a);
   check_grad(kBackwardOp, grad, X);
@@ -247,14 +249,15 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> soft_threshold_backwa
   const bool want_lam = output_mask[2];
   Grads out;
   if (!want_X && !want_L && !want_lam) return {};
-  const at::Tensor G = grad.contiguous();
+  const Tensor G = torch::stable::contiguous(grad);
   out.dX = empty_output(a.X);
   if (want_L) out.dL = empty_output(a.X);
   if (want_lam) {
-    out.dlam = hard ? at::zeros_like(a.lam) : empty_output(a.lam);
+    out.dlam = hard ? aten::zeros_like(a.lam) : empty_output(a.lam);
   }
-  AT_DISPATCH_FLOATING_TYPES(a.X.scalar_type(), kBackwardOp,
-                             [&] { backward_kernel<scalar_t>(a, G, hard, want_L, want_lam, out); });
+  dispatch_floating(a.X.scalar_type(), kBackwardOp, [&](auto tag) {
+    backward_kernel<typename decltype(tag)::type>(a, G, hard, want_L, want_lam, out);
+  });
   return pack_grads(a, lam, want_X, want_L, want_lam, out.dX, out.dL, out.dlam);
 }
 
@@ -262,7 +265,7 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> soft_threshold_backwa
 }  // namespace soft_threshold
 }  // namespace lsef
 
-TORCH_LIBRARY_IMPL(lsef, CPU, m) {
-  m.impl("soft_threshold", &lsef::soft_threshold::soft_threshold_cpu);
-  m.impl("soft_threshold_backward", &lsef::soft_threshold::soft_threshold_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(lsef, CPU, m) {
+  m.impl("soft_threshold", TORCH_BOX(&lsef::soft_threshold::soft_threshold_cpu));
+  m.impl("soft_threshold_backward", TORCH_BOX(&lsef::soft_threshold::soft_threshold_backward_cpu));
 }
