@@ -11,11 +11,10 @@
 
 #ifdef LSEF_CUDA_MODULE
 #define LSEF_MODULE_NAME "_C_cuda"
-#define LSEF_BUILD_INFO                                                                      \
-  "{\"compiler\": \"" LSEF_CXX_COMPILER "\", \"build_type\": \"" LSEF_BUILD_TYPE              \
-  "\", \"torch_target\": \"" LSEF_TORCH_TARGET "\", \"torch_built\": \"" LSEF_TORCH_BUILT     \
-  "\", \"cuda_version\": \"" LSEF_CUDA_VERSION \
-  "\", \"cuda_archs\": \"" LSEF_CUDA_ARCHS "\"}"
+#define LSEF_BUILD_INFO                                                                   \
+  "{\"compiler\": \"" LSEF_CXX_COMPILER "\", \"build_type\": \"" LSEF_BUILD_TYPE          \
+  "\", \"torch_target\": \"" LSEF_TORCH_TARGET "\", \"torch_built\": \"" LSEF_TORCH_BUILT \
+  "\", \"cuda_version\": \"" LSEF_CUDA_VERSION "\", \"cuda_archs\": \"" LSEF_CUDA_ARCHS "\"}"
 #else
 #define LSEF_MODULE_NAME "_C"
 #define LSEF_BUILD_INFO                                                          \
@@ -25,9 +24,15 @@
 
 namespace {
 
-PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, LSEF_MODULE_NAME, nullptr, -1, nullptr, nullptr, nullptr, nullptr,
-    nullptr};
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT,
+                          LSEF_MODULE_NAME,
+                          nullptr,
+                          -1,
+                          nullptr,
+                          nullptr,
+                          nullptr,
+                          nullptr,
+                          nullptr};
 
 PyObject* init_module() {
   PyObject* module = PyModule_Create(&module_def);

@@ -18,8 +18,8 @@ inline void check_defined(const char* op, const char* name, const Tensor& t) {
 
 inline void check_floating(const char* op, const char* name, const Tensor& t) {
   check_defined(op, name, t);
-  LSEF_CHECK(is_floating(t.scalar_type()), op, ": ", name,
-             " must be a floating-point tensor, got ", t.scalar_type());
+  LSEF_CHECK(is_floating(t.scalar_type()), op, ": ", name, " must be a floating-point tensor, got ",
+             t.scalar_type());
 }
 
 inline void check_same_dtype(const char* op, const char* name, const Tensor& t,

@@ -1,21 +1,60 @@
-// Helpers shared by the CUDA kernels: the dtype check, launch shapes, 16-byte memory packs.
+// Helpers shared by the CUDA kernels: the dtype check, CUDA error checks, the current stream and
+// device attributes through the stable ABI, launch shapes, 16-byte memory packs.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
 
 #include "common/cpu_utils.h"
+
+// The stable C shim declares its CUDA entry points only under USE_CUDA, which this project's
+// build does not define (it would switch on CUDA code in other torch headers too); the one used
+// here is declared again, with the shim's own signature. libtorch_cuda exports it.
+#ifndef USE_CUDA
+extern "C" AOTI_TORCH_EXPORT AOTITorchError aoti_torch_get_current_cuda_stream(int32_t device_index,
+                                                                               void** ret_stream);
+#endif
+
+// Throws RuntimeError (std::runtime_error) when a CUDA runtime call did not return cudaSuccess.
+#define LSEF_CUDA_CHECK(expr)                                                                   \
+  do {                                                                                          \
+    const cudaError_t lsef_cuda_err_ = (expr);                                                  \
+    if (lsef_cuda_err_ != cudaSuccess) {                                                        \
+      throw std::runtime_error(::lsef::str("CUDA error: ", cudaGetErrorString(lsef_cuda_err_),  \
+                                           " (", #expr, " at ", __FILE__, ":", __LINE__, ")")); \
+    }                                                                                           \
+  } while (0)
 
 namespace lsef {
 
 // On CUDA the kernels also stream float16 and bfloat16, computing in float32.
-inline void check_cuda_dtype(const char* op, const char* name, const at::Tensor& t) {
-  const at::ScalarType s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, op, ": ",
-              name, " must be float32, float64, float16 or bfloat16 on CUDA, got ", s);
+inline void check_cuda_dtype(const char* op, const char* name, const Tensor& t) {
+  const ScalarType s = t.scalar_type();
+  LSEF_CHECK(s == kFloat || s == kDouble || s == kHalf || s == kBFloat16, op, ": ", name,
+             " must be float32, float64, float16 or bfloat16 on CUDA, got ", s);
+}
+
+// torch's current CUDA stream on device `device_index` (torch.cuda.current_stream): kernels
+// launched on it are ordered with torch's own work before and after them.
+inline cudaStream_t current_stream(int32_t device_index) {
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_index, &stream));
+  return static_cast<cudaStream_t>(stream);
+}
+inline cudaStream_t current_stream(const Tensor& t) { return current_stream(t.get_device_index()); }
+
+// Attribute `attr` of the current CUDA device (set by the caller's DeviceGuard).
+inline int current_device_attribute(cudaDeviceAttr attr) {
+  int device = 0;
+  LSEF_CUDA_CHECK(cudaGetDevice(&device));
+  int value = 0;
+  LSEF_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return value;
 }
 
 constexpr int kCudaThreads = 256;

@@ -91,12 +91,12 @@ std::string str(const Args&... args) {
 
 }  // namespace lsef
 
-#define LSEF_CHECK(cond, ...)                                  \
-  do {                                                         \
+#define LSEF_CHECK(cond, ...)                                        \
+  do {                                                               \
     if (!(cond)) throw std::runtime_error(::lsef::str(__VA_ARGS__)); \
   } while (0)
-#define LSEF_CHECK_VALUE(cond, ...)                                   \
-  do {                                                                \
+#define LSEF_CHECK_VALUE(cond, ...)                                     \
+  do {                                                                  \
     if (!(cond)) throw std::invalid_argument(::lsef::str(__VA_ARGS__)); \
   } while (0)
 
@@ -213,9 +213,7 @@ inline Tensor scalar(double v, ScalarType dtype = kDouble) {
 
 inline Tensor mul(const Tensor& a, const Tensor& b) { return call("aten::mul", "Tensor", a, b); }
 inline Tensor div(const Tensor& a, const Tensor& b) { return call("aten::div", "Tensor", a, b); }
-inline Tensor add(const Tensor& a, const Tensor& b) {
-  return torch::stable::subtract(a, b, -1.0);
-}
+inline Tensor add(const Tensor& a, const Tensor& b) { return torch::stable::subtract(a, b, -1.0); }
 inline Tensor sub(const Tensor& a, const Tensor& b) { return torch::stable::subtract(a, b); }
 inline Tensor mul(const Tensor& a, double b) { return mul(a, scalar(b)); }
 inline Tensor add(const Tensor& a, double b) { return add(a, scalar(b)); }
@@ -241,9 +239,7 @@ inline Tensor abs(const Tensor& a) { return call("aten::abs", "", a); }
 inline Tensor all(const Tensor& a) { return call("aten::all", "", a); }
 inline Tensor any(const Tensor& a) { return call("aten::any", "", a); }
 inline Tensor all(const Tensor& a, int64_t dim) { return call("aten::all", "dim", a, dim, false); }
-inline Tensor frexp_exponent(const Tensor& a) {
-  return call_n<2>("aten::frexp", "Tensor", a)[1];
-}
+inline Tensor frexp_exponent(const Tensor& a) { return call_n<2>("aten::frexp", "Tensor", a)[1]; }
 inline Tensor bitwise_left_shift(const Tensor& a, const Tensor& b) {
   return call("aten::bitwise_left_shift", "Tensor", a, b);
 }
@@ -282,7 +278,8 @@ inline Tensor to_device(const Tensor& a, const torch::stable::Device& device) {
 }
 // A CPU copy of a 0-d or one-element bool tensor, read.
 inline bool item_bool(const Tensor& a) {
-  const Tensor c = a.is_cpu() ? a : to_device(a, torch::stable::Device(torch::headeronly::DeviceType::CPU));
+  const Tensor c =
+      a.is_cpu() ? a : to_device(a, torch::stable::Device(torch::headeronly::DeviceType::CPU));
   return *cptr<bool>(torch::stable::contiguous(c));
 }
 

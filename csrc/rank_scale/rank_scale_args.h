@@ -16,18 +16,17 @@ struct Args {
   bool shared_U;  // one U for every matrix of the batch
 };
 
-inline void check_coefficient(const char* op, const char* name, const Tensor& c,
-                              const Tensor& G) {
+inline void check_coefficient(const char* op, const char* name, const Tensor& c, const Tensor& G) {
   check_same_dtype(op, name, c, "G", G);
   check_same_device(op, name, c, "G", G);
   const std::vector<int64_t> batch_shape = leading(G, 2);
   LSEF_CHECK_VALUE(c.numel() == 1 || same_sizes(c.sizes(), batch_shape), op, ": ", name,
-                   " must be a scalar or have G's batch shape ", Dims{batch_shape},
-                   ", got shape ", shape(c));
+                   " must be a scalar or have G's batch shape ", Dims{batch_shape}, ", got shape ",
+                   shape(c));
 }
 
-inline Args prepare(const char* op, const Tensor& G, const Tensor& U,
-                    const Tensor& alpha, const Tensor& beta) {
+inline Args prepare(const char* op, const Tensor& G, const Tensor& U, const Tensor& alpha,
+                    const Tensor& beta) {
   check_floating(op, "G", G);
   check_min_dim(op, "G", G, 2, "(*, m, n)");
   check_same_dtype(op, "U", U, "G", G);

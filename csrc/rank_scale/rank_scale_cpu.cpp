@@ -68,8 +68,7 @@ void rank_scale_kernel(const Args& a, Tensor& out) {
   });
 }
 
-Tensor rank_scale_cpu(const Tensor& G, const Tensor& U, const Tensor& alpha,
-                          const Tensor& beta) {
+Tensor rank_scale_cpu(const Tensor& G, const Tensor& U, const Tensor& alpha, const Tensor& beta) {
   check_cpu_dtype(kOp, "G", G);
   const Args a = prepare(kOp, G, U, alpha, beta);
   Tensor out = empty_output(a.G);

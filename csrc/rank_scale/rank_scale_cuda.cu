@@ -8,14 +8,6 @@
 //    same columns by the same thread finds them in cache.
 //  * Wide path (any r): a block takes one matrix and a tile of W <= 32 adjacent columns,
 //    computes the tile's C into shared memory in rounds of rows, then writes the tile of G'.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include <algorithm>
 
 #include "common/cuda_utils.cuh"
@@ -48,7 +40,7 @@ struct Problem {
 // them), each round in passes of kPass rows kept in registers while the tile is read.
 template <typename T>
 __global__ void __launch_bounds__(kCudaThreads) rank_scale_kernel(Problem<T> p) {
-  using A = at::opmath_type<T>;
+  using A = opmath_t<T>;
   constexpr int kPass = kSharedArrayBytes / (kCudaThreads * sizeof(A));
   constexpr int kRound = kSharedArrayBytes / (kMaxTileWidth * sizeof(A));
   __shared__ A partial[kCudaThreads * kPass];  // [y][k][x]: each row group's share of C
@@ -133,7 +125,7 @@ __device__ __forceinline__ double fma_rn(double a, double b, double c) { return 
 template <typename T, int R, int V>
 __global__ void __launch_bounds__(kCudaThreads)
     rank_scale_narrow_kernel(Problem<T> p, int64_t groups) {
-  using A = at::opmath_type<T>;
+  using A = opmath_t<T>;
   const int r = static_cast<int>(p.r);  // <= R
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (t >= groups) return;
@@ -208,14 +200,14 @@ void launch_narrow(const Problem<T>& p, int64_t batch, cudaStream_t stream) {
 }
 
 template <typename T>
-void rank_scale_cuda_kernel(const Args& a, at::Tensor& out) {
+void rank_scale_cuda_kernel(const Args& a, const Tensor& out) {
   const int64_t W = std::min<int64_t>(kMaxTileWidth, next_pow2(a.n));
   Problem<T> p;
-  p.G = a.G.data_ptr<T>();
-  p.U = a.U.data_ptr<T>();
-  p.alpha = a.alpha.data_ptr<T>();
-  p.beta = a.beta.data_ptr<T>();
-  p.out = out.data_ptr<T>();
+  p.G = cptr<T>(a.G);
+  p.U = cptr<T>(a.U);
+  p.alpha = cptr<T>(a.alpha);
+  p.beta = cptr<T>(a.beta);
+  p.out = ptr<T>(out);
   p.m = a.m;
   p.n = a.n;
   p.r = a.r;
@@ -224,7 +216,7 @@ void rank_scale_cuda_kernel(const Args& a, at::Tensor& out) {
   p.beta_step = a.beta.numel() == 1 ? 0 : 1;
   p.tiles_per_matrix = ceil_div(a.n, W);
   p.tiles = a.batch * p.tiles_per_matrix;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream(a.G);
   if (a.r <= kNarrowMaxRank) {
     if (a.r <= 4) {
       launch_narrow<T, 4>(p, a.batch, stream);
@@ -237,18 +229,19 @@ void rank_scale_cuda_kernel(const Args& a, at::Tensor& out) {
     const dim3 block(static_cast<unsigned>(W), static_cast<unsigned>(kCudaThreads / W));
     rank_scale_kernel<T><<<cuda_grid(p.tiles, 1), block, 0, stream>>>(p);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  LSEF_CUDA_CHECK(cudaGetLastError());
 }
 
-at::Tensor rank_scale_cuda(const at::Tensor& G, const at::Tensor& U, const at::Tensor& alpha,
-                           const at::Tensor& beta) {
+Tensor rank_scale_cuda(const Tensor& G, const Tensor& U, const Tensor& alpha, const Tensor& beta) {
   check_cuda_dtype(kOp, "G", G);
   const Args a = prepare(kOp, G, U, alpha, beta);
-  const c10::cuda::CUDAGuard guard(a.G.device());
-  at::Tensor out = at::empty_like(a.G, at::MemoryFormat::Contiguous);
+  const torch::stable::accelerator::DeviceGuard guard(a.G.get_device_index());
+  Tensor out = empty_as(a.G, a.G.sizes());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.G.scalar_type(), kOp,
-                                  [&] { rank_scale_cuda_kernel<scalar_t>(a, out); });
+  dispatch_floating<true>(a.G.scalar_type(), kOp, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    rank_scale_cuda_kernel<T>(a, out);
+  });
   return out;
 }
 
@@ -256,4 +249,6 @@ at::Tensor rank_scale_cuda(const at::Tensor& G, const at::Tensor& U, const at::T
 }  // namespace rank_scale
 }  // namespace lsef
 
-TORCH_LIBRARY_IMPL(lsef, CUDA, m) { m.impl("rank_scale", &lsef::rank_scale::rank_scale_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(lsef, CUDA, m) {
+  m.impl("rank_scale", TORCH_BOX(&lsef::rank_scale::rank_scale_cuda));
+}

@@ -15,8 +15,7 @@ struct Shape {
   bool exact() const { return l == std::min(m, n); }
 };
 
-inline Shape check(const char* op, const Tensor& A, int64_t k, int64_t oversample,
-                   int64_t n_iter) {
+inline Shape check(const char* op, const Tensor& A, int64_t k, int64_t oversample, int64_t n_iter) {
   check_floating(op, "A", A);
   check_min_dim(op, "A", A, 2, "(*, m, n)");
   const int64_t m = A.size(-2), n = A.size(-1), mn = std::min(m, n);
@@ -33,8 +32,7 @@ inline Shape check(const char* op, const Tensor& A, int64_t k, int64_t oversampl
 }
 
 // The uninitialised outputs U (*, m, k), S (*, k), V (*, n, k), with A's batch shape and options.
-inline std::tuple<Tensor, Tensor, Tensor> empty_outputs(const Tensor& A,
-                                                                    const Shape& sh) {
+inline std::tuple<Tensor, Tensor, Tensor> empty_outputs(const Tensor& A, const Shape& sh) {
   const std::vector<int64_t> batch = leading(A, 2);
   auto with = [&](std::initializer_list<int64_t> tail) {
     auto s = batch;

@@ -20,9 +20,8 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_dispatch(const Tensor& A, int64_t k, int
   return {out[0], out[1], out[2]};
 }
 
-std::tuple<Tensor, Tensor, Tensor> lowrank(const Tensor& A, int64_t k,
-                                                       int64_t oversample, int64_t n_iter,
-                                                       int64_t seed) {
+std::tuple<Tensor, Tensor, Tensor> lowrank(const Tensor& A, int64_t k, int64_t oversample,
+                                           int64_t n_iter, int64_t seed) {
   check("lowrank", A, k, oversample, n_iter);  // errors name the op the user called
   auto [U, S, V] = rsvd_dispatch(A, k, oversample, n_iter, seed);
   const Tensor US = aten::mul(U, torch::stable::unsqueeze(S, -2));
@@ -33,8 +32,8 @@ std::tuple<Tensor, Tensor, Tensor> lowrank(const Tensor& A, int64_t k,
 // singular value of each matrix (never exactly 0).
 Tensor regularisation_scale(const Tensor& S) {
   const bool f64 = S.scalar_type() == kDouble;
-  const double eps = f64 ? std::numeric_limits<double>::epsilon()
-                         : std::numeric_limits<float>::epsilon();
+  const double eps =
+      f64 ? std::numeric_limits<double>::epsilon() : std::numeric_limits<float>::epsilon();
   const double tiny = f64 ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
   return aten::clamp(aten::mul(aten::max_keepdim(S, -1), std::sqrt(eps)), aten::scalar(tiny),
                      std::nullopt);
@@ -52,11 +51,11 @@ Tensor regularisation_scale(const Tensor& S) {
 // S w (w the power of two that brings s_max into [1, 2): exact) and multiplied by w; squares
 // of S itself would overflow from s ~ 1e19 in float32 and underflow below 1e-19.
 Tensor rsvd_backward(const std::optional<Tensor>& gU, const std::optional<Tensor>& gS,
-                         const std::optional<Tensor>& gV, const Tensor& U,
-                         const Tensor& S_in, const Tensor& V) {
+                     const std::optional<Tensor>& gV, const Tensor& U, const Tensor& S_in,
+                     const Tensor& V) {
   using aten::add;
-  using aten::mul;
   using aten::mT;
+  using aten::mul;
   using aten::sub;
   using torch::stable::matmul;
   using torch::stable::unsqueeze;
@@ -100,8 +99,7 @@ Tensor lowrank_backward(const Tensor& grad, const Tensor& U, const Tensor& V) {
   using torch::stable::matmul;
   const Tensor UtG = matmul(aten::mT(U), grad);  // (*, k, n)
   const Tensor GV = matmul(grad, V);             // (*, m, k)
-  return aten::add(matmul(U, UtG),
-                   matmul(aten::sub(GV, matmul(U, matmul(UtG, V))), aten::mT(V)));
+  return aten::add(matmul(U, UtG), matmul(aten::sub(GV, matmul(U, matmul(UtG, V))), aten::mT(V)));
 }
 
 }  // namespace rsvd

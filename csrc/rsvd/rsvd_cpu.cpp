@@ -298,7 +298,7 @@ Tensor orthonormalize(const Tensor& Y) {
   T* y = ptr<T>(Yc);
   T* q = ptr<T>(Q);
   parallel_for(0, batch, 1,
-                   [&](int64_t b0, int64_t b1) { orthonormalize_range(y, q, p, l, b0, b1); });
+               [&](int64_t b0, int64_t b1) { orthonormalize_range(y, q, p, l, b0, b1); });
   return aten::mT(Q);
 }
 
@@ -307,8 +307,8 @@ Tensor orthonormalize(const Tensor& Y) {
 // than the products; products through ATen, BLAS-3), then per matrix the exact SVD of the
 // projection, Uc = Q Vw (k columns), signs and outputs.
 template <typename T>
-void blas(const Tensor& A, const Shape& sh, int64_t n_iter, const Tensor& omega_t,
-          Tensor& U, Tensor& S, Tensor& V) {
+void blas(const Tensor& A, const Shape& sh, int64_t n_iter, const Tensor& omega_t, Tensor& U,
+          Tensor& S, Tensor& V) {
   // One vectorised pass per matrix for finiteness and largest magnitude (instead of ATen's three)
   Screen screen{empty_as(A, {sh.batch}, kBool), empty_as(A, {sh.batch})};
   {
@@ -327,7 +327,7 @@ void blas(const Tensor& A, const Shape& sh, int64_t n_iter, const Tensor& omega_
   T *z = ptr<T>(pr.Z), *vc = ptr<T>(Vcol), *ss = ptr<T>(sv);
   T* vw = ptr<T>(Vw);
   parallel_for(0, batch, 1,
-                   [&](int64_t b0, int64_t b1) { svd_tall_range(z, q, l, k, vc, ss, vw, b0, b1); });
+               [&](int64_t b0, int64_t b1) { svd_tall_range(z, q, l, k, vc, ss, vw, b0, b1); });
   // Q Vw's first k columns, column-major p x k
   const Tensor Ucol = torch::stable::contiguous(
       aten::mT(torch::stable::matmul(pr.Q, aten::mT(torch::stable::narrow(Vw, 1, 0, k)))));
@@ -351,9 +351,8 @@ void blas(const Tensor& A, const Shape& sh, int64_t n_iter, const Tensor& omega_
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor> rsvd_cpu(const Tensor& A_in, int64_t k,
-                                                        int64_t oversample, int64_t n_iter,
-                                                        int64_t seed) {
+std::tuple<Tensor, Tensor, Tensor> rsvd_cpu(const Tensor& A_in, int64_t k, int64_t oversample,
+                                            int64_t n_iter, int64_t seed) {
   const Shape sh = check(kOp, A_in, k, oversample, n_iter);
   check_cpu_dtype(kOp, "A", A_in);
   const Tensor A = torch::stable::contiguous(A_in);
@@ -414,14 +413,13 @@ __attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void tangen
 // tangent_range; anything else (broadcast batch shapes, mixed dtypes, empty) through the
 // composite, which also gives the errors for bad input.
 Tensor lowrank_backward_cpu(const Tensor& grad, const Tensor& U, const Tensor& V) {
-  const bool fast = grad.defined() && U.defined() && V.defined() && grad.dim() >= 2 &&
-                    U.dim() == grad.dim() && V.dim() == grad.dim() &&
-                    (grad.scalar_type() == kFloat || grad.scalar_type() == kDouble) &&
-                    U.scalar_type() == grad.scalar_type() &&
-                    V.scalar_type() == grad.scalar_type() && grad.numel() > 0 && U.numel() > 0 &&
-                    leading(U, 2) == leading(grad, 2) && leading(V, 2) == leading(grad, 2) &&
-                    U.size(-2) == grad.size(-2) && V.size(-2) == grad.size(-1) &&
-                    U.size(-1) == V.size(-1);
+  const bool fast =
+      grad.defined() && U.defined() && V.defined() && grad.dim() >= 2 && U.dim() == grad.dim() &&
+      V.dim() == grad.dim() && (grad.scalar_type() == kFloat || grad.scalar_type() == kDouble) &&
+      U.scalar_type() == grad.scalar_type() && V.scalar_type() == grad.scalar_type() &&
+      grad.numel() > 0 && U.numel() > 0 && leading(U, 2) == leading(grad, 2) &&
+      leading(V, 2) == leading(grad, 2) && U.size(-2) == grad.size(-2) &&
+      V.size(-2) == grad.size(-1) && U.size(-1) == V.size(-1);
   if (!fast) return lowrank_backward(grad, U, V);
   const int64_t m = grad.size(-2), n = grad.size(-1), k = U.size(-1);
   const int64_t batch = grad.numel() / (m * n);
@@ -433,9 +431,8 @@ Tensor lowrank_backward_cpu(const Tensor& grad, const Tensor& U, const Tensor& V
     const scalar_t *gp = cptr<scalar_t>(g), *up = cptr<scalar_t>(u);
     const scalar_t* vp = cptr<scalar_t>(v);
     scalar_t* op = ptr<scalar_t>(out);
-    parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-      tangent_range(gp, up, vp, op, m, n, k, b0, b1);
-    });
+    parallel_for(0, batch, 1,
+                 [&](int64_t b0, int64_t b1) { tangent_range(gp, up, vp, op, m, n, k, b0, b1); });
   });
   return out;
 }

@@ -9,18 +9,9 @@
 //   and writes U, S, V once. Work arrays are in shared memory when they fit, else in a global
 //   scratch slice per block (same code).
 // * Large path (p > 64): the driver shared with the CPU (rsvd_host.h) runs the products
-//   W Omega, W^T Q, W Q_z, Q^T W through ATen (cuBLAS), each orthonormalisation one launch for
-//   the whole batch (a block per matrix); then one launch for the tail (QR + Jacobi of Z, signs,
-//   outputs).
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
+//   W Omega, W^T Q, W Q_z, Q^T W through torch's matmul (cuBLAS), each orthonormalisation one
+//   launch for the whole batch (a block per matrix); then one launch for the tail (QR + Jacobi of
+//   Z, signs, outputs).
 #include <algorithm>
 #include <map>
 #include <mutex>
@@ -133,26 +124,27 @@ template <typename A>
 struct ArenaPlan {
   unsigned grid = 1;
   size_t shared_bytes = 0;
-  at::Tensor scratch;
-  A* scratch_ptr() const { return scratch.defined() ? scratch.data_ptr<A>() : nullptr; }
+  Tensor scratch;
+  A* scratch_ptr() const { return scratch.defined() ? ptr<A>(scratch) : nullptr; }
 };
 
 template <typename A, typename Kernel>
-ArenaPlan<A> plan_arena(Kernel kernel, int64_t batch, int64_t elems, const at::Tensor& like) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+ArenaPlan<A> plan_arena(Kernel kernel, int64_t batch, int64_t elems, const Tensor& like) {
+  const auto shared_optin =
+      static_cast<size_t>(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
   const size_t bytes = static_cast<size_t>(elems) * sizeof(A);
   ArenaPlan<A> plan;
-  if (bytes <= prop->sharedMemPerBlockOptin) {
+  if (bytes <= shared_optin) {
     plan.shared_bytes = bytes;
     plan.grid = static_cast<unsigned>(std::min<int64_t>(batch, int64_t{1} << 30));
     if (bytes > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(bytes)));
+      LSEF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(bytes)));
     }
   } else {
-    plan.grid = static_cast<unsigned>(std::min<int64_t>(batch, 2 * prop->multiProcessorCount));
-    plan.scratch = at::empty({int64_t{plan.grid} * elems},
-                             like.options().dtype(c10::CppTypeToScalarType<A>::value));
+    const int sms = current_device_attribute(cudaDevAttrMultiProcessorCount);
+    plan.grid = static_cast<unsigned>(std::min<int64_t>(batch, 2 * sms));
+    plan.scratch = empty_as(like, {int64_t{plan.grid} * elems}, dtype_of<A>());
   }
   return plan;
 }
@@ -164,11 +156,11 @@ ArenaPlan<A> plan_arena(Kernel kernel, int64_t batch, int64_t elems, const at::T
 // per call instead. The map is leaked on purpose: no CUDA frees after the driver shuts down.
 constexpr size_t kMaxCached = 64;
 
-at::Tensor test_matrix(int64_t q, int64_t l, int64_t seed, at::ScalarType dtype,
-                       at::Device device) {
+Tensor test_matrix(int64_t q, int64_t l, int64_t seed, ScalarType dtype,
+                   const torch::stable::Device& device) {
   using Key = std::tuple<int, int64_t, int64_t, int64_t, int>;
   static std::mutex mutex;
-  static auto* cache = new std::map<Key, at::Tensor>();
+  static auto* cache = new std::map<Key, Tensor>();
   const Key key{device.index(), q, l, seed, static_cast<int>(dtype)};
   {
     std::lock_guard<std::mutex> lock(mutex);
@@ -177,7 +169,7 @@ at::Tensor test_matrix(int64_t q, int64_t l, int64_t seed, at::ScalarType dtype,
   }
   // Drawn on the host by the generator the CPU kernel uses; a blocking copy, so the entry is
   // complete before any stream reads it.
-  at::Tensor dev = test_matrix_t(q, l, seed, dtype).to(device);
+  Tensor dev = aten::to_device(test_matrix_t(q, l, seed, dtype), device);
   std::lock_guard<std::mutex> lock(mutex);
   if (cache->size() < kMaxCached) cache->emplace(key, dev);
   return dev;
@@ -191,19 +183,18 @@ int64_t fused_max_side() {
 }
 
 struct Outputs {
-  at::Tensor U, S, V;
+  Tensor U, S, V;
 };
 
 template <typename T, typename A>
-void fused(const at::Tensor& A_in, const Shape& sh, int64_t n_iter, const at::Tensor& omega,
-           Outputs& o) {
+void fused(const Tensor& A_in, const Shape& sh, int64_t n_iter, const Tensor& omega, Outputs& o) {
   const int64_t p = std::min(sh.m, sh.n), q = std::max(sh.m, sh.n);
   FusedParams<T, A> P;
-  P.in = A_in.data_ptr<T>();
-  P.U = o.U.data_ptr<T>();
-  P.S = o.S.data_ptr<T>();
-  P.V = o.V.data_ptr<T>();
-  P.omega_t = omega.defined() ? omega.data_ptr<A>() : nullptr;
+  P.in = cptr<T>(A_in);
+  P.U = ptr<T>(o.U);
+  P.S = ptr<T>(o.S);
+  P.V = ptr<T>(o.V);
+  P.omega_t = omega.defined() ? cptr<A>(omega) : nullptr;
   P.batch = sh.batch;
   P.m = sh.m;
   P.n = sh.n;
@@ -217,47 +208,44 @@ void fused(const at::Tensor& A_in, const Shape& sh, int64_t n_iter, const at::Te
   P.arena = P.F.total;
   const ArenaPlan<A> plan = plan_arena<A>(fused_kernel<T, A>, sh.batch, P.arena, A_in);
   P.scratch = plan.scratch_ptr();
-  fused_kernel<T, A>
-      <<<plan.grid, kThreads, plan.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(P);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  fused_kernel<T, A><<<plan.grid, kThreads, plan.shared_bytes, current_stream(A_in)>>>(P);
+  LSEF_CUDA_CHECK(cudaGetLastError());
 }
 
 // Householder-orthonormalises every matrix of Y (B, rows, l); returns Q (B, rows, l), a view of
 // a column-major buffer.
 template <typename A>
-at::Tensor orthonormalize(const at::Tensor& Y) {
+Tensor orthonormalize(const Tensor& Y) {
   const int64_t batch = Y.size(0), rows = Y.size(1), l = Y.size(2);
-  at::Tensor Yc = Y.mT().contiguous();  // (B, l, rows): column-major rows x l per matrix
-  at::Tensor Q = at::empty_like(Yc);
+  // (B, l, rows): column-major rows x l per matrix
+  const Tensor Yc = torch::stable::contiguous(aten::mT(Y));
+  const Tensor Q = empty_as(Yc, Yc.sizes());
   const ArenaPlan<A> plan = plan_arena<A>(orth_kernel<A>, batch, 2 * l, Yc);
-  orth_kernel<A><<<plan.grid, kThreads, plan.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(
-      Yc.data_ptr<A>(), Q.data_ptr<A>(), batch, rows, static_cast<int>(l), plan.scratch_ptr(),
-      2 * l);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return Q.mT();
+  orth_kernel<A><<<plan.grid, kThreads, plan.shared_bytes, current_stream(Yc)>>>(
+      ptr<A>(Yc), ptr<A>(Q), batch, rows, static_cast<int>(l), plan.scratch_ptr(), 2 * l);
+  LSEF_CUDA_CHECK(cudaGetLastError());
+  return aten::mT(Q);
 }
 
 // The large path: the shared driver (rsvd_host.h) with cuBLAS products and orth_kernel, then
 // one launch of the tail for the whole batch.
 template <typename T, typename A>
-void large(const at::Tensor& A_in, const Shape& sh, int64_t n_iter, const at::Tensor& omega,
-           Outputs& o) {
-  const Projection pr =
-      project(A_in, sh, n_iter, omega, c10::CppTypeToScalarType<A>::value, orthonormalize<A>);
-  const at::Tensor& Z = pr.Z;
+void large(const Tensor& A_in, const Shape& sh, int64_t n_iter, const Tensor& omega, Outputs& o) {
+  const Projection pr = project(A_in, sh, n_iter, omega, dtype_of<A>(), orthonormalize<A>);
+  const Tensor& Z = pr.Z;
   // (B, l, p): Q column-major (a no-op copy of orth's column-major buffer)
-  const at::Tensor Q = pr.Q.defined() ? pr.Q.mT().contiguous() : at::Tensor();
+  const Tensor Q = pr.Q.defined() ? torch::stable::contiguous(aten::mT(pr.Q)) : Tensor();
   const int64_t p = pr.p, q = pr.q, l = pr.l;
   const bool wide = pr.wide;
-  const at::Tensor& finite = pr.finite;
+  const Tensor& finite = pr.finite;
   TailParams<T, A> P;
-  P.Z = Z.data_ptr<A>();
-  P.Q = Q.defined() ? Q.data_ptr<A>() : nullptr;
-  P.finite = finite.data_ptr<bool>();
-  P.unscale = pr.unscale.data_ptr<A>();
-  P.U = o.U.data_ptr<T>();
-  P.S = o.S.data_ptr<T>();
-  P.V = o.V.data_ptr<T>();
+  P.Z = ptr<A>(Z);
+  P.Q = Q.defined() ? cptr<A>(Q) : nullptr;
+  P.finite = cptr<bool>(finite);
+  P.unscale = cptr<A>(pr.unscale);
+  P.U = ptr<T>(o.U);
+  P.S = ptr<T>(o.S);
+  P.V = ptr<T>(o.V);
   P.batch = sh.batch;
   P.m = sh.m;
   P.n = sh.n;
@@ -270,28 +258,25 @@ void large(const at::Tensor& A_in, const Shape& sh, int64_t n_iter, const at::Te
   P.arena = P.L.total;
   const ArenaPlan<A> plan = plan_arena<A>(tail_kernel<T, A>, sh.batch, P.arena, Z);
   P.scratch = plan.scratch_ptr();
-  tail_kernel<T, A>
-      <<<plan.grid, kThreads, plan.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(P);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  tail_kernel<T, A><<<plan.grid, kThreads, plan.shared_bytes, current_stream(Z)>>>(P);
+  LSEF_CUDA_CHECK(cudaGetLastError());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A_in, int64_t k,
-                                                         int64_t oversample, int64_t n_iter,
-                                                         int64_t seed) {
+std::tuple<Tensor, Tensor, Tensor> rsvd_cuda(const Tensor& A_in, int64_t k, int64_t oversample,
+                                             int64_t n_iter, int64_t seed) {
   const Shape sh = check(kOp, A_in, k, oversample, n_iter);
   check_cuda_dtype(kOp, "A", A_in);
-  const c10::cuda::CUDAGuard guard(A_in.device());
-  const at::Tensor A = A_in.contiguous();
+  const torch::stable::accelerator::DeviceGuard guard(A_in.get_device_index());
+  const Tensor A = torch::stable::contiguous(A_in);
   Outputs o;
   std::tie(o.U, o.S, o.V) = empty_outputs(A, sh);
   if (sh.batch == 0) return {o.U, o.S, o.V};
   const int64_t p = std::min(sh.m, sh.n), q = std::max(sh.m, sh.n);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), kOp, [&] {
-    using T = scalar_t;
-    using Acc = at::opmath_type<T>;
-    const at::Tensor omega =
-        sh.exact() ? at::Tensor()
-                   : test_matrix(q, sh.l, seed, c10::CppTypeToScalarType<Acc>::value, A.device());
+  dispatch_floating<true>(A.scalar_type(), kOp, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using Acc = opmath_t<T>;
+    const Tensor omega =
+        sh.exact() ? Tensor() : test_matrix(q, sh.l, seed, dtype_of<Acc>(), A.device());
     if (p <= fused_max_side()) {
       fused<T, Acc>(A, sh, n_iter, omega, o);
     } else {
@@ -305,4 +290,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A_in,
 }  // namespace rsvd
 }  // namespace lsef
 
-TORCH_LIBRARY_IMPL(lsef, CUDA, m) { m.impl("rsvd", &lsef::rsvd::rsvd_cuda); }
+STABLE_TORCH_LIBRARY_IMPL(lsef, CUDA, m) { m.impl("rsvd", TORCH_BOX(&lsef::rsvd::rsvd_cuda)); }

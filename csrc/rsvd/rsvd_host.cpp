@@ -93,17 +93,17 @@ Projection project(const Tensor& A, const Shape& sh, int64_t n_iter, const Tenso
   // write NaN for them, as the fused paths do. With a backend's screen, the usual all-finite
   // batch is used as it is (no masked copy).
   const bool screened = screen.finite.defined();
-  pr.finite = screened ? screen.finite
-                       : torch::stable::contiguous(
-                             aten::all(torch::stable::flatten(aten::isfinite(A3), 1), 1));
+  pr.finite =
+      screened
+          ? screen.finite
+          : torch::stable::contiguous(aten::all(torch::stable::flatten(aten::isfinite(A3), 1), 1));
   const bool all_ok = screened && aten::item_bool(aten::all(pr.finite));
   const Tensor zero = scalar(0, acc);
   const Tensor clean =
       all_ok ? A3 : aten::where(torch::stable::view(pr.finite, {-1, 1, 1}), A3, zero);
   // Largest magnitude of each matrix (zero for the masked ones).
-  const Tensor amax =
-      screened ? aten::where(pr.finite, aten::to_dtype(screen.amax, acc), zero)
-               : torch::stable::amax(aten::abs(clean), {1, 2}, false);
+  const Tensor amax = screened ? aten::where(pr.finite, aten::to_dtype(screen.amax, acc), zero)
+                               : torch::stable::amax(aten::abs(clean), {1, 2}, false);
   const Tensor shift = shifts(amax, true, max_shift(acc));
   pr.unscale = pow2(aten::neg(shift), acc);
   // On the CPU a look at the shifts is free and saves a pass over A for the usual all-zero case;

@@ -1,8 +1,8 @@
 // rsvd: the host code both backends share (docs/DESIGN.md §6, §10): the test matrix Omega, the
 // path switches read from the environment, and the large path's driver up to its tail (masking
-// of non-finite matrices, the randomized range finder with ATen products (boxed calls), the projection).
-// Each backend supplies its batched orthonormalisation (CPU: a task per matrix; CUDA: a block
-// per matrix) and its own tail (exact SVD of the projection, signs, outputs).
+// of non-finite matrices, the randomized range finder with ATen products (boxed calls), the
+// projection). Each backend supplies its batched orthonormalisation (CPU: a task per matrix; CUDA:
+// a block per matrix) and its own tail (exact SVD of the projection, signs, outputs).
 #pragma once
 
 #include <cstdint>
@@ -33,12 +33,12 @@ using Orthonormalize = std::function<Tensor(const Tensor&)>;
 // What the large path hands to a backend's tail, for the wide orientation W (p x q, p <= q) of
 // each matrix (A itself when m <= n, else A^T).
 struct Projection {
-  Tensor finite;   // (B,) bool: the matrix was all finite (the others went through as zeros)
-  Tensor unscale;  // (B,) acc: 2^-shift, the factor S gets back (W below is 2^shift A)
-  Tensor Q;        // (B, p, l): orthonormal basis of W's sketched range; undefined when exact
-  Tensor Z;        // (B, l, q) contiguous: W^T Q column-major (q x l); W^T itself when exact
-  int64_t p, q, l;     // l = p when exact
-  bool wide;           // m <= n
+  Tensor finite;    // (B,) bool: the matrix was all finite (the others went through as zeros)
+  Tensor unscale;   // (B,) acc: 2^-shift, the factor S gets back (W below is 2^shift A)
+  Tensor Q;         // (B, p, l): orthonormal basis of W's sketched range; undefined when exact
+  Tensor Z;         // (B, l, q) contiguous: W^T Q column-major (q x l); W^T itself when exact
+  int64_t p, q, l;  // l = p when exact
+  bool wide;        // m <= n
 };
 
 // The large path up to the tail, in the accumulation dtype `acc`, on each matrix scaled by the

@@ -47,14 +47,14 @@ inline Args prepare(const char* op, const Tensor& X, const std::optional<Tensor>
   if (L.has_value()) {
     check_same_dtype(op, "L", *L, "X", X);
     check_same_device(op, "L", *L, "X", X);
-    LSEF_CHECK_VALUE(same_sizes(L->sizes(), X.sizes()), op, ": L must have the shape of X ", shape(X),
-                      ", got ", shape(*L));
+    LSEF_CHECK_VALUE(same_sizes(L->sizes(), X.sizes()), op, ": L must have the shape of X ",
+                     shape(X), ", got ", shape(*L));
   }
   check_same_dtype(op, "lam", lam, "X", X);
   check_same_device(op, "lam", lam, "X", X);
   LSEF_CHECK_VALUE(broadcastable_to(lam, X.sizes()), op, ": lam of shape ", shape(lam),
-                    " is not broadcastable to X of shape ", shape(X),
-                    " (use a scalar, one value per channel of the last dim, or X's shape)");
+                   " is not broadcastable to X of shape ", shape(X),
+                   " (use a scalar, one value per channel of the last dim, or X's shape)");
   Args a;
   a.X = torch::stable::contiguous(X);
   a.L = L.has_value() ? torch::stable::contiguous(*L) : Tensor();
@@ -78,13 +78,11 @@ inline void check_grad(const char* op, const Tensor& grad, const Tensor& X) {
 // The backward's return value: lam's gradient summed back to lam's own shape, and None for
 // every gradient not asked for.
 inline std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> pack_grads(
-    const Args& a, const Tensor& lam, bool want_X, bool want_L, bool want_lam,
-    const Tensor& dX, const Tensor& dL, Tensor dlam) {
+    const Args& a, const Tensor& lam, bool want_X, bool want_L, bool want_lam, const Tensor& dX,
+    const Tensor& dL, Tensor dlam) {
   if (want_lam && a.lam_expanded) dlam = aten::sum_to_size(dlam, lam.sizes());
   if (want_lam) dlam = torch::stable::view(dlam, lam.sizes());
-  auto maybe = [](bool want, const Tensor& t) {
-    return want ? OptionalTensor(t) : std::nullopt;
-  };
+  auto maybe = [](bool want, const Tensor& t) { return want ? OptionalTensor(t) : std::nullopt; };
   return {maybe(want_X, dX), maybe(want_L, dL), maybe(want_lam, dlam)};
 }
 

@@ -226,21 +226,20 @@ void check_cpu_inputs(const char* op, const Args& a) {
   }
 }
 
-Tensor soft_threshold_cpu(const Tensor& X, const std::optional<Tensor>& L,
-                              const Tensor& lam, bool hard) {
+Tensor soft_threshold_cpu(const Tensor& X, const std::optional<Tensor>& L, const Tensor& lam,
+                          bool hard) {
   const Args a = prepare(kOp, X, L, lam);
   check_cpu_inputs(kOp, a);
   Tensor S = empty_output(a.X);
-  dispatch_floating(a.X.scalar_type(), kOp, [&](auto tag) {
-    forward_kernel<typename decltype(tag)::type>(a, hard, S);
-  });
+  dispatch_floating(a.X.scalar_type(), kOp,
+                    [&](auto tag) { forward_kernel<typename decltype(tag)::type>(a, hard, S); });
   return S;
 }
 
 // output_mask = (X, L, lam). Gradients not asked for come back as None.
 std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> soft_threshold_backward_cpu(
-    const Tensor& grad, const Tensor& X, const std::optional<Tensor>& L,
-    const Tensor& lam, bool hard, std::vector<bool> output_mask) {
+    const Tensor& grad, const Tensor& X, const std::optional<Tensor>& L, const Tensor& lam,
+    bool hard, std::vector<bool> output_mask) {
   const Args a = prepare(kBackwardOp, X, L, lam);
   check_cpu_inputs(kBackwardOp, a);
   check_grad(kBackwardOp, grad, X);

@@ -2,19 +2,9 @@
 // One fused pass over X, L (and lam) each way, as on the CPU; the per-element math is the shared
 // soft_threshold.h, so a float16 result equals the float32 computation on the same inputs,
 // rounded once.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros_like.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
-#include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "common/cuda_utils.cuh"
 #include "soft_threshold/soft_threshold.h"
@@ -69,9 +59,8 @@ __device__ __forceinline__ void for_each_pack(int64_t numel, int64_t period, Bod
 // Residuals r = x - l and thresholds of the N elements from e (channel c), in opmath precision.
 template <bool HasL, bool FullLam, int N, typename T>
 __device__ __forceinline__ void load_inputs(const Inputs<T>& in, int64_t e, int64_t c,
-                                            at::opmath_type<T> (&r)[N],
-                                            at::opmath_type<T> (&lam)[N]) {
-  using A = at::opmath_type<T>;
+                                            opmath_t<T> (&r)[N], opmath_t<T> (&lam)[N]) {
+  using A = opmath_t<T>;
   const Pack<T, N> x = load_pack<N>(in.x, e);
   Pack<T, N> l, lv;
   if constexpr (HasL) l = load_pack<N>(in.l, e);
@@ -92,7 +81,7 @@ __device__ __forceinline__ void load_inputs(const Inputs<T>& in, int64_t e, int6
 template <typename T, bool Hard, bool HasL, bool FullLam, int VEC>
 __global__ void __launch_bounds__(kCudaThreads)
     forward_kernel(Inputs<T> in, T* __restrict__ s, int64_t numel) {
-  using A = at::opmath_type<T>;
+  using A = opmath_t<T>;
   for_each_pack<VEC>(numel, in.period, [&](auto n, int64_t e, int64_t c) {
     constexpr int N = decltype(n)::value;
     A r[N], lam[N];
@@ -110,7 +99,7 @@ template <bool Hard, bool HasL, bool FullLam, int N, typename T>
 __device__ __forceinline__ void backward_pack(const Inputs<T>& in, const T* g,
                                               const GradOutputs<T>& out, int64_t e, int64_t c,
                                               double (&dlam_sum)[N]) {
-  using A = at::opmath_type<T>;
+  using A = opmath_t<T>;
   A r[N], lam[N];
   load_inputs<HasL, FullLam>(in, e, c, r, lam);
   const Pack<T, N> gp = load_pack<N>(g, e);
@@ -212,18 +201,18 @@ __global__ void __launch_bounds__(kCudaThreads)
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     double s = 0.0;
     for (int64_t b = 0; b < count; ++b) s += partials[b * width + j];
-    dlam[j] = static_cast<T>(static_cast<at::opmath_type<T>>(s));
+    dlam[j] = static_cast<T>(static_cast<opmath_t<T>>(s));
   }
 }
 
 template <typename T>
-T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
+T* data_or_null(const Tensor& t) {
+  return t.defined() ? ptr<T>(t) : nullptr;
 }
 
 template <typename T>
 Inputs<T> kernel_inputs(const Args& a) {
-  return {a.X.data_ptr<T>(), data_or_null<T>(a.L), a.lam.data_ptr<T>(),
+  return {cptr<T>(a.X), data_or_null<T>(a.L), cptr<T>(a.lam),
           a.mode == LamMode::Channel ? a.channels : 1};
 }
 
@@ -234,12 +223,12 @@ template <typename T, bool Vec>
 constexpr int kAccessElems = Vec ? kPackElems<T> : 1;
 
 template <typename T>
-void forward_cuda(const Args& a, bool hard, at::Tensor& S) {
+void forward_cuda(const Args& a, bool hard, const Tensor& S) {
   const Inputs<T> in = kernel_inputs<T>(a);
   const bool full = a.mode == LamMode::Full;
   const int64_t numel = a.X.numel();
-  T* s = S.data_ptr<T>();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  T* s = ptr<T>(S);
+  const cudaStream_t stream = current_stream(a.X);
   dispatch_bool(hard, [&](auto Hard) {
     dispatch_bool(in.l != nullptr, [&](auto HasL) {
       dispatch_bool(full, [&](auto FullLam) {
@@ -247,7 +236,7 @@ void forward_cuda(const Args& a, bool hard, at::Tensor& S) {
           constexpr int V = kAccessElems<T, Vec>;
           forward_kernel<T, Hard, HasL, FullLam, V>
               <<<cuda_grid(numel / V, kCudaThreads), kCudaThreads, 0, stream>>>(in, s, numel);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          LSEF_CUDA_CHECK(cudaGetLastError());
         });
       });
     });
@@ -256,11 +245,11 @@ void forward_cuda(const Args& a, bool hard, at::Tensor& S) {
 
 // partials is (blocks, dlam.numel()).
 template <typename T>
-void sum_partials(const at::Tensor& partials, at::Tensor& dlam, cudaStream_t stream) {
+void sum_partials(const Tensor& partials, const Tensor& dlam, cudaStream_t stream) {
   const int64_t width = dlam.numel();
   sum_partials_kernel<T><<<cuda_grid(width, kCudaThreads), kCudaThreads, 0, stream>>>(
-      partials.data_ptr<double>(), partials.size(0), width, dlam.data_ptr<T>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      cptr<double>(partials), partials.size(0), width, ptr<T>(dlam));
+  LSEF_CUDA_CHECK(cudaGetLastError());
 }
 
 // A per-channel lam's gradient: channel_backward_kernel with a block of up to 32 channel packs
@@ -268,7 +257,7 @@ void sum_partials(const at::Tensor& partials, at::Tensor& dlam, cudaStream_t str
 // keep about kMaxCudaBlocks blocks in the grid.
 template <typename T>
 void channel_backward_cuda(const Args& a, const Inputs<T>& in, const T* g,
-                           const GradOutputs<T>& out, at::Tensor& dlam, cudaStream_t stream) {
+                           const GradOutputs<T>& out, const Tensor& dlam, cudaStream_t stream) {
   const int64_t channels = a.channels;
   const int64_t rows = a.X.numel() / channels;
   const bool vec = aligned16(in.x, in.l, g, out.dx, out.dl) && channels % kPackElems<T> == 0;
@@ -280,12 +269,12 @@ void channel_backward_cuda(const Args& a, const Inputs<T>& in, const T* g,
       const int64_t by = std::min<int64_t>(kCudaThreads / bx, next_pow2(rows));
       const int64_t gx = ceil_div(packs, bx);
       const int64_t gy = std::clamp<int64_t>(kMaxCudaBlocks / gx, 1, ceil_div(rows, by));
-      const at::Tensor partials = at::empty({gy, channels}, a.X.options().dtype(at::kDouble));
+      const Tensor partials = empty_as(a.X, {gy, channels}, kDouble);
       channel_backward_kernel<T, HasL, V>
           <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
              dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by)), 0, stream>>>(
-              in, g, out, partials.data_ptr<double>(), rows);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+              in, g, out, ptr<double>(partials), rows);
+      LSEF_CUDA_CHECK(cudaGetLastError());
       sum_partials<T>(partials, dlam, stream);
     });
   });
@@ -293,15 +282,15 @@ void channel_backward_cuda(const Args& a, const Inputs<T>& in, const T* g,
 
 // dlam is defined when lam's gradient must be computed (soft thresholding, asked for).
 template <typename T>
-void backward_cuda(const Args& a, const at::Tensor& G, bool hard, const at::Tensor& dX,
-                   const at::Tensor& dL, at::Tensor& dlam) {
+void backward_cuda(const Args& a, const Tensor& G, bool hard, const Tensor& dX, const Tensor& dL,
+                   const Tensor& dlam) {
   const Inputs<T> in = kernel_inputs<T>(a);
-  const T* g = G.data_ptr<T>();
+  const T* g = cptr<T>(G);
   const bool full = a.mode == LamMode::Full;
   const GradOutputs<T> out{data_or_null<T>(dX), data_or_null<T>(dL),
                            full ? data_or_null<T>(dlam) : nullptr};
   const bool reduce = dlam.defined() && !full;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream(a.X);
   if (reduce && a.mode == LamMode::Channel) {
     channel_backward_cuda<T>(a, in, g, out, dlam, stream);
     return;
@@ -315,11 +304,11 @@ void backward_cuda(const Args& a, const at::Tensor& G, bool hard, const at::Tens
         dispatch_bool(vec, [&](auto Vec) {
           constexpr int V = kAccessElems<T, Vec>;
           const unsigned grid = cuda_grid(numel / V, kCudaThreads);
-          at::Tensor partials;
-          if (reduce) partials = at::empty({grid}, a.X.options().dtype(at::kDouble));
+          Tensor partials;
+          if (reduce) partials = empty_as(a.X, {static_cast<int64_t>(grid)}, kDouble);
           backward_kernel<T, Hard, HasL, FullLam, V><<<grid, kCudaThreads, 0, stream>>>(
               in, g, out, data_or_null<double>(partials), numel);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          LSEF_CUDA_CHECK(cudaGetLastError());
           if (reduce) sum_partials<T>(partials, dlam, stream);
         });
       });
@@ -331,47 +320,52 @@ void backward_cuda(const Args& a, const at::Tensor& G, bool hard, const at::Tens
 // full-shape lam during their own pass over it; here every lam is tested up front by one more
 // read of it on the device and a synchronisation, which keeps the kernels free of error paths
 // and raises before anything is written.
-void check_cuda_inputs(const char* op, const Args& a, const at::Tensor& lam) {
+void check_cuda_inputs(const char* op, const Args& a, const Tensor& lam) {
   check_cuda_dtype(op, "X", a.X);
-  check_lam_nonnegative(op, lam.numel() > 0 && lam.lt(0).any().item<bool>());
+  check_lam_nonnegative(op, lam.numel() > 0 && aten::item_bool(aten::any(aten::lt(
+                                                   lam, aten::scalar(0, lam.scalar_type())))));
 }
 
-at::Tensor soft_threshold_cuda(const at::Tensor& X, const std::optional<at::Tensor>& L,
-                               const at::Tensor& lam, bool hard) {
+Tensor soft_threshold_cuda(const Tensor& X, const std::optional<Tensor>& L, const Tensor& lam,
+                           bool hard) {
   const Args a = prepare(kOp, X, L, lam);
-  const c10::cuda::CUDAGuard guard(a.X.device());
+  const torch::stable::accelerator::DeviceGuard guard(a.X.get_device_index());
   check_cuda_inputs(kOp, a, lam);
-  at::Tensor S = at::empty_like(a.X, at::MemoryFormat::Contiguous);
+  Tensor S = empty_as(a.X, a.X.sizes());
   if (S.numel() == 0) return S;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), kOp,
-                                  [&] { forward_cuda<scalar_t>(a, hard, S); });
+  dispatch_floating<true>(a.X.scalar_type(), kOp, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    forward_cuda<T>(a, hard, S);
+  });
   return S;
 }
 
 // output_mask = (X, L, lam). Gradients not asked for come back as None.
 std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> soft_threshold_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& X, const std::optional<at::Tensor>& L,
-    const at::Tensor& lam, bool hard, std::array<bool, 3> output_mask) {
+    const Tensor& grad, const Tensor& X, const std::optional<Tensor>& L, const Tensor& lam,
+    bool hard, std::vector<bool> output_mask) {
   const Args a = prepare(kBackwardOp, X, L, lam);
-  const c10::cuda::CUDAGuard guard(a.X.device());
+  const torch::stable::accelerator::DeviceGuard guard(a.X.get_device_index());
   check_cuda_inputs(kBackwardOp, a, lam);
   check_grad(kBackwardOp, grad, X);
   const bool want_X = output_mask[0];
   const bool want_L = output_mask[1] && a.L.defined();
   const bool want_lam = output_mask[2];
   if (!want_X && !want_L && !want_lam) return {};
-  const at::Tensor G = grad.contiguous();
+  const Tensor G = torch::stable::contiguous(grad);
   const int64_t numel = a.X.numel();
-  at::Tensor dX, dL, dlam;
-  if (want_X) dX = at::empty_like(a.X, at::MemoryFormat::Contiguous);
-  if (want_L) dL = at::empty_like(a.X, at::MemoryFormat::Contiguous);
+  Tensor dX, dL, dlam;
+  if (want_X) dX = empty_as(a.X, a.X.sizes());
+  if (want_L) dL = empty_as(a.X, a.X.sizes());
   // Hard thresholding has a zero lam gradient, and so does an empty X (a sum over nothing).
   const bool compute_lam = want_lam && !hard && numel > 0;
-  if (want_lam) dlam = compute_lam ? at::empty_like(a.lam) : at::zeros_like(a.lam);
+  if (want_lam) dlam = compute_lam ? empty_as(a.lam, a.lam.sizes()) : aten::zeros_like(a.lam);
   if (numel > 0) {
-    at::Tensor dlam_out = compute_lam ? dlam : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.X.scalar_type(), kBackwardOp,
-                                    [&] { backward_cuda<scalar_t>(a, G, hard, dX, dL, dlam_out); });
+    const Tensor dlam_out = compute_lam ? dlam : Tensor();
+    dispatch_floating<true>(a.X.scalar_type(), kBackwardOp, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      backward_cuda<T>(a, G, hard, dX, dL, dlam_out);
+    });
   }
   return pack_grads(a, lam, want_X, want_L, want_lam, dX, dL, dlam);
 }
@@ -380,7 +374,7 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> soft_threshold_backwa
 }  // namespace soft_threshold
 }  // namespace lsef
 
-TORCH_LIBRARY_IMPL(lsef, CUDA, m) {
-  m.impl("soft_threshold", &lsef::soft_threshold::soft_threshold_cuda);
-  m.impl("soft_threshold_backward", &lsef::soft_threshold::soft_threshold_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(lsef, CUDA, m) {
+  m.impl("soft_threshold", TORCH_BOX(&lsef::soft_threshold::soft_threshold_cuda));
+  m.impl("soft_threshold_backward", TORCH_BOX(&lsef::soft_threshold::soft_threshold_backward_cuda));
 }
