@@ -249,7 +249,7 @@ def _info(args: argparse.Namespace) -> int:
         ("lsef_ext", lsef_ext.__version__),
         ("python", platform.python_version()),
         ("torch (running)", torch.__version__),
-        ("torch (supported)", f">= {b['torch_target']} (stable ABI; built with {b['torch_built']})"),
+        ("torch (supported)", f">= {b['torch_target']} (built with {b['torch_built']})"),
         ("compiler", b["compiler"]),
         ("build type", b["build_type"]),
         ("compiled backends", ", ".join(b["backends"])),
