@@ -171,6 +171,11 @@ const T* cptr(const Tensor& t) {
   return t.const_data_ptr<T>();
 }
 
+// t itself when it is contiguous (a field read, no boxed call), else a contiguous copy.
+inline Tensor as_contiguous(const Tensor& t) {
+  return t.is_contiguous() ? t : torch::stable::contiguous(t);
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The leading (batch) sizes of t, all but its last `tail` dimensions.

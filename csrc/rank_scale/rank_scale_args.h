@@ -43,10 +43,10 @@ inline Args prepare(const char* op, const Tensor& G, const Tensor& U, const Tens
   check_coefficient(op, "alpha", alpha, G);
   check_coefficient(op, "beta", beta, G);
   Args a;
-  a.G = torch::stable::contiguous(G);
-  a.U = torch::stable::contiguous(U);
-  a.alpha = torch::stable::contiguous(alpha);
-  a.beta = torch::stable::contiguous(beta);
+  a.G = as_contiguous(G);
+  a.U = as_contiguous(U);
+  a.alpha = as_contiguous(alpha);
+  a.beta = as_contiguous(beta);
   a.m = m;
   a.n = G.size(-1);
   a.r = U.size(-1);

@@ -293,7 +293,7 @@ __attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void svd_ta
 template <typename T>
 Tensor orthonormalize(const Tensor& Y) {
   const int64_t batch = Y.size(0), p = Y.size(1), l = Y.size(2);
-  Tensor Yc = torch::stable::contiguous(aten::mT(Y));  // column-major p x l per matrix
+  Tensor Yc = as_contiguous(aten::mT(Y));  // column-major p x l per matrix
   Tensor Q = empty_as(Yc, Yc.sizes());
   T* y = ptr<T>(Yc);
   T* q = ptr<T>(Q);
@@ -329,7 +329,7 @@ void blas(const Tensor& A, const Shape& sh, int64_t n_iter, const Tensor& omega_
   parallel_for(0, batch, 1,
                [&](int64_t b0, int64_t b1) { svd_tall_range(z, q, l, k, vc, ss, vw, b0, b1); });
   // Q Vw's first k columns, column-major p x k
-  const Tensor Ucol = torch::stable::contiguous(
+  const Tensor Ucol = as_contiguous(
       aten::mT(torch::stable::matmul(pr.Q, aten::mT(torch::stable::narrow(Vw, 1, 0, k)))));
   const T* uc = cptr<T>(Ucol);
   const bool* ok = cptr<bool>(pr.finite);
@@ -355,7 +355,7 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_cpu(const Tensor& A_in, int64_t k, int64
                                             int64_t n_iter, int64_t seed) {
   const Shape sh = check(kOp, A_in, k, oversample, n_iter);
   check_cpu_dtype(kOp, "A", A_in);
-  const Tensor A = torch::stable::contiguous(A_in);
+  const Tensor A = as_contiguous(A_in);
   Tensor U, S, V;
   std::tie(U, S, V) = empty_outputs(A, sh);
   if (sh.batch == 0) return {U, S, V};
@@ -423,8 +423,8 @@ Tensor lowrank_backward_cpu(const Tensor& grad, const Tensor& U, const Tensor& V
   if (!fast) return lowrank_backward(grad, U, V);
   const int64_t m = grad.size(-2), n = grad.size(-1), k = U.size(-1);
   const int64_t batch = grad.numel() / (m * n);
-  const Tensor g = torch::stable::contiguous(grad), u = torch::stable::contiguous(U);
-  const Tensor v = torch::stable::contiguous(V);
+  const Tensor g = as_contiguous(grad), u = as_contiguous(U);
+  const Tensor v = as_contiguous(V);
   Tensor out = empty_as(g, grad.sizes());
   dispatch_floating(g.scalar_type(), "lowrank_backward", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;

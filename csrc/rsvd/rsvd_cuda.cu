@@ -218,7 +218,7 @@ template <typename A>
 Tensor orthonormalize(const Tensor& Y) {
   const int64_t batch = Y.size(0), rows = Y.size(1), l = Y.size(2);
   // (B, l, rows): column-major rows x l per matrix
-  const Tensor Yc = torch::stable::contiguous(aten::mT(Y));
+  const Tensor Yc = as_contiguous(aten::mT(Y));
   const Tensor Q = empty_as(Yc, Yc.sizes());
   const ArenaPlan<A> plan = plan_arena<A>(orth_kernel<A>, batch, 2 * l, Yc);
   orth_kernel<A><<<plan.grid, kThreads, plan.shared_bytes, current_stream(Yc)>>>(
@@ -234,7 +234,7 @@ void large(const Tensor& A_in, const Shape& sh, int64_t n_iter, const Tensor& om
   const Projection pr = project(A_in, sh, n_iter, omega, dtype_of<A>(), orthonormalize<A>);
   const Tensor& Z = pr.Z;
   // (B, l, p): Q column-major (a no-op copy of orth's column-major buffer)
-  const Tensor Q = pr.Q.defined() ? torch::stable::contiguous(aten::mT(pr.Q)) : Tensor();
+  const Tensor Q = pr.Q.defined() ? as_contiguous(aten::mT(pr.Q)) : Tensor();
   const int64_t p = pr.p, q = pr.q, l = pr.l;
   const bool wide = pr.wide;
   const Tensor& finite = pr.finite;
@@ -267,7 +267,7 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_cuda(const Tensor& A_in, int64_t k, int6
   const Shape sh = check(kOp, A_in, k, oversample, n_iter);
   check_cuda_dtype(kOp, "A", A_in);
   const torch::stable::accelerator::DeviceGuard guard(A_in.get_device_index());
-  const Tensor A = torch::stable::contiguous(A_in);
+  const Tensor A = as_contiguous(A_in);
   Outputs o;
   std::tie(o.U, o.S, o.V) = empty_outputs(A, sh);
   if (sh.batch == 0) return {o.U, o.S, o.V};

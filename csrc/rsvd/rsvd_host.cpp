@@ -14,11 +14,16 @@ namespace lsef {
 namespace rsvd {
 
 Tensor test_matrix_t(int64_t q, int64_t l, int64_t seed, ScalarType dtype) {
-  Tensor omega_t = empty_cpu({l, q}, kDouble);
-  double* o = ptr<double>(omega_t);
-  for (int64_t j = 0; j < q; ++j)
-    for (int64_t c = 0; c < l; ++c)
-      o[c * q + j] = philox::normal(j * l + c, static_cast<uint64_t>(seed));
+  // Drawn in double and rounded once, straight into float32 or float64 (one allocation).
+  const ScalarType direct = dtype == kFloat ? kFloat : kDouble;
+  Tensor omega_t = empty_cpu({l, q}, direct);
+  dispatch_floating(direct, "rsvd", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* o = ptr<T>(omega_t);
+    for (int64_t j = 0; j < q; ++j)
+      for (int64_t c = 0; c < l; ++c)
+        o[c * q + j] = static_cast<T>(philox::normal(j * l + c, static_cast<uint64_t>(seed)));
+  });
   return aten::to_dtype(omega_t, dtype);
 }
 
@@ -93,10 +98,8 @@ Projection project(const Tensor& A, const Shape& sh, int64_t n_iter, const Tenso
   // write NaN for them, as the fused paths do. With a backend's screen, the usual all-finite
   // batch is used as it is (no masked copy).
   const bool screened = screen.finite.defined();
-  pr.finite =
-      screened
-          ? screen.finite
-          : torch::stable::contiguous(aten::all(torch::stable::flatten(aten::isfinite(A3), 1), 1));
+  pr.finite = screened ? screen.finite
+                       : as_contiguous(aten::all(torch::stable::flatten(aten::isfinite(A3), 1), 1));
   const bool all_ok = screened && aten::item_bool(aten::all(pr.finite));
   const Tensor zero = scalar(0, acc);
   const Tensor clean =
@@ -114,7 +117,7 @@ Projection project(const Tensor& A, const Shape& sh, int64_t n_iter, const Tenso
   const Tensor W = pr.wide ? scaled : aten::mT(scaled);  // (B, p, q)
   if (sh.exact()) {
     pr.l = pr.p;
-    pr.Z = torch::stable::contiguous(W);  // (B, p, q) row-major = W^T column-major
+    pr.Z = as_contiguous(W);  // (B, p, q) row-major = W^T column-major
     return pr;
   }
   pr.l = sh.l;
@@ -123,7 +126,7 @@ Projection project(const Tensor& A, const Shape& sh, int64_t n_iter, const Tenso
     const Tensor Qz = orth(torch::stable::matmul(aten::mT(W), Q));
     Q = orth(torch::stable::matmul(W, Qz));
   }
-  pr.Z = torch::stable::contiguous(torch::stable::matmul(aten::mT(Q), W));  // W^T Q column-major
+  pr.Z = as_contiguous(torch::stable::matmul(aten::mT(Q), W));  // W^T Q column-major
   pr.Q = Q;
   return pr;
 }

@@ -56,12 +56,12 @@ inline Args prepare(const char* op, const Tensor& X, const std::optional<Tensor>
                    " is not broadcastable to X of shape ", shape(X),
                    " (use a scalar, one value per channel of the last dim, or X's shape)");
   Args a;
-  a.X = torch::stable::contiguous(X);
-  a.L = L.has_value() ? torch::stable::contiguous(*L) : Tensor();
+  a.X = as_contiguous(X);
+  a.L = L.has_value() ? as_contiguous(*L) : Tensor();
   a.mode = classify(lam, X);
   a.channels = X.dim() == 0 ? 1 : X.size(-1);
   a.lam_expanded = a.mode == LamMode::Full && !same_sizes(lam.sizes(), X.sizes());
-  a.lam = torch::stable::contiguous(a.lam_expanded ? aten::expand(lam, X.sizes()) : lam);
+  a.lam = as_contiguous(a.lam_expanded ? aten::expand(lam, X.sizes()) : lam);
   return a;
 }
 

@@ -248,7 +248,7 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> soft_threshold_backwa
   const bool want_lam = output_mask[2];
   Grads out;
   if (!want_X && !want_L && !want_lam) return {};
-  const Tensor G = torch::stable::contiguous(grad);
+  const Tensor G = as_contiguous(grad);
   out.dX = empty_output(a.X);
   if (want_L) out.dL = empty_output(a.X);
   if (want_lam) {

@@ -352,7 +352,7 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> soft_threshold_backwa
   const bool want_L = output_mask[1] && a.L.defined();
   const bool want_lam = output_mask[2];
   if (!want_X && !want_L && !want_lam) return {};
-  const Tensor G = torch::stable::contiguous(grad);
+  const Tensor G = as_contiguous(grad);
   const int64_t numel = a.X.numel();
   Tensor dX, dL, dlam;
   if (want_X) dX = empty_as(a.X, a.X.sizes());
