@@ -68,13 +68,18 @@ for so in "$work"/unpacked/lsef_ext/_C*.abi3.so; do
   if c++filt <"$so.undefined" | grep -E "(^|[^a-z_])(at|c10|torch)::"; then
     fail "$(basename "$so") needs mangled ATen/c10/torch symbols (above)"
   fi
-  # Anything else must be the C shim, CPython's API or the C/C++/CUDA-driver runtime.
-  grep -vE '^(aoti_torch_|torch_|Py|_Py|__cxa_|__gxx_|_Unwind_|_ZTV|_ZTI|_ZTS|_Z[dn][al]|_ZNS|_ZNK?St|_ZSt|_ITM_|__gmon_|__stack_chk|__errno|__libc|__tls|__assert|__cxa)' \
-    "$so.undefined" | grep -vE '^[a-z_0-9]+$' >"$so.other" || true
+  # Anything else must be the C shim, CPython's API, or the C, C++ and CUDA-driver runtimes: C
+  # symbols, or C++ ones of the standard library only (std::, operator new/delete, their
+  # vtables and type information).
+  c++filt <"$so.undefined" | grep -vE '^[A-Za-z_][A-Za-z_0-9]*$' |
+    grep -vE '^((std|__cxxabiv1|__gnu_cxx)::|operator (new|delete)|((VTT|vtable|typeinfo|typeinfo name|construction vtable) for (std|__cxxabiv1)::))' \
+    >"$so.other" || true
   if [ -s "$so.other" ]; then
-    echo "unexpected undefined symbols in $(basename "$so"):"; c++filt <"$so.other"
+    echo "unexpected undefined symbols in $(basename "$so"):"; cat "$so.other"
     fail "$(basename "$so") needs symbols outside the C shim and the runtimes"
   fi
+  grep -vE '^(aoti_torch_|torch_|Py|_Py|_Z|__)' "$so.undefined" | tr '\n' ' ' >"$so.c"
+  echo "  C symbols besides the shim and Python: $(cat "$so.c")"
 done
 
 echo "::: wheel: abi3audit"
