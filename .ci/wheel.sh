@@ -93,7 +93,7 @@ fi
 
 # The op test files, run from a folder outside the source tree (whose lsef_ext/ has no modules).
 mkdir "$work/tests"
-cp -r "$work/src/tests" "$work/tests/"
+cp -r "$work/src/tests" "$work/src/README.md" "$work/tests/"  # test_transforms reads the README's table
 op_tests=(tests/test_soft_threshold.py tests/test_rank_scale.py tests/test_rsvd.py
   tests/test_lowrank_sparse.py tests/test_bad_input.py tests/test_transforms.py)
 
