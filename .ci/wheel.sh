@@ -141,7 +141,12 @@ EOF
     cuobjdump=$(command -v cuobjdump || "$py" -c "
 import os, triton
 print(os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump'))")
-    "$cuobjdump" --list-elf "$work/unpacked/lsef_ext/_C_cuda.abi3.so" | grep -q "sm_90\.cubin" || fail "cuobjdump finds no sm_90 code"
+    # Captured first: `grep -q` stopping early would fail cuobjdump with SIGPIPE under pipefail.
+    local elves
+    elves=$("$cuobjdump" --list-elf "$work/unpacked/lsef_ext/_C_cuda.abi3.so")
+    for a in sm_80 sm_90 sm_100 sm_120; do
+      grep -q "$a\.cubin" <<<"$elves" || fail "cuobjdump finds no $a code"
+    done
   fi
   echo "::: wheel: op tests under torch $req ($label)"
   (cd "$work/tests" && OMP_NUM_THREADS=1 "$work/venv-$label/bin/pytest" -q -p no:cacheprovider "${op_tests[@]}")
