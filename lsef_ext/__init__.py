@@ -11,7 +11,7 @@ import torch  # noqa: F401  (the compiled modules need libtorch loaded first)
 
 # The oldest torch the compiled modules run under: they use only the LibTorch stable ABI as of
 # this version (csrc/common/stable.h, docs/DESIGN.md §15), so one build serves it and every
-# later torch. setup.py and CMakeLists.txt hold the same number.
+# later torch. pyproject.toml (torch>=2.10) and CMakeLists.txt hold the same number.
 MIN_TORCH = (2, 10)
 
 
