@@ -9,7 +9,8 @@ a dynamic batch size, and writes either
 
 * an **AOTInductor package** (``torch._inductor.aoti_compile_and_package``): the graph compiled
   to C++ for this machine's kind of CPU. The custom ops ``torch.ops.lsef.*`` stay calls into
-  the compiled library (AOTInductor's proxy executor runs any op the dispatcher knows), so the loading process must ``import lsef_ext`` first; or
+  the compiled library (AOTInductor's proxy executor runs any op the dispatcher knows), so the
+  loading process must ``import lsef_ext`` first; or
 * an **ExportedProgram** (``torch.export.save``) where AOTInductor cannot compile it (no C++
   compiler, say) or is not asked for (``format="program"``).
 
