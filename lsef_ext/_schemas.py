@@ -48,6 +48,12 @@ SCHEMAS = {
     # The counter-based generator behind rsvd's test matrix, exposed for tests.
     "_philox_words": ("_philox_words(int blocks, int seed) -> Tensor", ()),
     "_philox_normal": ("_philox_normal(int count, int seed) -> Tensor", ()),
+    # The CPU path rsvd takes for a batch of (m, n) matrices: an index into ops.RSVD_PATHS.
+    "_rsvd_path": (
+        "_rsvd_path(int m, int n, int k, int oversample, int n_iter, bool float64, int batch=1) "
+        "-> int",
+        (),
+    ),
 }
 
 _LIB = torch.library.Library("lsef", "DEF")  # noqa: TOR901 (kept alive for the process)

@@ -114,30 +114,34 @@ def _svd_tall_flops(rows: int, cols: int, r: int, sweeps: int = 6) -> float:
 
 
 def rsvd_flops(
-    shape, k: int, oversample: int = 8, n_iter: int = 2, fused_max_side: Optional[int] = None
+    shape, k: int, oversample: int = 8, n_iter: int = 2, path: Optional[str] = None
 ) -> float:
     """The flops of ``rsvd`` on the CPU for a batch ``shape = (B, m, n)``, counting what the
-    path the kernel takes for that shape does (docs/DESIGN.md §6, "Flop counts"); ``p, q`` are
-    the short and long sides, ``l = k + oversample``.
+    path does (docs/DESIGN.md §6, "Flop counts"): ``path`` (one of ``ops.RSVD_PATHS``), by default
+    the one the kernel's cost model takes for this shape (``LSEF_RSVD_PATH`` forces it). ``p, q``
+    are the short and long sides, ``l = min(k + oversample, p)``.
 
-    * exact (``l >= p``): the SVD of the ``q x p`` matrix, ``svd_tall(q, p)``, ``k`` columns
-      of its left factor formed.
-    * fused (``p <= fused_max_side``, default 192 or ``LSEF_RSVD_FUSED_MAX_SIDE``): Gram matrix
-      ``p (p + 1) q``, sketch ``2 p q l``, orthonormalisation ``orth(p, l)`` after it and after
-      each of the ``n_iter`` Gram products (``2 p^2 l``), projection ``2 p q l``,
-      ``svd_tall(q, l)`` with ``k`` columns formed, and ``U = Q V_w`` for ``k`` columns
-      (``2 p l k``).
-    * BLAS (otherwise): sketch ``2 p q l`` and ``orth(p, l)``, per iteration two products
+    * exact SVDs (``jacobi``, ``exact``; every shape with ``l = p``): the SVD of the ``q x p``
+      matrix, ``svd_tall(q, p)``, ``k`` columns of its left factor formed (LAPACK's count is
+      of the same order; it is taken as this one).
+    * ``fused``: Gram matrix ``p (p + 1) q``, sketch ``2 p q l``, orthonormalisation
+      ``orth(p, l)`` after it and after each of the ``n_iter`` Gram products (``2 p^2 l``),
+      projection ``2 p q l``, ``svd_tall(q, l)`` with ``k`` columns formed, and ``U = Q V_w``
+      for ``k`` columns (``2 p l k``).
+    * ``blas``, ``lapack``: sketch ``2 p q l`` and ``orth(p, l)``, per iteration two products
       (``4 p q l``) with ``orth(q, l) + orth(p, l)``, projection ``2 p q l``, ``svd_tall(q, l)``
       (``k`` columns) and ``2 p l k``."""
     B, m, n = shape
-    p, q, l = min(m, n), max(m, n), k + oversample
-    if l >= p:
+    p, q = min(m, n), max(m, n)
+    l = min(k + oversample, p)
+    if path is None:
+        from lsef_ext.ops import rsvd_path
+
+        path = rsvd_path(m, n, k, oversample, n_iter, batch=B)
+    if l >= p or path in ("jacobi", "exact"):
         return B * _svd_tall_flops(q, p, k)
-    if fused_max_side is None:
-        fused_max_side = int(os.environ.get("LSEF_RSVD_FUSED_MAX_SIDE", "192"))
     tail = 2.0 * p * q * l + _svd_tall_flops(q, l, k) + 2.0 * p * l * k
-    if p <= fused_max_side:
+    if path == "fused":
         one = p * (p + 1.0) * q + 2.0 * p * q * l + _orth_flops(p, l)
         one += n_iter * (2.0 * p * p * l + _orth_flops(p, l))
     else:

@@ -32,6 +32,8 @@ __all__ = [
     "rank_scale",
     "rank_aware_grad_scale",
     "rsvd",
+    "rsvd_path",
+    "RSVD_PATHS",
     "lowrank",
     "lowrank_sparse",
     "get_ops",
@@ -740,6 +742,29 @@ def rank_aware_grad_scale(x: Tensor, U: Tensor, alpha: Scalar, beta: Scalar) -> 
 # --------------------------------------------------------------------------------------------
 
 
+# The CPU kernel's paths, in the order of csrc/rsvd/cost_model.h (torch.ops.lsef._rsvd_path
+# returns an index into it).
+RSVD_PATHS = ("fused", "jacobi", "blas", "lapack", "exact")
+
+
+def rsvd_path(
+    m: int,
+    n: int,
+    k: int,
+    oversample: int = 8,
+    n_iter: int = 2,
+    dtype: torch.dtype = torch.float32,
+    batch: int = 1,
+) -> str:
+    """The path the CPU ``rsvd`` kernel takes for a batch of ``batch`` ``(m, n)`` matrices with
+    these settings at the current thread count (its cost model's choice, or
+    ``LSEF_RSVD_PATH``'s): one of :data:`RSVD_PATHS`. Whether the answer is exact or randomized
+    does not depend on ``batch`` or the threads; which sketching path computes it may
+    (docs/DESIGN.md §6)."""
+    index = torch.ops.lsef._rsvd_path(m, n, k, oversample, n_iter, dtype == torch.float64, batch)
+    return RSVD_PATHS[index]
+
+
 def rsvd(A: Tensor, k: int, oversample: int = 8, n_iter: int = 2, seed: int = 0):
     """Truncated SVD of every matrix of ``A (*, m, n)``: ``A ~ U diag(S) V^T``.
 
@@ -748,7 +773,14 @@ def rsvd(A: Tensor, k: int, oversample: int = 8, n_iter: int = 2, seed: int = 0)
     re-orthonormalised, then an exact SVD of the small projected matrix. When
     ``l == min(m, n)`` the result is the exact truncated SVD (no randomness). The Gaussian test
     matrix comes from a counter-based generator keyed by ``seed`` alone and is shared by the
-    batch: the same call gives the same bits, and ``rsvd(A)[i] == rsvd(A[i])``.
+    batch: the same call gives the same bits, and ``rsvd(A)[i] == rsvd(A[i])`` (bit for bit on
+    the in-cache paths, to rounding where BLAS or LAPACK run the batch).
+
+    The CPU kernel picks the cheapest of its paths for the matrix shape by a measured cost
+    model (docs/DESIGN.md §6): in-cache fused or Jacobi kernels, BLAS products with its own
+    QRs, or LAPACK. Where the full SVD costs less than the sketch (``l`` close to
+    ``min(m, n)``), it returns the exact truncated SVD, which the randomized one approximates.
+    ``LSEF_RSVD_PATH`` (``fused``, ``jacobi``, ``blas``, ``lapack``, ``exact``) forces a path.
 
     Returns:
         ``U (*, m, k)``, ``S (*, k)`` (descending, non-negative), ``V (*, n, k)``; each pair

@@ -19,3 +19,14 @@ def requires_cuda_kernels(device: str, op: str) -> None:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def kernel_is_exact(A, k: int, oversample: int = 8, n_iter: int = 2) -> bool:
+    """Whether the CPU rsvd kernel returns the exact truncated SVD for A's matrices (l reaches
+    min(m, n), or its cost model finds the full SVD cheaper than the sketch): the ``exact``
+    argument that makes lsef_ref.rsvd/lowrank compute what the kernel does."""
+    from lsef_ext import ops
+
+    m, n = A.shape[-2:]
+    dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+    return ops.rsvd_path(m, n, k, oversample, n_iter, dtype) in ("jacobi", "exact")

@@ -192,18 +192,24 @@ def test_train_bad_data_folder_fails_clearly(tmp_path):
 def test_rsvd_flop_counts_follow_the_path():
     from lsef_ext.bench import _orth_flops, _svd_tall_flops, rsvd_flops
 
-    # fused (p = 16 <= 64), wide and tall alike: Gram, sketch, orth after it and after each of
-    # the two Gram products, projection, svd_tall(q, l) forming k = 4 columns, U = Q Vw (k cols)
+    # fused (the kernel's choice for p = 16, q = 512), wide and tall alike: Gram, sketch, orth
+    # after it and after each of the two Gram products, projection, svd_tall(q, l) forming
+    # k = 4 columns, U = Q Vw (k cols)
     p, q, l = 16, 512, 12
     one = p * (p + 1) * q + 2 * p * q * l + 3 * _orth_flops(p, l) + 2 * 2 * p * p * l
     one += 2 * p * q * l + _svd_tall_flops(q, l, 4) + 2 * p * l * 4
     assert rsvd_flops((256, 16, 512), 4) == pytest.approx(256 * one)
     assert rsvd_flops((256, 512, 16), 4) == pytest.approx(256 * one)
-    # the BLAS path past the switch: two products per iteration instead of the Gram matrix
+    # the BLAS path: two products per iteration instead of the Gram matrix
     p, q, l = 100, 130, 12
     blas = 2 * p * q * l + _orth_flops(p, l) + 2 * (4 * p * q * l + _orth_flops(q, l))
     blas += 2 * _orth_flops(p, l) + 2 * p * q * l + _svd_tall_flops(q, l, 4) + 2 * p * l * 4
-    assert rsvd_flops((3, 100, 130), 4, fused_max_side=64) == pytest.approx(3 * blas)
+    assert rsvd_flops((3, 100, 130), 4, path="blas") == pytest.approx(3 * blas)
+    assert rsvd_flops((3, 100, 130), 4, path="lapack") == pytest.approx(3 * blas)
+    # an exact SVD chosen for a randomized shape counts as one
+    assert rsvd_flops((3, 100, 130), 4, path="exact") == pytest.approx(
+        3 * _svd_tall_flops(130, 100, 4)
+    )
     # exact: l >= p, one factorization of the q x p matrix
     assert rsvd_flops((2, 8, 40), 4) == pytest.approx(2 * _svd_tall_flops(40, 8, 4))
     # the reflectors applied to r columns: 4 r c (rows - c / 2) of the total

@@ -9,25 +9,40 @@ We take c = 4 max(m, n), a generous stand-in for LAPACK's "modest polynomial in 
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES, DTYPES, requires_cuda_kernels
+from conftest import DEVICES, DTYPES, kernel_is_exact, requires_cuda_kernels
 
 import lsef_ref
 from lsef_ext import ops
 from lsef_ref.philox import gaussian, philox_words
 
 EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
-# "default": each backend picks its path by shape; "large": the large path forced for every
-# shape (both backends read their switch at every call), so both paths see every case: on CUDA
-# cuBLAS products + batched QR/SVD kernels (exact shapes too), on the CPU the BLAS path (on the
-# randomized branch; exact shapes stay on the one exact factorization).
-PATHS = ["default", "large"]
+# "default": each backend picks its path (the CPU by its cost model, csrc/rsvd/cost_model.h);
+# "large": the large path forced for every shape (both backends read their switch at every
+# call), so both paths see every case: on CUDA cuBLAS products + batched QR/SVD kernels (exact
+# shapes too), on the CPU the BLAS path (own QRs and Jacobi SVD; exact shapes take the in-cache
+# Jacobi SVD); "lapack": the CPU's LAPACK path (geqrf/orgqr QRs and gesdd for the projection;
+# exact shapes: gesdd of the matrix), which CUDA does not have.
+PATHS = ["default", "large", "lapack"]
+CPU_PATH = {"large": "blas", "lapack": "lapack"}
+PATH_NAMES = ("fused", "jacobi", "blas", "lapack", "exact")  # csrc/rsvd/cost_model.h's order
 
 
 def select_path(device, path, monkeypatch):
     requires_cuda_kernels(device, "rsvd")
-    if path == "large":
-        var = "LSEF_RSVD_CUDA_FUSED_MAX_SIDE" if device == "cuda" else "LSEF_RSVD_FUSED_MAX_SIDE"
-        monkeypatch.setenv(var, "0")
+    if device == "cuda":
+        if path == "lapack":
+            pytest.skip("the LAPACK path is the CPU kernel's")
+        # CPU results these tests compare with come from the algorithm CUDA runs
+        monkeypatch.setenv("LSEF_RSVD_PATH", "fused")
+        if path == "large":
+            monkeypatch.setenv("LSEF_RSVD_CUDA_FUSED_MAX_SIDE", "0")
+    elif path != "default":
+        monkeypatch.setenv("LSEF_RSVD_PATH", CPU_PATH[path])
+
+
+def cpu_path(m, n, k, oversample=8, n_iter=2, dtype=torch.float32, batch=1):
+    """The CPU kernel's choice for a batch of (m, n) matrices, by name."""
+    return ops.rsvd_path(m, n, k, oversample, n_iter, dtype, batch)
 
 
 def with_spectrum(batch, m, n, sigma, dtype, device="cpu"):
@@ -109,7 +124,8 @@ def test_randomized_path_matches_reference(device, dtype, shape, path, monkeypat
     A = with_spectrum(b, m, n, sigma, dtype, device)
     k = 4
     got = ops.rsvd(A, k)
-    want = lsef_ref.rsvd(A.cpu(), k)
+    exact = device == "cpu" and path == "default" and kernel_is_exact(A, k)
+    want = lsef_ref.rsvd(A.cpu(), k, exact=exact)
     gap = sigma[k - 1] - sigma[k]
     tol = backward_error_bound(A) / gap * 10  # x10: the sketch's n_iter + 2 products and QRs
     for g, w in zip(got, want):
@@ -149,13 +165,20 @@ def test_reproducible_and_batch_independent(device, shape):
     again = ops.rsvd(A, 6, seed=123)
     for a, b in zip(first, again):
         assert torch.equal(a, b)
-    # The fused paths (short side <= 192 on the CPU, 64 on CUDA) compute each matrix alone: bit
-    # for bit (the CPU groups matrices for its Jacobi step, one per vector lane; see
-    # test_fused_groups_do_not_change_a_matrix's result). The CPU BLAS and
-    # CUDA large paths run their products as BLAS GEMMs over the whole batch, whose kernel (and
-    # so summation order) may change with the batch size: there rsvd(A)[i] equals rsvd(A[i]) to
-    # rounding only (docs/DESIGN.md §6 and §10; seen on the CPU with 16 threads).
-    bitwise = min(shape[1:]) <= (192 if device == "cpu" else 64)
+    # The in-cache paths (the CPU's fused and Jacobi paths, CUDA's fused one up to short side 64)
+    # compute each matrix alone: bit for bit (the CPU groups matrices for its Jacobi step, one per
+    # vector lane; see test_fused_groups_do_not_change_a_matrix's result). The CPU's BLAS and
+    # LAPACK paths and CUDA's large path run their products as BLAS GEMMs over the whole batch,
+    # whose kernel (and so summation order) may change with the batch size, and LAPACK's
+    # threading with it: there rsvd(A)[i] equals rsvd(A[i]) to rounding only (docs/DESIGN.md §6
+    # and §10; seen on the CPU with 16 threads). The CPU's choice of path does not depend on the
+    # batch, so a matrix takes the same path alone and in its batch.
+    if device == "cpu":  # both calls on an in-cache path (alone: a batch of one)
+        in_cache = ("fused", "jacobi")
+        bitwise = cpu_path(*shape[1:], 6) in in_cache
+        bitwise = bitwise and cpu_path(*shape[1:], 6, batch=shape[0]) in in_cache
+    else:
+        bitwise = min(shape[1:]) <= 64
     for i in range(shape[0]):
         for a, b in zip(first, ops.rsvd(A[i], 6, seed=123)):
             if bitwise:
@@ -168,13 +191,15 @@ def test_reproducible_and_batch_independent(device, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(11, 40, 24), (13, 16, 100), (9, 30, 70)])
-def test_fused_groups_do_not_change_a_matrix(dtype, shape):
+def test_fused_groups_do_not_change_a_matrix(dtype, shape, monkeypatch):
     """The CPU's fused path runs the small QRs and Jacobi SVDs of 8 (float32) or 4 (float64)
     matrices at once, one per vector lane, and a lane goes on being swept (by identity rotations)
     while the others converge. Each matrix's result must still be what it gets alone, bit for
     bit: in batches that are not a multiple of the group, tall and wide, with a non-finite
     matrix (NaN factors, left out of its group), a zero matrix, a rank-one one and one with
-    graded rows among them."""
+    graded rows among them. (The fused path forced: the cost model may send a lone matrix
+    elsewhere.)"""
+    monkeypatch.setenv("LSEF_RSVD_PATH", "fused")
     A = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(shape[0]))
     A[3] = float("nan")
     A[5] = 0.0
@@ -198,10 +223,14 @@ def test_path_switch_is_read_at_every_call(device, monkeypatch):
     under the forced large path takes the other algorithm (other rounding), then switches back."""
     requires_cuda_kernels(device, "rsvd")
     A = torch.randn(3, 20, 60, dtype=torch.float64, device=device)
+    if device == "cpu":
+        monkeypatch.setenv("LSEF_RSVD_PATH", "fused")
     fused = ops.rsvd(A, 4, seed=5)
     select_path(device, "large", monkeypatch)
     large = ops.rsvd(A, 4, seed=5)
     monkeypatch.undo()
+    if device == "cpu":
+        monkeypatch.setenv("LSEF_RSVD_PATH", "fused")
     again = ops.rsvd(A, 4, seed=5)
     assert not torch.equal(fused[0], large[0])  # the large path ran
     for a, b, c in zip(fused, large, again):
@@ -213,7 +242,8 @@ def test_path_switch_is_read_at_every_call(device, monkeypatch):
 def test_non_contiguous_and_empty(device):
     requires_cuda_kernels(device, "rsvd")
     A = torch.randn(3, 40, 12, dtype=torch.float64).mT  # (3, 12, 40), transposed strides
-    for a, b in zip(ops.rsvd(A.to(device), 3), lsef_ref.rsvd(A, 3)):
+    exact = device == "cpu" and kernel_is_exact(A, 3)
+    for a, b in zip(ops.rsvd(A.to(device), 3), lsef_ref.rsvd(A, 3, exact=exact)):
         torch.testing.assert_close(a.cpu(), b)
     U, S, V = ops.rsvd(torch.randn(0, 6, 9, device=device), 2)
     assert U.shape == (0, 6, 2) and S.shape == (0, 2) and V.shape == (0, 9, 2)
@@ -534,6 +564,86 @@ def test_huge_oversample_is_the_exact_path():
     A = torch.randn(2, 6, 9, dtype=torch.float64)
     for a, b in zip(ops.rsvd(A, 2, oversample=2**63 - 1), ops.rsvd(A, 2, oversample=6)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", PATH_NAMES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 24, 70), (3, 70, 24), (3, 12, 12)])
+def test_every_cpu_path_keeps_the_contract(path, dtype, shape, monkeypatch):
+    """Each of the five CPU paths, forced: the exact ones (jacobi, exact) give the truncated SVD
+    on a randomized shape too (what the cost model may choose there); the sketching ones (fused,
+    blas, lapack) agree with the reference, which runs the same algorithm on the same test
+    matrix. On all: orthonormal factors, the sign rule, NaN factors for a non-finite matrix
+    only, zero singular values for a zero matrix, and the same call gives the same bits."""
+    monkeypatch.setenv("LSEF_RSVD_PATH", path)
+    b, m, n = shape
+    p = min(m, n)
+    sigma = [1.0 / (i + 1) for i in range(p)]
+    A = with_spectrum(b, m, n, sigma, dtype)
+    A[1] = 0.0
+    k = 4
+    gap = sigma[k - 1] - sigma[k]
+    tol = backward_error_bound(A) / gap * 10
+    for oversample in (4, p):  # the randomized shape (l = 8 < p), then the exact one
+        U, S, V = ops.rsvd(A, k, oversample)
+        if path in ("jacobi", "exact") or oversample == p:
+            want = lsef_ref.truncated_svd(A.double(), k)
+        else:
+            want = lsef_ref.rsvd(A, k, oversample)
+        for g, w in zip((U, S, V), want):
+            torch.testing.assert_close(g.double(), w.double(), rtol=0, atol=tol)
+        eye = torch.eye(k, dtype=dtype)
+        assert (U.mT @ U - eye).abs().max().item() <= 40 * EPS[dtype]
+        assert (V.mT @ V - eye).abs().max().item() <= 40 * EPS[dtype]
+        arg = U.abs().argmax(dim=-2, keepdim=True)
+        assert (U.gather(-2, arg) > 0).all()  # the sign rule
+        assert torch.equal(S[1], torch.zeros_like(S[1]))
+        for a, c in zip((U, S, V), ops.rsvd(A, k, oversample)):
+            assert torch.equal(a, c)
+        bad = A.clone()
+        bad[2, 0, 0] = float("inf")
+        Ub, Sb, Vb = ops.rsvd(bad, k, oversample)
+        assert torch.isnan(Sb[2]).all() and torch.isnan(Ub[2]).all() and torch.isnan(Vb[2]).all()
+        keep = [i for i in range(b) if i != 2]
+        assert torch.isfinite(Sb[keep]).all()
+        torch.testing.assert_close(Sb[keep], S[keep], rtol=0, atol=tol)
+
+
+def test_cost_model_choices():
+    """The CPU kernel's choice (csrc/rsvd/cost_model.h): exact shapes take one of the two exact
+    SVDs; a sketch as wide as nearly the whole matrix costs more than LAPACK's SVD of it, so such
+    calls are exact too; the video case (short side 16, rank 4, a batch) stays on the in-cache
+    fused path. Whether a call is exact does not depend on the batch or the threads."""
+    exact = ("jacobi", "exact")
+    for m, n in [(8, 8), (16, 512), (100, 130), (300, 300), (512, 2048), (2048, 512)]:
+        for dtype in DTYPES:
+            assert cpu_path(m, n, min(m, n), dtype=dtype) in exact
+            assert cpu_path(m, n, 1, oversample=min(m, n), dtype=dtype) in exact
+    for m, n, k in [(300, 300, 290), (256, 256, 240), (512, 512, 500), (512, 2048, 500)]:
+        assert cpu_path(m, n, k) in exact, (m, n, k)
+    assert cpu_path(16, 512, 4, batch=256) == "fused"
+    assert cpu_path(512, 16, 4, batch=256) == "fused"  # a tall matrix is factored as A^T
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 7):
+            torch.set_num_threads(t)
+            for m, n, k in [(16, 512, 4), (64, 64, 56), (128, 512, 64), (512, 512, 16)]:
+                answers = {cpu_path(m, n, k, batch=b) in exact for b in (1, 3, 8, 64, 256)}
+                assert len(answers) == 1, (m, n, k, t)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="_rsvd_path: needs"):
+        torch.ops.lsef._rsvd_path(4, 4, 5, 8, 2, False)
+    with pytest.raises(ValueError, match="_rsvd_path: needs batch >= 1, got 0"):
+        torch.ops.lsef._rsvd_path(4, 4, 2, 8, 2, False, 0)
+
+
+def test_unknown_forced_path_is_a_value_error(monkeypatch):
+    monkeypatch.setenv("LSEF_RSVD_PATH", "gesvd")
+    with pytest.raises(ValueError, match="LSEF_RSVD_PATH must be auto, fused, jacobi, blas, "):
+        ops.rsvd(torch.randn(2, 8, 20), 2)
+    monkeypatch.setenv("LSEF_RSVD_PATH", "auto")
+    ops.rsvd(torch.randn(2, 8, 20), 2)
 
 
 def test_bad_input():

@@ -1,15 +1,18 @@
 // rsvd: CPU kernel (float32, float64). Each matrix of the batch is handled start to finish by
 // one task, in cache: sketch, power iterations, exact SVD of the small projection, sign
 // convention. See docs/DESIGN.md §6 for the algorithm.
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
 #include "common/cpu_utils.h"
 #include "common/philox.h"
+#include "rsvd/cost_model.h"
 #include "rsvd/dense.h"
 #include "rsvd/rsvd_args.h"
 #include "rsvd/rescale.h"
@@ -267,12 +270,6 @@ void fused_range(const T* A, const Shape& sh, int64_t n_iter, const T* omega_t, 
   }
 }
 
-// Matrices whose short side exceeds this take the BLAS path on the randomized branch: the
-// largest short side at which the fused path was at least as fast in every batch and rank of
-// the sweep in benchmarks/rsvd_crossover.py (DESIGN.md §6, "Crossover").
-// LSEF_RSVD_FUSED_MAX_SIDE overrides it, to measure.
-int64_t fused_max_side() { return env_int("LSEF_RSVD_FUSED_MAX_SIDE", 192); }
-
 // Householder-orthonormalises matrices [b0, b1) of y (column-major p x l each) into q; and the
 // tail's thin SVDs of z's (column-major q x l) matrices, k columns of their left factors formed.
 // Compiled for x86-64-v3 and the baseline as the fused path's kernels are.
@@ -302,13 +299,62 @@ Tensor orthonormalize(const Tensor& Y) {
   return aten::mT(Q);
 }
 
-// BLAS path for large matrices: the shared large-path driver (rsvd_host.h: the same range
-// finder as the fused path without the Gram matrix, which for a large short side costs more
-// than the products; products through ATen, BLAS-3), then per matrix the exact SVD of the
+// LAPACK through ATen (boxed calls). torch's CPU linear algebra loops over a batch on one
+// thread and lets the library thread each call; here the batch is split over the threads
+// instead when it has a matrix per thread (the library then runs single-threaded inside each
+// task), else the whole batch is one call.
+template <typename F>
+void over_batch(int64_t batch, const F& f) {
+  const int64_t threads = torch::stable::get_num_threads();
+  if (threads > 1 && batch >= threads) {
+    parallel_for(0, batch, 1, f);
+  } else {
+    f(0, batch);
+  }
+}
+
+// Q of the Householder QR of every matrix of Y (B, p, l): LAPACK's geqrf and orgqr (blocked,
+// BLAS-3), orthonormal whatever Y's rank, as the own Householder routine is.
+Tensor lapack_orthonormalize(Tensor Y) {  // by value: torch::stable::narrow takes Tensor&
+  Tensor Q = empty_as(Y, Y.sizes());
+  over_batch(Y.size(0), [&](int64_t b0, int64_t b1) {
+    const auto qr = aten::call_n<2>("aten::geqrf", "", torch::stable::narrow(Y, 0, b0, b1 - b0));
+    Tensor dst = torch::stable::narrow(Q, 0, b0, b1 - b0);
+    torch::stable::copy_(dst, aten::call("aten::linalg_householder_product", "", qr[0], qr[1]));
+  });
+  return Q;
+}
+
+// The thin SVD of every matrix of M (B, l, q), l <= q, by LAPACK (gesdd): Ux (B, l, l),
+// s (B, l), Vh (B, l, q).
+std::array<Tensor, 3> lapack_svd(Tensor M) {
+  const int64_t batch = M.size(0), l = M.size(1), q = M.size(2);
+  std::array<Tensor, 3> out{empty_as(M, {batch, l, l}), empty_as(M, {batch, l}),
+                            empty_as(M, {batch, l, q})};
+  over_batch(batch, [&](int64_t b0, int64_t b1) {
+    const auto usv =
+        aten::call_n<3>("aten::_linalg_svd", "", torch::stable::narrow(M, 0, b0, b1 - b0), false,
+                        true, std::optional<int64_t>{});  // driver: None
+    for (int i = 0; i < 3; ++i) {
+      Tensor dst = torch::stable::narrow(out[i], 0, b0, b1 - b0);
+      torch::stable::copy_(dst, usv[i]);
+    }
+  });
+  return out;
+}
+
+// The paths built on ATen (docs/DESIGN.md §6): the shared large-path driver (rsvd_host.h: the
+// same range finder as the fused path without the Gram matrix, which for a large short side
+// costs more than the products; products through ATen, BLAS-3), then the exact SVD of the
 // projection, Uc = Q Vw (k columns), signs and outputs.
+//   kBlas:   own Householder QRs and Jacobi SVD of the projection, per matrix in parallel;
+//   kLapack: LAPACK's QRs (geqrf + orgqr) and SVD (gesdd) of the projection;
+//   kExact:  no sketch: LAPACK's SVD of the matrix itself (sh_exact is sh with l = min(m, n)).
 template <typename T>
-void blas(const Tensor& A, const Shape& sh, int64_t n_iter, const Tensor& omega_t, Tensor& U,
-          Tensor& S, Tensor& V) {
+void aten_path(Path path, const Tensor& A, const Shape& sh_in, int64_t n_iter,
+               const Tensor& omega_t, Tensor& U, Tensor& S, Tensor& V) {
+  Shape sh = sh_in;
+  if (path == Path::kExact) sh.l = std::min(sh.m, sh.n);
   // One vectorised pass per matrix for finiteness and largest magnitude (instead of ATen's three)
   Screen screen{empty_as(A, {sh.batch}, kBool), empty_as(A, {sh.batch})};
   {
@@ -319,19 +365,33 @@ void blas(const Tensor& A, const Shape& sh, int64_t n_iter, const Tensor& omega_
       for (int64_t b = b0; b < b1; ++b) ok[b] = all_finite(a + b * sh.m * sh.n, sh.m * sh.n, mx[b]);
     });
   }
-  const Projection pr = project(A, sh, n_iter, omega_t, A.scalar_type(), orthonormalize<T>, screen);
+  const Orthonormalize orth = path == Path::kBlas ? Orthonormalize(orthonormalize<T>)
+                                                  : Orthonormalize(lapack_orthonormalize);
+  const Projection pr =
+      project(A, sh, n_iter, sh.exact() ? Tensor() : omega_t, A.scalar_type(), orth, screen);
   const int64_t batch = sh.batch, p = pr.p, q = pr.q, l = pr.l, k = sh.k;
-  Tensor Vcol = empty_as(pr.Z, {batch, k, q});  // column-major q x k
-  Tensor sv = empty_as(pr.Z, {batch, l});
-  Tensor Vw = empty_as(pr.Z, {batch, l, l});  // column-major
-  T *z = ptr<T>(pr.Z), *vc = ptr<T>(Vcol), *ss = ptr<T>(sv);
-  T* vw = ptr<T>(Vw);
-  parallel_for(0, batch, 1,
-               [&](int64_t b0, int64_t b1) { svd_tall_range(z, q, l, k, vc, ss, vw, b0, b1); });
-  // Q Vw's first k columns, column-major p x k
-  const Tensor Ucol = as_contiguous(
-      aten::mT(torch::stable::matmul(pr.Q, aten::mT(torch::stable::narrow(Vw, 1, 0, k)))));
-  const T* uc = cptr<T>(Ucol);
+  Tensor Vcol, sv, Ucol;  // Vcol, Ucol: column-major q x k, p x k
+  if (path == Path::kBlas) {
+    Vcol = empty_as(pr.Z, {batch, k, q});
+    sv = empty_as(pr.Z, {batch, l});
+    Tensor Vw = empty_as(pr.Z, {batch, l, l});  // column-major
+    T *z = ptr<T>(pr.Z), *vc = ptr<T>(Vcol), *ss = ptr<T>(sv);
+    T* vw = ptr<T>(Vw);
+    parallel_for(0, batch, 1,
+                 [&](int64_t b0, int64_t b1) { svd_tall_range(z, q, l, k, vc, ss, vw, b0, b1); });
+    // Q Vw's first k columns
+    Ucol = as_contiguous(
+        aten::mT(torch::stable::matmul(pr.Q, aten::mT(torch::stable::narrow(Vw, 1, 0, k)))));
+  } else {
+    // pr.Z (B, l, q) row-major is M = Q^T W (W itself when exact) = Ux diag(s) Vh, so
+    // W ~ (Q Ux) diag(s) Vh: V's columns are Vh's rows.
+    auto usv = lapack_svd(pr.Z);
+    const Tensor Uk = torch::stable::narrow(usv[0], 2, 0, k);
+    Ucol = as_contiguous(aten::mT(pr.Q.defined() ? torch::stable::matmul(pr.Q, Uk) : Uk));
+    sv = usv[1];
+    Vcol = as_contiguous(torch::stable::narrow(usv[2], 1, 0, k));
+  }
+  const T *uc = cptr<T>(Ucol), *vc = cptr<T>(Vcol), *ss = cptr<T>(sv);
   const bool* ok = cptr<bool>(pr.finite);
   const T* unscale = cptr<T>(pr.unscale);
   T *u = ptr<T>(U), *s = ptr<T>(S), *v = ptr<T>(V);
@@ -359,18 +419,24 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_cpu(const Tensor& A_in, int64_t k, int64
   Tensor U, S, V;
   std::tie(U, S, V) = empty_outputs(A, sh);
   if (sh.batch == 0) return {U, S, V};
+  const Path path = choose_path(sh, n_iter, A.scalar_type() == kDouble,
+                                lane_group(sh.batch, torch::stable::get_num_threads()));
+  const bool sketch = path == Path::kFused || path == Path::kBlas || path == Path::kLapack;
   const Tensor omega_t =
-      sh.exact() ? Tensor() : test_matrix_t(std::max(sh.m, sh.n), sh.l, seed, A.scalar_type());
+      sketch ? test_matrix_t(std::max(sh.m, sh.n), sh.l, seed, A.scalar_type()) : Tensor();
   dispatch_floating(A.scalar_type(), kOp, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (!sh.exact() && std::min(sh.m, sh.n) > fused_max_side()) {
-      return blas<T>(A, sh, n_iter, omega_t, U, S, V);
+    if (path == Path::kBlas || path == Path::kLapack || path == Path::kExact) {
+      return aten_path<T>(path, A, sh, n_iter, omega_t, U, S, V);
     }
+    // kFused, or kJacobi (the fused routine with l = min(m, n): the exact branch)
+    Shape run = sh;
+    if (path == Path::kJacobi) run.l = std::min(sh.m, sh.n);
     const T* a = cptr<T>(A);
     const T* om = omega_t.defined() ? cptr<T>(omega_t) : nullptr;
     T *u = ptr<T>(U), *s = ptr<T>(S), *v = ptr<T>(V);
     parallel_for(0, sh.batch, 1, [&](int64_t b0, int64_t b1) {
-      fused_range<T>(a, sh, n_iter, om, u, s, v, b0, b1);
+      fused_range<T>(a, run, n_iter, om, u, s, v, b0, b1);
     });
   });
   return {U, S, V};
@@ -437,6 +503,21 @@ Tensor lowrank_backward_cpu(const Tensor& grad, const Tensor& U, const Tensor& V
   return out;
 }
 
+// The path rsvd's CPU kernel takes for a batch of `batch` (m, n) matrices with these settings at
+// the current thread count (cost_model.h): its name's index in kPathNames, for tests and
+// benchmarks.
+int64_t rsvd_path(int64_t m, int64_t n, int64_t k, int64_t oversample, int64_t n_iter, bool f64,
+                  int64_t batch) {
+  LSEF_CHECK_VALUE(
+      m >= 1 && n >= 1 && 1 <= k && k <= std::min(m, n) && oversample >= 0 && n_iter >= 0,
+      "_rsvd_path: needs m, n >= 1, 1 <= k <= min(m, n), oversample, n_iter >= 0");
+  LSEF_CHECK_VALUE(batch >= 1, "_rsvd_path: needs batch >= 1, got ", batch);
+  const int64_t mn = std::min(m, n);
+  const Shape sh{batch, m, n, k, oversample >= mn - k ? mn : k + oversample};
+  return static_cast<int64_t>(
+      choose_path(sh, n_iter, f64, lane_group(batch, torch::stable::get_num_threads())));
+}
+
 // The generator's raw words and normals, for tests that compare with python/lsef_ref.
 Tensor philox_words(int64_t blocks, int64_t seed) {
   Tensor out = empty_cpu({blocks, 4}, kLong);
@@ -470,4 +551,5 @@ STABLE_TORCH_LIBRARY_IMPL(lsef, CPU, m) {
 STABLE_TORCH_LIBRARY_IMPL(lsef, CompositeExplicitAutograd, m) {
   m.impl("_philox_words", TORCH_BOX(&lsef::rsvd::philox_words));
   m.impl("_philox_normal", TORCH_BOX(&lsef::rsvd::philox_normal));
+  m.impl("_rsvd_path", TORCH_BOX(&lsef::rsvd::rsvd_path));
 }

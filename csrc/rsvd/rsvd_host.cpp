@@ -123,7 +123,10 @@ Projection project(const Tensor& A, const Shape& sh, int64_t n_iter, const Tenso
   pr.l = sh.l;
   Tensor Q = orth(torch::stable::matmul(W, aten::mT(omega_t)));
   for (int64_t it = 0; it < n_iter; ++it) {
-    const Tensor Qz = orth(torch::stable::matmul(aten::mT(W), Q));
+    // W^T Q formed as (Q^T W)^T: the same products, but CPU BLAS (MKL, torch 2.13) ran the
+    // transposed-operand form up to 10x slower for l = 9 or 10 columns (1 x 512 x 2048: 8.0 ms
+    // against 0.8 ms); the transposed view is what both orthonormalisers read column-major.
+    const Tensor Qz = orth(aten::mT(torch::stable::matmul(aten::mT(Q), W)));
     Q = orth(torch::stable::matmul(W, Qz));
   }
   pr.Z = as_contiguous(torch::stable::matmul(aten::mT(Q), W));  // W^T Q column-major

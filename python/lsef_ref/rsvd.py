@@ -25,13 +25,17 @@ def _orth(Y: Tensor) -> Tensor:
     return torch.linalg.qr(Y).Q  # Householder: orthonormal even when Y is rank-deficient
 
 
-def rsvd(A: Tensor, k: int, oversample: int = 8, n_iter: int = 2, seed: int = 0):
+def rsvd(
+    A: Tensor, k: int, oversample: int = 8, n_iter: int = 2, seed: int = 0, exact: bool = False
+):
     """Randomized truncated SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1), the exact
-    truncated SVD when ``k + oversample >= min(m, n)``. A tall ``A`` is factored as ``A^T``,
-    so the sketch is always taken along the long side."""
+    truncated SVD when ``k + oversample >= min(m, n)`` or ``exact`` (what the CPU kernel returns
+    where its cost model finds the full SVD cheaper than the sketch: ``lsef_ext.ops.rsvd_path``
+    gives ``jacobi`` or ``exact``). A tall ``A`` is factored as ``A^T``, so the sketch is always
+    taken along the long side."""
     m, n = A.shape[-2:]
     l = min(k + oversample, min(m, n))
-    if l == min(m, n):
+    if exact or l == min(m, n):
         return truncated_svd(A, k)
     if m > n:
         V, S, U = rsvd(A.mT, k, oversample, n_iter, seed)
@@ -43,7 +47,9 @@ def rsvd(A: Tensor, k: int, oversample: int = 8, n_iter: int = 2, seed: int = 0)
     return sign_convention((Q @ Ub)[..., :k], S[..., :k], Vh.mT[..., :k])
 
 
-def lowrank(A: Tensor, k: int, oversample: int = 8, n_iter: int = 2, seed: int = 0) -> Tensor:
+def lowrank(
+    A: Tensor, k: int, oversample: int = 8, n_iter: int = 2, seed: int = 0, exact: bool = False
+) -> Tensor:
     """The rank-k approximation ``U diag(S) V^T`` from :func:`rsvd`."""
-    U, S, V = rsvd(A, k, oversample, n_iter, seed)
+    U, S, V = rsvd(A, k, oversample, n_iter, seed, exact)
     return (U * S.unsqueeze(-2)) @ V.mT
