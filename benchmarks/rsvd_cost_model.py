@@ -9,7 +9,8 @@ modelled as a non-negative combination of the path's operation counts (``cost_fe
 cost_model.h, mirrored by :func:`features` here), fitted by non-negative least squares on
 relative error, per dtype and path. Writes
 
-* ``csrc/rsvd/cost_model_coef.h``: the coefficients the kernel reads (rebuild to use them);
+* ``csrc/rsvd/cost_model_coef.h``: the coefficients the kernel reads, and each path's fixed
+  cost of a call (rebuild to use them);
 * ``benchmarks/rsvd_cost_model.json``: every timing, the fit, the machine and its load (the
   fused path's time is that of a lone matrix, its worse case, where the batch's is lower:
   ``batch_seconds``);
@@ -86,6 +87,23 @@ def time_one(A: torch.Tensor, k: int, path: str, runs: int = 3) -> float:
     return bench.time_median(
         lambda: ops.rsvd(A, k, 8, N_ITER), "cpu", warmup=1, min_runs=runs, min_seconds=0.05
     )
+
+
+def call_overheads(dtype: torch.dtype) -> dict:
+    """Seconds a call costs on each path beyond its matrices' work: one matrix too small to
+    matter (randomized: 4 x 64, k = 1, l = 2; exact: 2 x 2), the fastest of 3 medians."""
+    gen = torch.Generator().manual_seed(1)
+    wide = torch.randn(1, 4, 64, generator=gen, dtype=dtype)
+    tiny = torch.randn(1, 2, 2, generator=gen, dtype=dtype)
+    out = {}
+    for path in PATHS:
+        A, k, oversample = (tiny, 2, 0) if path in EXACT else (wide, 1, 1)
+        os.environ["LSEF_RSVD_PATH"] = path
+        out[path] = min(
+            bench.time_median(lambda: ops.rsvd(A, k, oversample, N_ITER), "cpu", 3, 50, 0.05)
+            for _ in range(3)
+        )
+    return out
 
 
 def row(dtype, path, p, q, l, k, batch, seconds) -> dict:
@@ -222,6 +240,14 @@ def write_header(coef: dict, path: str, meta: dict) -> None:
                 "        {" + ", ".join(f"{c:.6e}" for c in coef[dtype][p]) + "},  // " + p
             )
         lines.append("    },")
+    lines += [
+        "};",
+        "",
+        "// kCallOverhead[dtype][path]: seconds a call costs beyond its matrices' work.",
+        "constexpr double kCallOverhead[2][kPaths] = {",
+    ]
+    for dtype in ("float32", "float64"):
+        lines.append("    {" + ", ".join(f"{meta['overhead'][dtype][p]:.6e}" for p in PATHS) + "},")
     lines += ["};", "", "}  // namespace rsvd", "}  // namespace lsef", ""]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
@@ -235,9 +261,10 @@ def fused_cost(full: float, lone: float, group: int) -> float:
 
 
 def choose(coef: dict, dtype: str, p: int, q: int, l: int, group: int = 8) -> str:
-    """cost_model.h's choose_path, on these coefficients: exact or randomized by the matrix
-    alone (the fused path at a full group of lanes), then among the sketching paths with the
-    fused path's cost for `group` matrices per thread."""
+    """cost_model.h's choose_path, on these coefficients, for a large batch (its per-call
+    overheads, kCallOverhead, spread to nothing): exact or randomized by the matrix alone (the
+    fused path at a full group of lanes), then among the sketching paths with the fused path's
+    cost for `group` matrices per thread."""
 
     def cost(path: str) -> float:
         return modelled(coef, {"dtype": dtype, "path": path, "p": p, "q": q, "l": l})
@@ -360,11 +387,26 @@ def main() -> int:
     ap.add_argument("--figure", default=os.path.join("docs", "figures", "rsvd_cost_model.png"))
     ap.add_argument("--results", default=os.path.join("docs", "RESULTS.md"))
     ap.add_argument("--replot", action="store_true", help="refit and redraw from --json")
+    ap.add_argument(
+        "--overheads-only",
+        action="store_true",
+        help="measure the per-call overheads again, keep --json's timings",
+    )
     args = ap.parse_args()
-    if args.replot:
+    if args.replot or args.overheads_only:
         with open(args.json, encoding="utf-8") as f:
             saved = json.load(f)
         rows, meta = saved["rows"], saved["meta"]
+        if args.overheads_only:
+            torch.set_num_threads(1)
+            meta["overhead"] = {
+                str(d).replace("torch.", ""): call_overheads(d)
+                for d in (torch.float32, torch.float64)
+            }
+            meta["overhead_measured"] = (
+                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load `{uptime()}`"
+            )
+            os.environ.pop("LSEF_RSVD_PATH", None)
     else:
         torch.set_num_threads(1)
         saved_env = os.environ.get("LSEF_RSVD_PATH")
@@ -372,6 +414,10 @@ def main() -> int:
         t0 = time.perf_counter()
         try:
             rows = measure(torch.float32, args.rounds) + measure(torch.float64, args.rounds)
+            meta["overhead"] = {
+                str(d).replace("torch.", ""): call_overheads(d)
+                for d in (torch.float32, torch.float64)
+            }
         finally:
             if saved_env is None:
                 os.environ.pop("LSEF_RSVD_PATH", None)

@@ -116,27 +116,38 @@ inline Path forced_path(bool exact, bool& forced) {
 
 // The path of least modelled cost, in two steps.
 // 1. Exact or randomized, by the matrix alone: the cheaper exact SVD (jacobi or exact) against
-//    the cheapest sketching path with the fused path at a full lane group. Where the full SVD
-//    costs less than the sketch, the call returns the exact truncated SVD, which the
-//    randomized one approximates. This step never reads the batch or the threads, so a matrix
-//    gets the same answer (up to rounding) alone and in any batch.
-// 2. Among the sketching paths (fused, blas, lapack: the same algorithm on the same test
-//    matrix, so they differ by rounding only), with the fused path's cost for `group` matrices
-//    a thread (lane_group).
-inline Path choose_path(const Shape& sh, int64_t n_iter, bool f64, int64_t group) {
+//    the cheapest sketching path with the fused path at a full lane group, per matrix. Where
+//    the full SVD costs less than the sketch, the call returns the exact truncated SVD, which
+//    the randomized one approximates. This step never reads the batch or the threads, so a
+//    matrix gets the same answer (up to rounding) alone and in any batch.
+// 2. Which path computes that answer (jacobi or exact; fused, blas or lapack: the same
+//    algorithm, so they differ by rounding only), by the cost of the call: per matrix, the
+//    fused path's cost for the lanes each thread's share fills (lane_group), plus the path's
+//    fixed cost of a call spread over the matrices a thread takes (kCallOverhead: a library
+//    path's boxed calls cost far more than an in-cache path's, which decides small batches).
+inline Path choose_path(const Shape& sh, int64_t n_iter, bool f64, int64_t threads) {
   bool forced = false;
   const Path env = forced_path(sh.exact(), forced);
   if (forced) return env;
+  const int64_t batch = std::max<int64_t>(sh.batch, 1);
+  const double per_thread = static_cast<double>(batch) /
+                            static_cast<double>(std::min(batch, std::max<int64_t>(threads, 1)));
   auto cost = [&](Path p) { return modelled_cost(p, sh, n_iter, f64); };
-  const Path exact = cost(Path::kExact) < cost(Path::kJacobi) ? Path::kExact : Path::kJacobi;
-  if (sh.exact()) return exact;
+  auto call = [&](Path p, double per_matrix) {
+    return per_matrix + kCallOverhead[f64 ? 1 : 0][static_cast<int>(p)] / per_thread;
+  };
+  const double jacobi = cost(Path::kJacobi), exact = cost(Path::kExact);
   const double fused_full = cost(Path::kFused);
   const double blas = cost(Path::kBlas), lapack = cost(Path::kLapack);
-  if (cost(exact) < std::min({fused_full, blas, lapack})) return exact;
-  const double fused =
-      fused_per_matrix(fused_full, modelled_cost(kFusedLone, sh, n_iter, f64), group);
-  if (fused <= blas && fused <= lapack) return Path::kFused;
-  return blas <= lapack ? Path::kBlas : Path::kLapack;
+  if (sh.exact() || std::min(jacobi, exact) < std::min({fused_full, blas, lapack})) {
+    return call(Path::kExact, exact) < call(Path::kJacobi, jacobi) ? Path::kExact : Path::kJacobi;
+  }
+  const double fused = fused_per_matrix(fused_full, modelled_cost(kFusedLone, sh, n_iter, f64),
+                                        lane_group(batch, threads));
+  const double c_fused = call(Path::kFused, fused), c_blas = call(Path::kBlas, blas);
+  const double c_lapack = call(Path::kLapack, lapack);
+  if (c_fused <= c_blas && c_fused <= c_lapack) return Path::kFused;
+  return c_blas <= c_lapack ? Path::kBlas : Path::kLapack;
 }
 
 }  // namespace rsvd

@@ -27,5 +27,11 @@ constexpr double kCostCoef[2][kModels][kFeatures] = {
     },
 };
 
+// kCallOverhead[dtype][path]: seconds a call costs beyond its matrices' work.
+constexpr double kCallOverhead[2][kPaths] = {
+    {1.982000e-05, 1.315400e-05, 1.591260e-04, 2.467720e-04, 1.209750e-04},
+    {1.998000e-05, 1.328900e-05, 1.562170e-04, 2.465015e-04, 1.153470e-04},
+};
+
 }  // namespace rsvd
 }  // namespace lsef

@@ -419,8 +419,8 @@ std::tuple<Tensor, Tensor, Tensor> rsvd_cpu(const Tensor& A_in, int64_t k, int64
   Tensor U, S, V;
   std::tie(U, S, V) = empty_outputs(A, sh);
   if (sh.batch == 0) return {U, S, V};
-  const Path path = choose_path(sh, n_iter, A.scalar_type() == kDouble,
-                                lane_group(sh.batch, torch::stable::get_num_threads()));
+  const Path path =
+      choose_path(sh, n_iter, A.scalar_type() == kDouble, torch::stable::get_num_threads());
   const bool sketch = path == Path::kFused || path == Path::kBlas || path == Path::kLapack;
   const Tensor omega_t =
       sketch ? test_matrix_t(std::max(sh.m, sh.n), sh.l, seed, A.scalar_type()) : Tensor();
@@ -514,8 +514,7 @@ int64_t rsvd_path(int64_t m, int64_t n, int64_t k, int64_t oversample, int64_t n
   LSEF_CHECK_VALUE(batch >= 1, "_rsvd_path: needs batch >= 1, got ", batch);
   const int64_t mn = std::min(m, n);
   const Shape sh{batch, m, n, k, oversample >= mn - k ? mn : k + oversample};
-  return static_cast<int64_t>(
-      choose_path(sh, n_iter, f64, lane_group(batch, torch::stable::get_num_threads())));
+  return static_cast<int64_t>(choose_path(sh, n_iter, f64, torch::stable::get_num_threads()));
 }
 
 // The generator's raw words and normals, for tests that compare with python/lsef_ref.
