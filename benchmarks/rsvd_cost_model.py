@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -251,6 +252,9 @@ def write_header(coef: dict, path: str, meta: dict) -> None:
     lines += ["};", "", "}  // namespace rsvd", "}  // namespace lsef", ""]
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
+    formatter = shutil.which("clang-format")  # the project's style (.clang-format), as CI checks
+    if formatter:
+        subprocess.run([formatter, "-i", path], check=True)
 
 
 def fused_cost(full: float, lone: float, group: int) -> float:
