@@ -313,9 +313,9 @@ def plot(rows: list, coef: dict, figure: str, meta: dict) -> None:
     sides = np.array(SIDES)
     for ax, aspect in zip(axes[1:], ASPECTS):
         for i, p in enumerate(sides):
-            for l in range(2, p + 1, max(1, p // 24)):
+            for l in sorted({int(round(x)) for x in np.linspace(2, p, 16)}):
                 path = choose(coef, "float32", p, p * aspect, l)
-                ax.plot(i, l / p, "s", ms=6, color=colors[path])
+                ax.plot(i, l / p, "s", ms=5, color=colors[path])
         ax.set_xticks(range(len(sides)), [str(s) for s in sides])
         ax.set_xlabel("short side p")
         ax.set_ylabel("sketch width l / p (1: exact)")

@@ -483,11 +483,18 @@ def test_lowrank_backward_is_the_tangent_projection(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
     "lead, m, n, k",
-    [((3,), 16, 100, 4), ((2, 2), 33, 7, 5), ((), 9, 9, 1), ((4,), 1, 50, 1), ((2,), 70, 70, 13)],
+    [
+        ((3,), 16, 100, 4),
+        ((2, 2), 33, 7, 5),
+        ((), 9, 9, 1),
+        ((4,), 1, 50, 1),
+        ((2,), 70, 70, 12),  # the widest factors the kernel takes
+        ((2,), 40, 60, 20),  # wider: the composite's GEMMs (faster from k = 16 on)
+    ],
 )
 def test_lowrank_backward_cpu_kernel_matches_the_products(dtype, lead, m, n, k):
-    """The CPU kernel of lowrank_backward (one matrix at a time in cache) against the tangent
-    projection written with torch products, on contiguous and transposed (non-contiguous)
+    """The CPU kernel of lowrank_backward (one matrix at a time in cache, for k <= 12) against
+    the tangent projection written with torch products, on contiguous and transposed (non-contiguous)
     inputs; shapes the kernel does not take (broadcast batch dimensions, mixed dtypes) go
     through the composite and give the same values."""
     g = torch.Generator().manual_seed(m * n + k)

@@ -479,9 +479,14 @@ __attribute__((target_clones("arch=x86-64-v3", "default"), flatten)) void tangen
 // tangent_range; anything else (broadcast batch shapes, mixed dtypes, empty) through the
 // composite, which also gives the errors for bad input.
 Tensor lowrank_backward_cpu(const Tensor& grad, const Tensor& U, const Tensor& V) {
+  // The in-cache kernel wins for thin factors only: against the composite's batched GEMMs
+  // (one thread, float32) 0.43-0.64x their time at k = 4, 0.84x at k = 8, 0.83-1.71x at
+  // k = 16, 1.7-12x slower from k = 64 (docs/DESIGN.md §7); beyond k = 12 the GEMMs run.
+  constexpr int64_t kKernelMaxRank = 12;
   const bool fast =
-      grad.defined() && U.defined() && V.defined() && grad.dim() >= 2 && U.dim() == grad.dim() &&
-      V.dim() == grad.dim() && (grad.scalar_type() == kFloat || grad.scalar_type() == kDouble) &&
+      U.defined() && U.dim() >= 2 && U.size(-1) <= kKernelMaxRank && grad.defined() &&
+      V.defined() && grad.dim() >= 2 && U.dim() == grad.dim() && V.dim() == grad.dim() &&
+      (grad.scalar_type() == kFloat || grad.scalar_type() == kDouble) &&
       U.scalar_type() == grad.scalar_type() && V.scalar_type() == grad.scalar_type() &&
       grad.numel() > 0 && U.numel() > 0 && leading(U, 2) == leading(grad, 2) &&
       leading(V, 2) == leading(grad, 2) && U.size(-2) == grad.size(-2) &&
