@@ -230,7 +230,7 @@ def plot(rows: list, figure: str, meta: dict) -> None:
             ax.set_yticks(range(len(shape_list)), [f"{s} x {q}" for s, q in shape_list], fontsize=7)
             ax.set_xticks(range(grid.shape[1]), list(kslots) * len(BATCHES), fontsize=6)
             for bi, bsz in enumerate(BATCHES):
-                ax.text(bi * len(kslots) + 2.5, -1.0, f"batch {bsz}", ha="center", fontsize=8)
+                ax.text(bi * len(kslots) + 2.5, -0.9, f"batch {bsz}", ha="center", fontsize=8)
                 if bi:
                     ax.axvline(bi * len(kslots) - 0.5, color="k", lw=0.8)
             sel = [r["ratio"] for r in rows if r["op"] == op and r["threads"] == t]
@@ -239,7 +239,7 @@ def plot(rows: list, figure: str, meta: dict) -> None:
                 f"geomean {geomean(sel):.2f}x, min {min(sel):.2f}x, "
                 f"{sum(x < 0.9 for x in sel)} of {len(sel)} below 0.9x",
                 fontsize=9,
-                pad=14,
+                pad=20,
             )
             ax.set_xlabel("k (s = short side)")
             ax.set_ylabel("short x long")
@@ -249,7 +249,7 @@ def plot(rows: list, figure: str, meta: dict) -> None:
         f"({meta['cpu']}, {meta['date']})",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(figure, dpi=100)
 
 
