@@ -494,9 +494,9 @@ def test_lowrank_backward_is_the_tangent_projection(device):
 )
 def test_lowrank_backward_cpu_kernel_matches_the_products(dtype, lead, m, n, k):
     """The CPU kernel of lowrank_backward (one matrix at a time in cache, for k <= 12) against
-    the tangent projection written with torch products, on contiguous and transposed (non-contiguous)
-    inputs; shapes the kernel does not take (broadcast batch dimensions, mixed dtypes) go
-    through the composite and give the same values."""
+    the tangent projection written with torch products, on contiguous and transposed
+    (non-contiguous) inputs; shapes the kernel does not take (wider factors, broadcast batch
+    dimensions, mixed dtypes) go through the composite and give the same values."""
     g = torch.Generator().manual_seed(m * n + k)
     G = torch.randn(lead + (m, n), generator=g, dtype=dtype)
     U = torch.linalg.qr(torch.randn(lead + (m, k), generator=g, dtype=torch.float64))[0]
