@@ -1,6 +1,7 @@
-// rsvd: CPU kernel (float32, float64). Each matrix of the batch is handled start to finish by
-// one task, in cache: sketch, power iterations, exact SVD of the small projection, sign
-// convention. See docs/DESIGN.md §6 for the algorithm.
+// rsvd: CPU kernel (float32, float64), five paths chosen per call by the cost model of
+// cost_model.h: in cache, each matrix start to finish by one task (fused: sketch, power
+// iterations, exact SVD of the small projection, sign convention; jacobi: the exact SVD), or
+// through ATen for the batch (blas, lapack, exact). See docs/DESIGN.md §6 for the algorithm.
 #include <array>
 #include <cmath>
 #include <cstdint>
