@@ -41,7 +41,7 @@ from scipy.optimize import nnls
 
 from lsef_ext import bench, ops
 
-PATHS = ("fused", "jacobi", "blas", "lapack", "exact")
+PATHS = ops.RSVD_PATHS  # fused, jacobi, blas, lapack, exact: cost_model.h's order
 MODELS = (*PATHS, "fused_lone")  # the fused path once more, for a lone matrix
 EXACT = ("jacobi", "exact")  # their cost does not depend on the sketch width
 SIDES = (8, 16, 32, 64, 128, 192, 256, 384, 512)

@@ -24,7 +24,7 @@ EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo
 # exact shapes: gesdd of the matrix), which CUDA does not have.
 PATHS = ["default", "large", "lapack"]
 CPU_PATH = {"large": "blas", "lapack": "lapack"}
-PATH_NAMES = ("fused", "jacobi", "blas", "lapack", "exact")  # csrc/rsvd/cost_model.h's order
+PATH_NAMES = ops.RSVD_PATHS  # csrc/rsvd/cost_model.h's order
 
 
 def select_path(device, path, monkeypatch):
