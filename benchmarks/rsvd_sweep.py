@@ -16,8 +16,9 @@ getting the median over its rounds, at one thread and at all threads (``torch.ge
 at start, or ``--threads``). A cell whose most expensive call would pass ``--budget`` seconds is
 *sampled*: every contender runs on the same first ``b`` matrices of the batch (as many as fit
 the budget, at least one per thread), and the time is scaled by ``batch / b``; a call above a
-tenth of the budget is timed once per contender (the probe warmed the code), cheaper ones get
-the median of ``--rounds`` interleaved rounds. The ratio of a cell is the best
+tenth of the budget is timed once per contender and round (the probe warmed the code), cheaper
+ones get a median of at least 3 calls a round; each contender gets the median over
+``--rounds`` interleaved rounds. The ratio of a cell is the best
 alternative's time over ours (above 1: lsef is faster).
 
 Writes ``benchmarks/rsvd_sweep.json`` (every timing, the path lsef took, the machine and its
@@ -141,9 +142,9 @@ def time_shape(batch: int, short: int, long: int, threads: int, budget: float, r
         for op, named in contenders(A, k, G).items():
             for name, fn in named.items():
                 calls[(f"{op}:{name}", k)] = fn
-    heavy = per_matrix * b > budget / 10  # one timed call each (the probe warmed the code)
+    heavy = per_matrix * b > budget / 10  # one timed call a round (the probe warmed the code)
     times = {key: [] for key in calls}
-    for _ in range(1 if heavy else rounds):
+    for _ in range(rounds):
         for key, fn in calls.items():
             if heavy:
                 times[key].append(once(fn))
