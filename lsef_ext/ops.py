@@ -1063,6 +1063,8 @@ def lowrank_sparse(
     n_steps: Optional[int] = None,
     method: str = "rpca",
     noise: Union[None, float, str] = None,
+    *,
+    mask: Optional[Tensor] = None,
 ):
     """Split every ``X (*, m, n)`` into a rank-k part ``L`` and a sparse part ``S``.
 
@@ -1091,14 +1093,27 @@ def lowrank_sparse(
     ``lam`` (a number, per-channel or per-matrix tensor) defaults to the universal threshold
     ``sigma sqrt(2 log(m n))`` with ``sigma = 1.4826 median |X - lowrank(X, k)|`` (no gradient).
 
+    ``mask`` (a bool tensor broadcastable to ``X``, e.g. ``(*, m, n)``, ``(*, m, 1)`` for whole
+    rows missing, ``(*, 1, n)``; False = unobserved), for either method and any ``noise``:
+    only the observed entries constrain the split. ``rpca`` solves ``min ||L||_* + lam ||S||_1``
+    subject to ``P(X) = P(L + S)`` on the observed entries (with ``noise``, the data term covers
+    them only): ``L`` is completed where X is unobserved, ``S`` is 0 there, and the values of
+    ``X`` there (NaN, Inf, anything) change no output. ``lam`` then defaults to
+    ``1 / sqrt(p max(m, n))`` with ``p`` each matrix's observed fraction (Candes et al. 2011,
+    Thm. 1.2), and with ``noise`` the thresholds count the observed entries only (DESIGN §9).
+    A row or column with nothing observed gets ``L = 0`` (the completion of least nuclear norm).
+
     The algorithms are in :mod:`lsef_ext.rpca`, written over this module's ops.
 
     Raises:
         TypeError: ``X`` not a tensor; ``k`` or ``n_steps`` not an integer; ``lam`` neither
-            None, a number nor a tensor.
+            None, a number nor a tensor; ``mask`` not a bool tensor.
         ValueError: ``X`` with fewer than 2 dimensions or an empty matrix; ``k`` outside
             ``[1, min(m, n)]``; a number ``lam`` below 0 or NaN; ``n_steps < 1``; an unknown
-            ``method`` or ``noise``.
+            ``method`` or ``noise``; ``mask`` not broadcastable to ``X`` or on another device;
+            and, checked in eager mode only (not while traced or under a functorch transform),
+            a matrix with no observed entry, or ``k`` above the number of rows or of columns
+            that hold an observed entry.
         RuntimeError: ``X`` not floating-point; ``method="rpca"`` where ``X`` or a tensor
             ``lam`` asks for a derivative (requires grad with grad mode on, or carries a
             forward-mode tangent: torch.func.jvp, jacfwd, forward_ad).
@@ -1107,14 +1122,57 @@ def lowrank_sparse(
     inside, and returns float32.
     """
     _check_lowrank_sparse(X, k, lam, n_steps)
+    if mask is not None:
+        _check_rpca_mask(X, k, mask)
     if method == "rpca":
         _refuse_rpca_derivative(X, lam)
     if X.dtype in _HALF + (torch.float32,) and torch.is_autocast_enabled(X.device.type):
         # A factorisation: computed in float32 with autocast off inside (DESIGN.md §14).
         with torch.autocast(X.device.type, enabled=False):
             up = lam.float() if isinstance(lam, Tensor) and lam.dtype in _HALF else lam
-            return lowrank_sparse(X.float(), k, up, n_steps, method, noise)
-    return _rpca.lowrank_sparse(sys.modules[__name__], X, k, lam, n_steps, method, noise)
+            return lowrank_sparse(X.float(), k, up, n_steps, method, noise, mask=mask)
+    return _rpca.lowrank_sparse(sys.modules[__name__], X, k, lam, n_steps, method, noise, mask=mask)
+
+
+def _check_rpca_mask(X: Tensor, k: int, mask) -> None:
+    """The checks of lowrank_sparse's ``mask``: its type, dtype, shape and device always; the
+    observed part of each matrix (a host read) only where the solver may read the host."""
+    op = "lowrank_sparse"
+    if not isinstance(mask, Tensor):
+        raise TypeError(
+            f"{op}: mask must be None or a bool tensor broadcastable to X, got "
+            f"{type(mask).__name__}"
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{op}: mask must be a bool tensor (False = unobserved), got {mask.dtype}")
+    try:
+        shape = torch.broadcast_shapes(mask.shape, X.shape)
+    except RuntimeError:
+        shape = None
+    if shape != X.shape:
+        raise ValueError(
+            f"{op}: mask of shape {list(mask.shape)} does not broadcast to X's shape "
+            f"{list(X.shape)}"
+        )
+    if mask.device != X.device:
+        raise ValueError(f"{op}: mask is on {mask.device} but X is on {X.device}")
+    if not _rpca.may_sync(mask) or not _rpca.may_sync(X) or X.numel() == 0:
+        return
+    full = mask.expand(X.shape).reshape(-1, *X.shape[-2:])
+    rows = full.any(dim=-1).sum(dim=-1)
+    cols = full.any(dim=-2).sum(dim=-1)
+    short = torch.minimum(rows, cols)
+    bad = torch.nonzero(short < max(1, int(k))).flatten().tolist()
+    if bad:
+        i = bad[0]
+        where = f"matrix {i} of the batch (flattened)" if X.dim() > 2 else "the matrix"
+        if int(short[i]) == 0:
+            raise ValueError(f"{op}: mask leaves no observed entry in {where}")
+        raise ValueError(
+            f"{op}: k = {k} is too large for the observed part of {where}: mask leaves "
+            f"{int(rows[i])} row(s) and {int(cols[i])} column(s) with an observed entry, "
+            f"and k must not exceed either"
+        )
 
 
 def _refuse_rpca_derivative(X: Tensor, lam) -> None:

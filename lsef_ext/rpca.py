@@ -43,26 +43,37 @@ def pcp_lambda(X: Tensor) -> float:
     return 1.0 / math.sqrt(max(X.shape[-2:]))
 
 
-def mad_sigma(R: Tensor) -> Tensor:
+def mad_sigma(R: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """A robust per-matrix estimate of the standard deviation of R's entries, ``1.4826
-    median |R|``, shape ``(*, 1, 1)``: a minority of large (sparse) entries does not move it."""
-    return MAD_TO_SIGMA * R.abs().flatten(-2).median(dim=-1).values[..., None, None]
+    median |R|``, shape ``(*, 1, 1)``: a minority of large (sparse) entries does not move it.
+    With ``mask``, the median of the observed entries only (the lower median, as
+    ``torch.median``)."""
+    A = R.abs()
+    if mask is None:
+        return MAD_TO_SIGMA * A.flatten(-2).median(dim=-1).values[..., None, None]
+    A = torch.where(mask, A, torch.full_like(A, math.nan))
+    return MAD_TO_SIGMA * A.flatten(-2).nanmedian(dim=-1).values[..., None, None]
 
 
-def universal_threshold(R: Tensor) -> Tensor:
+def universal_threshold(R: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """``sigma sqrt(2 log(m n))`` per matrix (Donoho & Johnstone 1994) with ``sigma`` =
     :func:`mad_sigma` of ``R``: the largest of m n independent N(0, sigma^2) entries stays below
-    it with probability tending to 1, so entries above it are taken as outliers."""
-    return mad_sigma(R) * math.sqrt(2.0 * math.log(max(2, R.shape[-2] * R.shape[-1])))
+    it with probability tending to 1, so entries above it are taken as outliers. With ``mask``,
+    over the observed entries: ``m n`` becomes their number."""
+    m, n = R.shape[-2:]
+    if mask is None:
+        return mad_sigma(R) * math.sqrt(2.0 * math.log(max(2, m * n)))
+    count = torch.clamp(observed_fraction(R, mask) * (m * n), min=2.0)
+    return mad_sigma(R, mask) * torch.sqrt(2.0 * torch.log(count))
 
 
-def noise_level(X: Tensor, L: Tensor, k: int) -> Tensor:
+def noise_level(X: Tensor, L: Tensor, k: int, mask: Optional[Tensor] = None) -> Tensor:
     """The noise level of ``X`` given its exact robust-PCA low-rank part ``L`` (rank k), per
     matrix: :func:`mad_sigma` of ``X - L`` (noise plus the outliers, a minority the median
-    ignores), scaled by ``sqrt(m n / ((m - k) (n - k)))``, the share of the noise's variance
-    that the rank-k part also absorbed."""
+    ignores; observed entries only with ``mask``), scaled by ``sqrt(m n / ((m - k) (n - k)))``,
+    the share of the noise's variance that the rank-k part also absorbed."""
     m, n = X.shape[-2:]
-    return mad_sigma(X - L) * math.sqrt(m * n / max(1, (m - k) * (n - k)))
+    return mad_sigma(X - L, mask) * math.sqrt(m * n / max(1, (m - k) * (n - k)))
 
 
 def rank_k_svt(ops, M: Tensor, k: int, tau: Tensor) -> Tensor:
@@ -75,6 +86,28 @@ def rank_k_svt(ops, M: Tensor, k: int, tau: Tensor) -> Tensor:
 def _safe(norm: Tensor) -> Tensor:
     """Zero norms (an all-zero matrix) replaced by 1, so that no 0/0 enters."""
     return torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def observed_fraction(X: Tensor, mask: Tensor) -> Tensor:
+    """The fraction ``p`` of observed entries of each matrix, shape ``(*, 1, 1)`` in X's dtype
+    (``mask`` a bool tensor broadcastable to ``X``)."""
+    m, n = X.shape[-2:]
+    count = mask.expand(X.shape).sum(dim=(-2, -1), keepdim=True)
+    return count.to(X.dtype) / (m * n)
+
+
+def masked_lambda(X: Tensor, mask: Tensor) -> Tensor:
+    """Principal component pursuit's weight with missing entries, ``1 / sqrt(p max(m, n))``
+    per matrix, ``p`` its observed fraction (Candes, Li, Ma & Wright 2011, Thm. 1.2): the
+    weight of :func:`pcp_lambda` for the observed entries alone."""
+    return pcp_lambda(X) / torch.sqrt(observed_fraction(X, mask))
+
+
+def _fill(mask: Optional[Tensor], S: Tensor, L: Tensor) -> Tensor:
+    """The solvers' working sparse part: ``S`` where observed, ``-L`` where not. ``X - S_work``
+    (X being 0 there) is then the matrix completed by the current low-rank part, so every step
+    below stays the unmasked one, and the residual ``X - L - S_work`` is 0 off the mask."""
+    return S if mask is None else torch.where(mask, S, -L)
 
 
 def _check_every(X: Tensor, check_every: Optional[int]) -> int:
@@ -173,6 +206,7 @@ def rpca_ialm(
     tol: float = RPCA_TOL,
     check_every: Optional[int] = None,
     early_stop: bool = True,
+    mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Principal component pursuit by the inexact augmented Lagrange multiplier method (Lin,
     Chen & Ma 2010, Alg. 5) with the singular value thresholding capped at rank k. A matrix
@@ -180,9 +214,16 @@ def rpca_ialm(
     at most ``max_iter`` iterations, and ends sooner once all have stopped where ``early_stop``
     and :func:`may_sync` allow (the same bits; see :class:`_Stopping`).
 
+    With ``mask`` (bool, broadcastable to X, False = unobserved; X already 0 there) it solves
+    ``min ||L||_* + lam ||S||_1`` subject to ``P(X) = P(L + S)`` on the observed entries only:
+    the constraint carries a free term ``E`` on the unobserved ones, whose exact update is
+    ``E = -L`` there (see :func:`_fill`), and ``S`` is returned 0 there. ``lam`` then defaults
+    to :func:`masked_lambda`.
+
     Returns ``(L, S, iterations)``, ``iterations`` of shape ``*`` (int64), per matrix.
     """
-    lam = pcp_lambda(X) if lam is None else lam
+    if lam is None:
+        lam = pcp_lambda(X) if mask is None else masked_lambda(X, mask)
     every = _check_every(X, check_every)
     # The spectral norm from the solver's own SVD (a full SVD to scale the start would cost
     # more than a few iterations).
@@ -198,27 +239,46 @@ def rpca_ialm(
     state = _Stopping(X, every, early_stop)
     for it in range(1, max_iter + 1):
         L_new = rank_k_svt(ops, X - S + Y / mu, k, (1 / mu).squeeze(-1))
-        S_new = ops.soft_threshold(X - L_new + Y / mu, None, lam / mu)
+        S_new = _fill(mask, ops.soft_threshold(X - L_new + Y / mu, None, lam / mu), L_new)
         Z = X - L_new - S_new
         L, S, Y, mu = state.hold(
             (L, S, Y, mu), (L_new, S_new, Y + mu * Z, torch.minimum(mu * rho, mu_max))
         )
         if state.update(torch.linalg.matrix_norm(Z, keepdim=True) / x_norm, tol, it):
             break
-    return L, S, state.iterations()
+    return L, _observed(mask, S), state.iterations()
 
 
-def noise_thresholds(X: Tensor, sigma: Tensor, lam=None) -> Tuple[Tensor, Tensor]:
+def _observed(mask: Optional[Tensor], S: Tensor) -> Tensor:
+    """``S`` with its unobserved entries set to 0."""
+    return S if mask is None else torch.where(mask, S, torch.zeros_like(S))
+
+
+def noise_thresholds(
+    X: Tensor, sigma: Tensor, lam=None, mask: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     """The stable solver's thresholds for per-matrix noise level ``sigma`` ``(*, 1, 1)``:
     ``tau_L = sigma (sqrt(m) + sqrt(n))`` for singular values (about the largest singular value
     of an m x n matrix of N(0, sigma^2) noise), and ``tau_S = lam tau_L`` for entries, ``lam``
     defaulting to ``sqrt(2 log(m n)) / (sqrt(m) + sqrt(n))`` so that ``tau_S`` is the universal
-    threshold ``sigma sqrt(2 log(m n))``: noise entries stay out of S."""
+    threshold ``sigma sqrt(2 log(m n))``: noise entries stay out of S.
+
+    With ``mask`` (observed fraction ``p``), the noise lives on the ``p m n`` observed entries
+    only: ``tau_L = sigma sqrt(p) (sqrt(m) + sqrt(n))`` (the spectral norm of a matrix whose
+    entries are N(0, sigma^2) with probability p and 0 otherwise) and the universal threshold
+    over ``p m n`` entries, ``tau_S = sigma sqrt(2 log(p m n))``."""
     m, n = X.shape[-2:]
     spread = math.sqrt(m) + math.sqrt(n)
-    tau_L = sigma * spread
+    if mask is None:
+        tau_L = sigma * spread
+        if lam is None:
+            lam = math.sqrt(2.0 * math.log(max(2, m * n))) / spread
+        return tau_L, lam * tau_L
+    p = observed_fraction(X, mask)
+    tau_L = sigma * torch.sqrt(p) * spread
     if lam is None:
-        lam = math.sqrt(2.0 * math.log(max(2, m * n))) / spread
+        count = torch.clamp(p * (m * n), min=2.0)
+        lam = torch.sqrt(2.0 * torch.log(count)) / (torch.sqrt(p) * spread)
     return tau_L, lam * tau_L
 
 
@@ -232,49 +292,60 @@ def stable_pcp(
     tol: float = RPCA_TOL,
     check_every: Optional[int] = None,
     early_stop: bool = True,
+    mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Stable principal component pursuit (Zhou, Li, Wright, Candes & Ma 2010) in its penalised
     form, ``min tau_L ||L||_* + tau_S ||S||_1 + ||X - L - S||_F^2 / 2`` with rank(L) <= k
     (thresholds from :func:`noise_thresholds`), by exact minimisation over each block in turn:
     ``L = SVT_tau_L(X - S)`` (top k), ``S = soft(X - L, tau_S)``. A matrix stops when an
     iteration moves ``(L, S)`` by less than ``tol ||X||_F`` or it is not finite; the loop as in
-    :func:`rpca_ialm`.
+    :func:`rpca_ialm`. With ``mask`` the data term covers the observed entries only, and the
+    exact minimisation over the unobserved ones fills them with the current ``L`` (as in
+    soft-impute, Mazumder, Hastie & Tibshirani 2010; see :func:`_fill`).
 
     Returns ``(L, S, iterations)`` as :func:`rpca_ialm`.
     """
     every = _check_every(X, check_every)
-    tau_L, tau_S = noise_thresholds(X, sigma, lam)
+    tau_L, tau_S = noise_thresholds(X, sigma, lam, mask)
     x_norm = _safe(torch.linalg.matrix_norm(X, keepdim=True))
     S = torch.zeros_like(X)
     L = torch.zeros_like(X)
     state = _Stopping(X, every, early_stop)
     for it in range(1, max_iter + 1):
         L_new = rank_k_svt(ops, X - S, k, tau_L.squeeze(-1))
-        S_new = ops.soft_threshold(X, L_new, tau_S)
+        S_new = _fill(mask, ops.soft_threshold(X, L_new, tau_S), L_new)
         step = torch.sqrt(
             torch.linalg.matrix_norm(L_new - L, keepdim=True) ** 2
-            + torch.linalg.matrix_norm(S_new - S, keepdim=True) ** 2
+            + torch.linalg.matrix_norm(_observed(mask, S_new - S), keepdim=True) ** 2
         )
         L, S = state.hold((L, S), (L_new, S_new))
         if state.update(step / x_norm, tol, it):
             break
-    return L, S, state.iterations()
+    return L, _observed(mask, S), state.iterations()
 
 
 def unrolled(
-    ops, X: Tensor, k: int, lam=None, steps: int = UNROLLED_STEPS
+    ops,
+    X: Tensor,
+    k: int,
+    lam=None,
+    steps: int = UNROLLED_STEPS,
+    mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """``steps`` alternations ``L = lowrank(X - S, k)``, ``S = soft_threshold(X, L, lam)`` from
     ``S = 0``, differentiable through every step; ``lam`` defaults to
-    :func:`universal_threshold` of the first residual ``X - lowrank(X, k)`` (no gradient)."""
+    :func:`universal_threshold` of the first residual ``X - lowrank(X, k)`` (no gradient).
+    With ``mask`` (X already 0 where unobserved) each step fits the matrix completed by the
+    previous ``L`` (:func:`_fill`), the threshold comes from the observed residual, and ``S``
+    is 0 where unobserved."""
     if lam is None:
         # no derivative in either mode (no_grad stops reverse mode only; detach both)
-        lam = universal_threshold(X.detach() - ops.lowrank(X.detach(), k))
+        lam = universal_threshold(X.detach() - ops.lowrank(X.detach(), k), mask)
     S = torch.zeros_like(X)
     for _ in range(steps):
         L = ops.lowrank(X - S, k)
-        S = ops.soft_threshold(X, L, lam)
-    return L, S
+        S = _fill(mask, ops.soft_threshold(X, L, lam), L)
+    return L, _observed(mask, S)
 
 
 def _noise_sigma(X: Tensor, noise: Noise) -> Optional[Tensor]:
@@ -328,42 +399,43 @@ def lowrank_sparse(
     noise: Noise = None,
     check_every: Optional[int] = None,
     early_stop: bool = True,
+    mask: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """The algorithm of :func:`lsef_ext.ops.lowrank_sparse` over the op set ``ops``.
 
     ``early_stop=False`` runs the robust-PCA loops to their bound (``n_steps``, default 100)
-    even in eager mode, as traced code does; the result is the same bits (tested)."""
+    even in eager mode, as traced code does; the result is the same bits (tested). ``mask``
+    (bool, broadcastable to X, checked by the caller): X is zeroed where it is False before
+    anything reads it, so nothing there reaches any output."""
     if method not in ("rpca", "unrolled"):
         raise ValueError(f"lowrank_sparse: method must be 'rpca' or 'unrolled', got {method!r}")
     if n_steps is not None and n_steps < 1:
         raise ValueError(f"lowrank_sparse: n_steps must be >= 1, got {n_steps}")
+    if mask is not None:
+        X = torch.where(mask, X, torch.zeros_like(X))
     if method == "unrolled":
         if noise is not None:
             raise ValueError(
                 "lowrank_sparse: noise applies to method='rpca' only; the unrolled "
                 "method sets its threshold with lam"
             )
-        return unrolled(ops, X, k, lam, UNROLLED_STEPS if n_steps is None else n_steps)
+        steps = UNROLLED_STEPS if n_steps is None else n_steps
+        return unrolled(ops, X, k, lam, steps, mask)
     max_iter = n_steps or RPCA_MAX_ITER
     sigma = _noise_sigma(X, noise)
     # The solvers run on X scaled by a power of two (exact), their results scaled back.
     scale = pow2_normaliser(X)
     X = X * scale
+    loop = dict(check_every=check_every, early_stop=early_stop, mask=mask)
     if noise is None or (sigma is not None and noise == 0):  # no noise: the exact constraint
-        L, S, _ = rpca_ialm(
-            ops, X, k, lam, max_iter, check_every=check_every, early_stop=early_stop
-        )
+        L, S, _ = rpca_ialm(ops, X, k, lam, max_iter, **loop)
         return L / scale, S / scale
     if noise == "auto":
         # The level from the exact solution: its L is close to the low-rank part (the exact
         # constraint sends the noise to S); a plain rank-k fit would be pulled by the outliers.
-        L, _, _ = rpca_ialm(
-            ops, X, k, None, max_iter, check_every=check_every, early_stop=early_stop
-        )
-        sigma = noise_level(X, L, k)
+        L, _, _ = rpca_ialm(ops, X, k, None, max_iter, **loop)
+        sigma = noise_level(X, L, k, mask)
     else:
         sigma = sigma * scale
-    L, S, _ = stable_pcp(
-        ops, X, k, sigma, lam, max_iter, check_every=check_every, early_stop=early_stop
-    )
+    L, S, _ = stable_pcp(ops, X, k, sigma, lam, max_iter, **loop)
     return L / scale, S / scale
