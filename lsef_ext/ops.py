@@ -1100,7 +1100,7 @@ def lowrank_sparse(
     them only): ``L`` is completed where X is unobserved, ``S`` is 0 there, and the values of
     ``X`` there (NaN, Inf, anything) change no output. ``lam`` then defaults to
     ``1 / sqrt(p max(m, n))`` with ``p`` each matrix's observed fraction (Candes et al. 2011,
-    Thm. 1.2), and with ``noise`` the thresholds count the observed entries only (DESIGN §9).
+    Thm. 1.2), and with ``noise`` the thresholds count the observed entries only (DESIGN §8).
     A row or column with nothing observed gets ``L = 0`` (the completion of least nuclear norm).
 
     The algorithms are in :mod:`lsef_ext.rpca`, written over this module's ops.

@@ -190,7 +190,7 @@ def test_recovers_a_planted_problem_with_missing_entries(device):
 def test_a_batch_of_64_recovers_each_as_alone(device):
     """PCP recovers a random instance with high probability, not always: over seeds 1-11 and
     20-27 of this generator (1152 matrices), 9 masked matrices converged to a solution other
-    than the planted one (DESIGN §9). This seed's 64 all recover."""
+    than the planted one (DESIGN §8). This seed's 64 all recover."""
     needs_kernels(device)
     L0, S0, mask = planted(2, batch=(64,))
     X = torch.where(mask, L0 + S0, math.nan).to(device)
