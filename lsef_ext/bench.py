@@ -12,8 +12,11 @@ The CPU rsvd cases report theirs against a compute floor: the flops of the path 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import json
+import math
 import os
 import platform
 import statistics
@@ -421,6 +424,51 @@ def _lowrank_sparse(device, quick):
             "IALM-PCP, full SVD (published)": error(L_published) + f", {iterations} iterations",
         },
         label=f"lowrank_sparse rpca, planted {n} x {n}, rank 4" if quick else None,
+    )
+
+
+@case("lowrank_sparse rpca, planted 400 x 400, rank 20, vs AccAltProj", devices=("cpu",))
+def _lowrank_sparse_accaltproj(device, quick):
+    """Issue 33's comparison: a planted rank-20 400 x 400 problem with 5 % outliers (uniform in
+    +-10; L0's entries have unit variance), float64, against AccAltProj (Cai, Cai & Wei 2019) as
+    the `rpca` package implements it, when that package is installed (`pip install rpca`); the
+    notes give each result's error, since the methods stop on different tests."""
+    g = torch.Generator().manual_seed(0)
+    n, r = (100, 5) if quick else (400, 20)
+    L0 = torch.randn(n, r, generator=g, dtype=torch.float64) @ torch.randn(
+        r, n, generator=g, dtype=torch.float64
+    )
+    L0 = L0 / math.sqrt(r)
+    S0 = torch.where(
+        torch.rand(n, n, generator=g) < 0.05,
+        (torch.rand(n, n, generator=g, dtype=torch.float64) * 2 - 1) * 10,
+        0.0,
+    )
+    M = (L0 + S0).to(device)
+
+    def error(L):
+        L = torch.as_tensor(L, dtype=torch.float64).cpu()
+        return f"rel err of L {((L - L0).norm() / L0.norm()).item():.1e}"
+
+    variants = {EXT: lambda: ops.lowrank_sparse(M, r)}
+    notes = {EXT: error(ops.lowrank_sparse(M, r)[0])}
+    try:
+        from rpca import RobustPCA
+    except ImportError:
+        notes[EXT] += "; AccAltProj not timed: the optional `rpca` package is not installed"
+    else:
+        Mn = M.cpu().numpy()
+
+        def fit():
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints on convergence
+                return RobustPCA(n_components=r, tol=1e-7, verbose=False).fit(Mn)
+
+        variants["AccAltProj (rpca package, tol 1e-7)"] = fit
+        notes["AccAltProj (rpca package, tol 1e-7)"] = error(fit().L_)
+    return Setup(
+        variants=variants,
+        notes=notes,
+        label=f"lowrank_sparse rpca, planted {n} x {n}, rank {r}, vs AccAltProj" if quick else None,
     )
 
 
