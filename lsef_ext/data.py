@@ -22,7 +22,8 @@ clip's event intensity.
 
 Test-time corruptions (``corrupt``): ``frame_drop`` (frames zeroed, as a failed face detection
 leaves them), ``impulse`` (a fraction of entries replaced by large spikes) and ``gaussian``
-(extra i.i.d. noise).
+(extra i.i.d. noise). The test condition ``frame_drop_known`` drops the same frames and tells
+the model which (a frame mask, ``mask``); ``frame_drop`` does not.
 
 ``FeatureFolder`` reads real pre-extracted features (DFEW/FERV39k-style): see its docstring.
 """
@@ -47,11 +48,14 @@ __all__ = [
     "CLASS_NAMES",
     "CLASS_PAIRS",
     "CORRUPTIONS",
+    "MASKED_CONDITIONS",
     "CONDITIONS",
+    "MISSING_FRAMES",
     "SyntheticAffect",
     "FeatureFolder",
     "AUTO_FRAMES_CAP",
     "corrupt",
+    "told_mask",
     "channel_stats",
     "standardise",
     "stratified_split",
@@ -79,8 +83,15 @@ _CIRCUMPLEX = (
     (-0.6, 0.7),
 )
 CORRUPTIONS = ("frame_drop", "impulse", "gaussian")
-# The test conditions: the clean test set and each corruption of it.
-CONDITIONS = ("clean",) + CORRUPTIONS
+# Test conditions that apply a corruption and tell the model which frames it dropped (the
+# frame mask): frame drop is tested twice, the model told (here) and not told ("frame_drop").
+# Not a corruption of its own: the corrupted average (lsef_ext.train) leaves it out.
+MASKED_CONDITIONS = {"frame_drop_known": "frame_drop"}
+# The test conditions: the clean test set and each corruption of it, frame drop twice.
+CONDITIONS = ("clean", "frame_drop", "frame_drop_known", "impulse", "gaussian")
+# FeatureFolder's missing_frames: None (a NaN anywhere is an error) or "nan" (a frame that is
+# NaN in every channel is a missing frame).
+MISSING_FRAMES = (None, "nan")
 _SPLIT_OFFSETS = {"train": 1, "val": 2, "test": 3}
 # frames="auto": the longest clip's length, up to this many frames.
 AUTO_FRAMES_CAP = 256
@@ -126,20 +137,31 @@ def corrupt(
     kind: Optional[str],
     severity: float = 1.0,
     generator: Optional[torch.Generator] = None,
-) -> Tensor:
+    return_mask: bool = False,
+):
     """A corrupted copy of clips ``x (*, T, D)``.
 
     ``frame_drop``: each frame zeroed with probability ``0.3·severity``. ``impulse``: a fraction
     ``0.05·severity`` of entries replaced by ``±4`` (several times the clean features' RMS).
     ``gaussian``: i.i.d. noise of standard deviation ``0.6·severity`` added. ``None``: a copy.
+
+    ``return_mask``: returns ``(copy, kept)`` with ``kept (*, T)`` bool, False at the frames
+    ``frame_drop`` dropped (all True for the other kinds); the copy and the random draws are
+    those without it.
+
+    Raises:
+        TypeError: ``x`` not a floating-point tensor; ``severity`` not a number.
+        ValueError: ``x`` with fewer than 2 dimensions; an unknown ``kind``; ``severity``
+            negative or not finite.
     """
     _check_tensor("corrupt", "x", x)
     if not x.dtype.is_floating_point:
         raise TypeError(f"corrupt: x must be a floating-point tensor, got {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"corrupt: x must have shape (*, T, D), got {tuple(x.shape)}")
+    kept = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device) if return_mask else None
     if kind is None or kind == "clean":
-        return x.clone()
+        return (x.clone(), kept) if return_mask else x.clone()
     if kind not in CORRUPTIONS:
         raise ValueError(f"corrupt: kind must be one of {CORRUPTIONS} or None, got {kind!r}")
     _check_number("corrupt", "severity", severity)
@@ -150,19 +172,37 @@ def corrupt(
     g = generator
     if kind == "frame_drop":
         keep = torch.rand(*x.shape[:-1], 1, generator=g) >= min(0.3 * severity, 1.0)
-        return x * keep.to(x.dtype)
+        y = x * keep.to(x.dtype)
+        return (y, keep[..., 0].to(x.device)) if return_mask else y
     if kind == "impulse":
         hit = torch.rand(x.shape, generator=g) < min(0.05 * severity, 1.0)
         sign = torch.where(torch.rand(x.shape, generator=g) < 0.5, -4.0, 4.0).to(x.dtype)
-        return torch.where(hit, sign, x)
-    return x + 0.6 * severity * torch.randn(x.shape, generator=g, dtype=x.dtype)
+        y = torch.where(hit, sign, x)
+    else:
+        y = x + 0.6 * severity * torch.randn(x.shape, generator=g, dtype=x.dtype)
+    return (y, kept) if return_mask else y
+
+
+def told_mask(kept: Tensor, base: Optional[Tensor] = None) -> Tensor:
+    """The frame mask a model is given under a condition of ``MASKED_CONDITIONS``: the frames
+    kept by the corruption (``kept (N, T)`` bool, as :func:`corrupt` returns it) and valid in
+    ``base`` (the data's own mask, e.g. FeatureFolder's missing frames; None: all valid). A
+    clip that would be left without a valid frame (every one dropped) keeps ``base``'s row
+    (all True without one): there is nothing to tell, and the model sees what it sees under
+    ``frame_drop``."""
+    base = torch.ones_like(kept) if base is None else base
+    both = kept & base
+    return torch.where(both.any(-1, keepdim=True), both, base)
 
 
 class _Clips(Dataset):
-    """Clips ``x (N, T, D)`` with class labels ``y`` or valence/arousal ``va``, per ``task``."""
+    """Clips ``x (N, T, D)`` with class labels ``y`` or valence/arousal ``va``, per ``task``, and
+    ``mask``: None (every frame valid) or ``(N, T)`` bool, the frame mask to give the model
+    (False at missing or known-dropped frames, which hold 0)."""
 
     x: Tensor
     task: str
+    mask: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -185,12 +225,16 @@ class SyntheticAffect(_Clips):
         T, D: frames per clip and feature channels.
         seed: seeds the prototypes and the clips; equal arguments give identical data.
         noise: standard deviation of the clean i.i.d. noise.
-        corruption, severity: a test-time corruption applied to every clip (see :func:`corrupt`).
+        corruption, severity: a test-time corruption applied to every clip (see :func:`corrupt`),
+            or a test condition of ``MASKED_CONDITIONS`` (``"frame_drop_known"``: the frames
+            ``"frame_drop"`` drops, the same ones, and ``mask`` saying which).
         task: ``"classification"`` (items are ``(x, label)``) or ``"regression"`` (items are
             ``(x, [valence, arousal])``).
 
-    Attributes: ``x (N, T, D)``, ``y (N,)`` class indices, ``va (N, 2)``, and the planted parts
-    ``low_rank (N, T, D)`` (tone + nuisance) and ``sparse (N, T, D)`` (events) of the clean clips.
+    Attributes: ``x (N, T, D)``, ``y (N,)`` class indices, ``va (N, 2)``, the planted parts
+    ``low_rank (N, T, D)`` (tone + nuisance) and ``sparse (N, T, D)`` (events) of the clean
+    clips, and ``mask``: ``(N, T)`` bool, False at the dropped frames, for a condition of
+    ``MASKED_CONDITIONS``; else None (the model is not told).
     """
 
     num_classes = len(CLASS_NAMES)
@@ -264,7 +308,11 @@ class SyntheticAffect(_Clips):
         self.sparse = events
         x = self.low_rank + self.sparse + clean_noise
         self.corruption, self.severity = corruption, severity
-        self.x = corrupt(x, corruption, severity, g) if corruption else x
+        self.x = x
+        if corruption:
+            kind = MASKED_CONDITIONS.get(corruption, corruption)
+            self.x, kept = corrupt(x, kind, severity, g, return_mask=True)
+            self.mask = told_mask(kept) if corruption in MASKED_CONDITIONS else None
         self.y = y
         circ = torch.tensor(_CIRCUMPLEX)
         intensity = (amp / EVENT_GAIN)[:, None]  # in [0.75, 1.25)
@@ -295,6 +343,14 @@ class FeatureFolder(_Clips):
     ``AUTO_FRAMES_CAP``. ``lengths (N,)`` holds each clip's valid frames (after cropping): the
     models take it (``model(x, lengths)``) so that padded frames change no output.
 
+    Missing frames: ``missing_frames=None`` (the default) refuses a NaN anywhere, as below.
+    ``missing_frames="nan"`` reads a frame (row) that is NaN in every channel as a missing
+    frame (e.g. where face detection failed): its values become 0 and ``mask (N, T)`` (bool)
+    is False there, and at padded frames; the models take it (``model(x, lengths, mask=mask)``)
+    so that missing frames change no output. A NaN in a frame that is not all NaN, and any
+    Inf, stay errors, and so does a clip with no frame left that is not missing (after
+    cropping). ``mask`` is None where no clip has a missing frame (after cropping).
+
     ``labels.csv`` is read as UTF-8 (a byte-order mark is allowed). A clip name is a path
     relative to ``features/`` without ``.npy`` (``subject1/clip3`` is fine); a name that is
     empty, absolute or leads out of ``features/`` (``../x``) is refused. Each feature file is
@@ -306,8 +362,9 @@ class FeatureFolder(_Clips):
     Errors name the file (and the ``labels.csv`` line where one is at fault) and what was
     expected: a missing or unreadable ``labels.csv`` or feature file, a missing column or
     field, a bad clip name, an array that is not 2-D or whose ``D`` differs from the first
-    clip's, a non-real or non-finite array, an unknown split, a label not in ``classes``, or a
-    target that is not a finite number. Wrong argument types raise TypeError.
+    clip's, a non-real or non-finite array (beyond the missing frames that ``missing_frames``
+    allows), an unknown split, a label not in ``classes``, or a target that is not a finite
+    number. Wrong argument types raise TypeError; an unknown ``missing_frames`` ValueError.
     """
 
     def __init__(
@@ -319,10 +376,16 @@ class FeatureFolder(_Clips):
         task: str = "classification",
         targets: Optional[Sequence[str]] = None,
         labelled: bool = True,
+        missing_frames: Optional[str] = None,
     ):
         if task not in ("classification", "regression"):
             raise ValueError(
                 f"FeatureFolder: task must be 'classification' or 'regression', got {task!r}"
+            )
+        if missing_frames not in MISSING_FRAMES:
+            raise ValueError(
+                f"FeatureFolder: missing_frames must be None (a NaN is an error) or 'nan' (a "
+                f"frame that is all NaN is missing), got {missing_frames!r}"
             )
         if split is not None and split not in _SPLIT_OFFSETS:
             raise ValueError(
@@ -414,10 +477,11 @@ class FeatureFolder(_Clips):
         if not rows:
             where = f"in split {split!r}" if split is not None else "listed"
             raise ValueError(f"FeatureFolder: {csv_path} has no clips {where}")
-        xs, D = [], None
+        xs, missing, D = [], [], None
         for r in rows:
             path = os.path.join(features, r["clip"] + ".npy")
-            a = _load_features(path, r["clip"])
+            a, gone = _load_features(path, r["clip"], missing_frames)
+            missing.append(gone)
             if D is None:
                 D = a.shape[1]
             elif a.shape[1] != D:
@@ -439,6 +503,25 @@ class FeatureFolder(_Clips):
         self.cropped = sum(n > frames for n in lengths)
         self.lengths = torch.tensor([min(n, frames) for n in lengths])
         self.x = torch.stack([_fit_frames(a, frames) for a in xs])
+        self.mask = None
+        if any(gone is not None for gone in missing):
+            valid = [
+                _fit_frames(torch.ones(n, 1, dtype=torch.bool), frames)[:, 0]
+                if gone is None
+                else _fit_frames(torch.from_numpy(~gone)[:, None], frames)[:, 0]
+                for n, gone in zip(lengths, missing)
+            ]
+            mask = torch.stack(valid)
+            empty = torch.nonzero(~mask.any(1)).flatten().tolist()
+            if empty:
+                i = empty[0]
+                raise ValueError(
+                    f"FeatureFolder: {os.path.join(features, rows[i]['clip'] + '.npy')}: all "
+                    f"{int(self.lengths[i])} of its frames (after cropping to {frames}) are "
+                    "missing (all NaN); a clip needs one frame that is not: drop the clip"
+                )
+            if not (mask | ~_valid_mask(self.x, self.lengths)[..., 0]).all():
+                self.mask = mask  # else every missing frame was cropped away
         self.T, self.D = self.x.shape[1:]
         self.clips = [r["clip"] for r in rows]
         if not labelled:
@@ -505,8 +588,12 @@ def _check_clip_name(clip: str, features: str, where: str) -> None:
         )
 
 
-def _load_features(path: str, clip: str) -> np.ndarray:
-    """The float32 (T, D) array of one feature file, checked: errors name the file."""
+def _load_features(
+    path: str, clip: str, missing_frames: Optional[str] = None
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """The float32 (T, D) array of one feature file, checked: errors name the file; and, with
+    ``missing_frames="nan"``, its missing frames, ``(T,)`` bool (frames that are NaN in every
+    channel, set to 0 in the array), or None where there are none."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"FeatureFolder: feature file {path} for clip {clip!r} not found")
     if not os.path.isfile(path):
@@ -541,14 +628,30 @@ def _load_features(path: str, clip: str) -> np.ndarray:
     with np.errstate(over="ignore"):  # values beyond float32's range become inf: refused below
         x = np.ascontiguousarray(a, dtype=np.float32)
     bad = ~np.isfinite(x)
-    if bad.any():
-        t, d = np.argwhere(bad)[0]
-        raise ValueError(
-            f"FeatureFolder: {path} has {int(bad.sum())} non-finite value(s) (NaN, Inf, or "
-            f"beyond float32's range), the first at frame {t}, channel {d} "
-            f"(value {a[t, d].item()!r}); clean or drop the clip"
+    if not bad.any():
+        return x, None
+    gone = np.isnan(x).all(axis=1)  # (T,) frames that are NaN in every channel
+    if missing_frames == "nan":
+        bad &= ~gone[:, None]
+        if not bad.any():
+            x[gone] = 0.0
+            return x, gone
+    t, d = np.argwhere(bad)[0]
+    where = " outside its missing (all-NaN) frames" if missing_frames == "nan" else ""
+    if missing_frames == "nan":
+        hint = "; only a frame that is NaN in every channel is a missing frame"
+    elif gone.any():
+        hint = (
+            f"; its {int(gone.sum())} frame(s) that are NaN in every channel can be read as "
+            "missing frames with missing_frames='nan' (--missing-frames nan)"
         )
-    return x
+    else:
+        hint = ""
+    raise ValueError(
+        f"FeatureFolder: {path} has {int(bad.sum())} non-finite value(s){where} (NaN, Inf, or "
+        f"beyond float32's range), the first at frame {t}, channel {d} "
+        f"(value {a[t, d].item()!r}); clean or drop the clip{hint}"
+    )
 
 
 def read_ts(path: str) -> Tuple[list, list]:
@@ -627,11 +730,14 @@ def ts_to_feature_folder(root: str, **splits: str) -> str:
     return root
 
 
-def channel_stats(x: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def channel_stats(
+    x: Tensor, lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     """Per-channel ``(mean, std)`` (each ``(D,)``, float32) of clips ``x (N, T, D)`` over their
-    valid frames (the first ``lengths[i]`` of clip ``i``; all frames without ``lengths``),
-    accumulated in float64. A channel that is constant has std 1 (it is then only centred)."""
-    valid = _valid_mask(x, lengths).to(torch.float64)
+    valid frames (the first ``lengths[i]`` of clip ``i``; all frames without ``lengths``; and
+    of those, the ones where the frame mask ``mask (N, T)`` is True), accumulated in float64.
+    A channel that is constant has std 1 (it is then only centred)."""
+    valid = _valid_mask(x, lengths, mask).to(torch.float64)
     n = valid.sum()
     xd = x.to(torch.float64)
     mean = (xd * valid).sum((0, 1)) / n
@@ -641,17 +747,29 @@ def channel_stats(x: Tensor, lengths: Optional[Tensor] = None) -> Tuple[Tensor, 
     return mean.float(), std.float()
 
 
-def standardise(x: Tensor, mean: Tensor, std: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
-    """``(x − mean) / std`` per channel, with padded frames (beyond ``lengths``) kept at 0."""
+def standardise(
+    x: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    lengths: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    """``(x − mean) / std`` per channel, with padded frames (beyond ``lengths``) and masked
+    frames (False in ``mask (N, T)``) kept at 0."""
     z = (x - mean.to(x.dtype)) / std.to(x.dtype)
-    return z * _valid_mask(x, lengths).to(x.dtype) if lengths is not None else z
+    if lengths is None and mask is None:
+        return z
+    return z * _valid_mask(x, lengths, mask).to(x.dtype)
 
 
-def _valid_mask(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
-    """``(N, T, 1)`` True at the valid frames of clips ``x (N, T, D)``."""
+def _valid_mask(x: Tensor, lengths: Optional[Tensor], mask: Optional[Tensor] = None) -> Tensor:
+    """``(N, T, 1)`` True at the valid frames of clips ``x (N, T, D)``: within ``lengths`` and
+    True in the frame mask ``mask (N, T)`` (each where given)."""
     if lengths is None:
-        return torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.bool)
-    return (torch.arange(x.shape[1])[None, :] < lengths[:, None])[..., None]
+        valid = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.bool)
+    else:
+        valid = (torch.arange(x.shape[1])[None, :] < lengths[:, None])[..., None]
+    return valid if mask is None else valid & mask[..., None]
 
 
 def stratified_split(

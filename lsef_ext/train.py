@@ -25,12 +25,16 @@ from .data import (
     CLASS_NAMES,
     CONDITIONS,
     CORRUPTIONS,
+    MASKED_CONDITIONS,
+    MISSING_FRAMES,
     FeatureFolder,
     SyntheticAffect,
+    _valid_mask,
     channel_stats,
     corrupt,
     standardise,
     stratified_split,
+    told_mask,
 )
 from .nn import LSEF, LSEFOutput, build_model
 
@@ -135,6 +139,9 @@ class TrainConfig:
     # mixed precision: None (float32), "bf16" (CPU or CUDA) or "fp16" (CUDA only, GradScaler);
     # the forward and loss of training and of the val/test evaluation run under torch.autocast
     amp: Optional[str] = None
+    # a FeatureFolder's missing frames: None (a NaN in the features is an error) or "nan" (a
+    # frame that is NaN in every channel is missing: the models are given a frame mask)
+    missing_frames: Optional[str] = None
     extra: Dict[str, object] = field(default_factory=dict)  # more LSEF keyword arguments
     rao_options: Dict[str, object] = field(default_factory=dict)  # more RAO keyword arguments
 
@@ -171,10 +178,11 @@ RESUME_SETTINGS = (
     "select",
     "val_fraction",
     "amp",
+    "missing_frames",
 )
 RESUME_SYNTHETIC = ("D", "n_train", "data_seed")
 # Settings that checkpoints of format 2 written before them lack, with the value their runs had.
-_SETTING_DEFAULTS: Dict[str, object] = {"amp": None}
+_SETTING_DEFAULTS: Dict[str, object] = {"amp": None, "missing_frames": None}
 
 # --amp: the autocast dtype of each choice.
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -310,6 +318,10 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(
             f"TrainConfig: class_weights must be None or 'balanced', got {cfg.class_weights!r}"
         )
+    if cfg.missing_frames not in MISSING_FRAMES:
+        raise ValueError(
+            f"TrainConfig: missing_frames must be None or 'nan', got {cfg.missing_frames!r}"
+        )
     if not (isinstance(cfg.val_fraction, (int, float)) and 0 < cfg.val_fraction < 1):
         raise ValueError(f"TrainConfig: val_fraction must be in (0, 1), got {cfg.val_fraction!r}")
     for name, positive in (("lr", True), ("weight_decay", False)):
@@ -334,20 +346,32 @@ def _same_setting(key: str, saved, now) -> bool:
 class ClipSet(NamedTuple):
     """One split, ready for a model: clips ``x (N, T, D)``, targets ``t`` (class indices
     ``(N,)`` or regression targets ``(N, n_targets)``), ``num_classes`` (classification; the
-    number of targets for regression) and ``lengths (N,)``, each clip's valid frames (None: all
-    ``T``)."""
+    number of targets for regression), ``lengths (N,)``, each clip's valid frames (None: all
+    ``T``), and ``mask (N, T)`` bool, the frame mask the model is given (False at missing
+    frames, or at the dropped frames of ``frame_drop_known``; None: none within the
+    lengths)."""
 
     x: Tensor
     t: Tensor
     num_classes: int
     lengths: Optional[Tensor] = None
+    mask: Optional[Tensor] = None
 
 
-def _clipset(x: Tensor, t: Tensor, ds, task: str, lengths: Optional[Tensor]) -> ClipSet:
+def _clipset(
+    x: Tensor,
+    t: Tensor,
+    ds,
+    task: str,
+    lengths: Optional[Tensor],
+    mask: Optional[Tensor] = None,
+) -> ClipSet:
     n = getattr(ds, "num_classes", 2) if task == "classification" else t.shape[-1]
+    if mask is not None and bool((mask | ~_valid_mask(x, lengths)[..., 0]).all()):
+        mask = None  # no frame missing within the lengths
     if lengths is not None and bool((lengths == x.shape[1]).all()):
         lengths = None  # every clip is whole: nothing to mask
-    return ClipSet(x, t, n, lengths)
+    return ClipSet(x, t, n, lengths, mask)
 
 
 def _resolve_normalise(cfg: "TrainConfig") -> bool:
@@ -383,22 +407,30 @@ def prepare_data(cfg: "TrainConfig") -> Tuple[ClipSet, ClipSet, Dict[str, object
         }
         return train, val, meta, notes
     frames = "auto" if cfg.T is None else cfg.T
-    ds = FeatureFolder(cfg.data, split="train", frames=frames, task=cfg.task)
+    ds = FeatureFolder(
+        cfg.data, split="train", frames=frames, task=cfg.task, missing_frames=cfg.missing_frames
+    )
     if ds.cropped:
         notes.append(
             f"{ds.cropped} of {len(ds.clips)} training clips are longer than {ds.frames} frames "
             "and were centre-cropped to it (--frames)"
         )
     x, t = ds.tensors()
-    lengths = ds.lengths
+    lengths, mask = ds.lengths, ds.mask
     classes = getattr(ds, "class_names", None)
     targets = getattr(ds, "target_names", None)
     val_clips = None  # the training clips held out as val, where the folder has no val split
     if "val" in FeatureFolder.splits(cfg.data):
         vs = FeatureFolder(
-            cfg.data, "val", frames=ds.frames, classes=classes, task=cfg.task, targets=targets
+            cfg.data,
+            "val",
+            frames=ds.frames,
+            classes=classes,
+            task=cfg.task,
+            targets=targets,
+            missing_frames=cfg.missing_frames,
         )
-        vx, vt, vlen = vs.x, vs.tensors()[1], vs.lengths
+        vx, vt, vlen, vmask = vs.x, vs.tensors()[1], vs.lengths, vs.mask
         where = "the folder's val split"
     else:
         keep, held = stratified_split(
@@ -410,7 +442,9 @@ def prepare_data(cfg: "TrainConfig") -> Tuple[ClipSet, ClipSet, Dict[str, object
                 "hold some out"
             )
         vx, vt, vlen = x[held], t[held], lengths[held]
+        vmask = None if mask is None else mask[held]
         x, t, lengths = x[keep], t[keep], lengths[keep]
+        mask = None if mask is None else mask[keep]
         val_clips = [ds.clips[i] for i in held.tolist()]
         where = (
             f"{held.numel()} training clips held out ({100 * cfg.val_fraction:g} %"
@@ -419,8 +453,8 @@ def prepare_data(cfg: "TrainConfig") -> Tuple[ClipSet, ClipSet, Dict[str, object
         notes.append(f"labels.csv has no val split: validating on {where}")
     norm = None
     if _resolve_normalise(cfg):
-        mean, std = channel_stats(x, lengths)
-        x, vx = standardise(x, mean, std, lengths), standardise(vx, mean, std, vlen)
+        mean, std = channel_stats(x, lengths, mask)
+        x, vx = standardise(x, mean, std, lengths, mask), standardise(vx, mean, std, vlen, vmask)
         norm = {"mean": mean.tolist(), "std": std.tolist()}
     meta = {
         "source": "folder",
@@ -432,7 +466,8 @@ def prepare_data(cfg: "TrainConfig") -> Tuple[ClipSet, ClipSet, Dict[str, object
         "val": where,
         "val_clips": val_clips,
     }
-    return _clipset(x, t, ds, cfg.task, lengths), _clipset(vx, vt, ds, cfg.task, vlen), meta, notes
+    train = _clipset(x, t, ds, cfg.task, lengths, mask)
+    return train, _clipset(vx, vt, ds, cfg.task, vlen, vmask), meta, notes
 
 
 def load_data(
@@ -449,7 +484,12 @@ def load_data(
     standardise the clips. A corruption is applied after standardisation, so its size is in
     units of the training features' spread. ``split=None`` reads every clip of a folder;
     ``split="val"`` of a run whose val clips were held out of ``train`` (``meta["val_clips"]``)
-    reads those clips."""
+    reads those clips.
+
+    ``corruption``: a name in ``CORRUPTIONS`` or a condition of ``MASKED_CONDITIONS``
+    (``"frame_drop_known"``: the frames ``"frame_drop"`` drops, the same ones, with the
+    ClipSet's ``mask`` saying which). A folder's missing frames (``cfg.missing_frames``) are
+    in ``mask`` under every condition; a corruption leaves them, and padded frames, at 0."""
     if cfg.data:
         meta = meta or {}
         frames = meta.get("frames") or ("auto" if cfg.T is None else cfg.T)
@@ -461,6 +501,7 @@ def load_data(
             task=cfg.task,
             classes=meta.get("class_names"),
             targets=meta.get("target_names"),
+            missing_frames=cfg.missing_frames,
         )
         if held:
             _keep_clips(ds, held, cfg.data)
@@ -470,13 +511,19 @@ def load_data(
                 f"D = {meta['D']}"
             )
         x, t = ds.tensors()
+        mask = ds.mask
         norm = meta.get("norm")
         if norm:
-            x = standardise(x, torch.tensor(norm["mean"]), torch.tensor(norm["std"]), ds.lengths)
+            mean, std = torch.tensor(norm["mean"]), torch.tensor(norm["std"])
+            x = standardise(x, mean, std, ds.lengths, mask)
         if corruption:
-            x = corrupt(x, corruption, severity, torch.Generator().manual_seed(cfg.data_seed + 99))
-            x = x * (torch.arange(x.shape[1])[None, :, None] < ds.lengths[:, None, None])
-        return _clipset(x, t, ds, cfg.task, ds.lengths)
+            kind = MASKED_CONDITIONS.get(corruption, corruption)
+            g = torch.Generator().manual_seed(cfg.data_seed + 99)
+            x, kept = corrupt(x, kind, severity, g, return_mask=True)
+            x = x * _valid_mask(x, ds.lengths, mask)
+            if corruption in MASKED_CONDITIONS:
+                mask = told_mask(kept, mask)
+        return _clipset(x, t, ds, cfg.task, ds.lengths, mask)
     n = cfg.n_train if split == "train" else cfg.n_test
     ds = SyntheticAffect(
         n,
@@ -489,7 +536,8 @@ def load_data(
         severity=severity,
     )
     x, t = ds.tensors()
-    return ClipSet(x, t, ds.num_classes if cfg.task == "classification" else t.shape[-1])
+    n = ds.num_classes if cfg.task == "classification" else t.shape[-1]
+    return ClipSet(x, t, n, None, ds.mask)
 
 
 def _keep_clips(ds: FeatureFolder, clips: Sequence[str], root: str) -> None:
@@ -503,6 +551,8 @@ def _keep_clips(ds: FeatureFolder, clips: Sequence[str], root: str) -> None:
         )
     idx = torch.tensor([where[c] for c in clips])
     ds.x, ds.lengths, ds.clips = ds.x[idx], ds.lengths[idx], list(clips)
+    if ds.mask is not None:
+        ds.mask = ds.mask[idx]
     for name in ("y", "va"):
         if hasattr(ds, name):
             setattr(ds, name, getattr(ds, name)[idx])
@@ -515,7 +565,8 @@ def load_test_sets(
     split: str = "test",
 ) -> Dict[str, ClipSet]:
     """``{condition: ClipSet}``: the test split clean (``"clean"``) and under each named
-    corruption, for :func:`evaluate_conditions` (load once, evaluate several models)."""
+    corruption or condition of ``MASKED_CONDITIONS`` (:func:`load_data`), for
+    :func:`evaluate_conditions` (load once, evaluate several models)."""
     return {c: load_data(cfg, split, None if c == "clean" else c, meta=meta) for c in conditions}
 
 
@@ -536,7 +587,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _call(model: nn.Module, x: Tensor, lengths: Optional[Tensor]):
+def _call(model: nn.Module, x: Tensor, lengths: Optional[Tensor], mask: Optional[Tensor] = None):
+    if mask is not None:
+        return model(x, lengths, mask=mask)
     return model(x) if lengths is None else model(x, lengths)
 
 
@@ -548,17 +601,20 @@ def predict(
     device: str = "cpu",
     lengths: Optional[Tensor] = None,
     amp: Optional[str] = None,
+    mask: Optional[Tensor] = None,
 ) -> Tensor:
     """The model's outputs (logits or regression values) for all of ``x``, in eval mode, as
-    float32; ``lengths``: each clip's valid frames (None: all); ``amp``: the forward runs under
+    float32; ``lengths``: each clip's valid frames (None: all); ``mask (N, T)``: the frame mask
+    (bool, True = valid; None: every frame); ``amp``: the forward runs under
     :func:`amp_autocast` (``"bf16"`` or ``"fp16"``; None: float32)."""
     was = model.training
     model.eval()
     outs = []
     for i in range(0, x.shape[0], batch_size):
         lb = None if lengths is None else lengths[i : i + batch_size].to(device)
+        mb = None if mask is None else mask[i : i + batch_size].to(device)
         with amp_autocast(device, amp):
-            out = _output(_call(model, x[i : i + batch_size].to(device), lb))
+            out = _output(_call(model, x[i : i + batch_size].to(device), lb, mb))
         outs.append(out.float().cpu())
     model.train(was)
     return torch.cat(outs) if outs else torch.empty(0)
@@ -589,12 +645,14 @@ def evaluate(
     target_names: Optional[Sequence[str]] = None,
     loss: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     amp: Optional[str] = None,
+    mask: Optional[Tensor] = None,
 ) -> Dict[str, float]:
     """``{"war", "uar"}`` (classification) or ``{"ccc_<target>", ..., "ccc_mean"}``
     (regression; targets named ``target_names``, default valence/arousal for two). With
     ``loss`` (a function of the outputs and ``t``), also ``"loss"``: its value on the same
-    outputs (one pass over ``x``; computed in float32). ``amp``: as for :func:`predict`."""
-    p = predict(model, x, device=device, lengths=lengths, amp=amp)
+    outputs (one pass over ``x``; computed in float32). ``amp``, ``mask``: as for
+    :func:`predict`."""
+    p = predict(model, x, device=device, lengths=lengths, amp=amp, mask=mask)
     out = _metrics(p, t, task, target_names)
     if loss is not None:
         out["loss"] = float(loss(p, t))
@@ -632,7 +690,8 @@ def evaluate_conditions(
     device: Union[str, torch.device, None] = None,
 ) -> Dict[str, Dict[str, float]]:
     """``{condition: evaluate(...)}``: the metrics of ``model`` on the test set of each of
-    ``conditions`` (``"clean"`` and names in ``CORRUPTIONS``), in that order.
+    ``conditions`` (names in ``CONDITIONS``), in that order; under ``"frame_drop_known"`` the
+    model is given the mask of the dropped frames (a ClipSet's ``mask``).
 
     A condition's test set is taken from ``test_sets`` (as :func:`load_test_sets` returns) when
     it is there, else loaded with ``load_data(cfg, "test", corruption)``; ``cfg.task`` picks the
@@ -650,13 +709,17 @@ def evaluate_conditions(
         )
         x, t = data[0], data[1]
         lengths = data.lengths if isinstance(data, ClipSet) else None
-        out[c] = evaluate(model, x, t, cfg.task, device, lengths, amp=cfg.amp)
+        mask = data.mask if isinstance(data, ClipSet) else None
+        out[c] = evaluate(model, x, t, cfg.task, device, lengths, amp=cfg.amp, mask=mask)
     return out
 
 
 def corrupted_average(metrics: Dict[str, Dict[str, float]], key: str = "war") -> float:
     """The mean of ``metrics[c][key]`` over the corruptions ``c`` in ``CORRUPTIONS``
-    (``metrics`` as :func:`evaluate_conditions` returns)."""
+    (``metrics`` as :func:`evaluate_conditions` returns). ``frame_drop_known`` is left out:
+    it is frame drop again, with the model told which frames; counting it would weigh frame
+    drop twice and make the average depend on whether a model can take a mask, so the average
+    stays comparable with runs (and models) without it."""
     return sum(metrics[c][key] for c in CORRUPTIONS) / len(CORRUPTIONS)
 
 
@@ -795,25 +858,25 @@ class Trainer:
     """Trains one model on one data set; under torchrun, with DistributedDataParallel.
 
     ``fit()`` runs ``cfg.epochs`` epochs of AdamW (wrapped in :class:`lsef_ext.optim.RAO` when
-    ``cfg.rao``) with a cosine learning-rate schedule, the task loss (cross-entropy, class-
-    weighted with ``cfg.class_weights="balanced"``, or MSE plus ``1 − CCC``) plus the model's
-    consistency regulariser (LSEF models), and records one row of metrics per epoch. ``train``
-    is ``(x, t, num_classes[, lengths])`` (a :class:`ClipSet`), ``val`` ``(x, t[, lengths])``
-    or a ClipSet. Each epoch records the val score and the val loss (:meth:`task_loss`), from
-    one pass over val. With ``cfg.out`` it writes ``checkpoint.pt`` after every epoch,
-    ``best.pt`` whenever the val score (``cfg.select``: WAR or UAR; mean CCC for regression)
-    improves, or stays equal with a lower val loss, or stays equal with an equal val loss (the
-    later epoch is kept; :func:`select_best`, whose record ``best`` says which epoch and why),
-    and ``metrics.csv`` / ``metrics.json``; ``cfg.resume`` continues from ``checkpoint.pt``,
+    ``cfg.rao``) with a cosine learning-rate schedule, the task loss (cross-entropy, class-weighted
+    with ``cfg.class_weights="balanced"``, or MSE plus ``1 − CCC``) plus the model's consistency
+    regulariser (LSEF models), and records one row of metrics per epoch. ``train`` is ``(x, t,
+    num_classes[, lengths[, mask]])`` (a :class:`ClipSet`), ``val`` ``(x, t[, lengths])`` or a
+    ClipSet; a ClipSet's frame ``mask`` reaches the model in every training and val forward
+    (``model(x, lengths, mask=mask)``). Each epoch records the val score and the val loss
+    (:meth:`task_loss`), from one pass over val. With ``cfg.out`` it writes ``checkpoint.pt`` after
+    every epoch, ``best.pt`` whenever the val score (``cfg.select``: WAR or UAR; mean CCC for
+    regression) improves, or stays equal with a lower val loss, or stays equal with an equal val
+    loss (the later epoch is kept; :func:`select_best`, whose record ``best`` says which epoch and
+    why), and ``metrics.csv`` / ``metrics.json``; ``cfg.resume`` continues from ``checkpoint.pt``,
     writing the metrics files again from its history first, and starts from epoch 0 (with
     ``resumed`` False and the line ``resume_note``) where ``out`` holds no run files at all.
-    ``cfg.patience``: stop once that many epochs have passed without a higher val score or an
-    equal one with a lower val loss. ``cfg.amp`` (``"bf16"``, or ``"fp16"`` on CUDA with a
-    GradScaler, whose state is checkpointed): the forward and loss of each step, and the val
-    forward, run under :func:`amp_autocast` (see :meth:`train_step`). ``net`` is the last
-    epoch's model; ``best.pt`` holds the best one. ``meta`` (from
-    :func:`prepare_data`) is saved in every checkpoint, so that :func:`load_checkpoint`
-    rebuilds the model and its inputs from the file alone.
+    ``cfg.patience``: stop once that many epochs have passed without a higher val score or an equal
+    one with a lower val loss. ``cfg.amp`` (``"bf16"``, or ``"fp16"`` on CUDA with a GradScaler,
+    whose state is checkpointed): the forward and loss of each step, and the val forward, run under
+    :func:`amp_autocast` (see :meth:`train_step`). ``net`` is the last epoch's model; ``best.pt``
+    holds the best one. ``meta`` (from :func:`prepare_data`) is saved in every checkpoint, so that
+    :func:`load_checkpoint` rebuilds the model and its inputs from the file alone.
 
     Before anything is built, :func:`check_run_folder` checks ``cfg.out``: a folder that
     cannot be written, or that holds a run while neither ``cfg.resume`` nor ``cfg.overwrite``
@@ -853,9 +916,11 @@ class Trainer:
                 torch.cuda.set_device(self.device)
         self.x, self.t, self.num_classes = train[0], train[1], int(train[2])
         self.lengths = train[3] if len(train) > 3 else None
-        if val is not None:  # (x, t), (x, t, lengths) or a ClipSet (x, t, n, lengths)
+        self.mask = train[4] if len(train) > 4 else None
+        if val is not None:  # (x, t), (x, t, lengths) or a ClipSet (x, t, n, lengths, mask)
+            vmask = val.mask if isinstance(val, ClipSet) else None
             vlen = val.lengths if isinstance(val, ClipSet) else val[2] if len(val) > 2 else None
-            val = (val[0], val[1], vlen)
+            val = (val[0], val[1], vlen, vmask)
         self.val = val
         self.meta = dict(meta or {})
         if cfg.task == "regression":
@@ -1063,9 +1128,11 @@ class Trainer:
             loss = loss + model.regulariser(out)
         return loss
 
-    def train_step(self, xb: Tensor, tb: Tensor, lb: Optional[Tensor] = None) -> float:
-        """One optimisation step on a batch (``lb``: its clips' valid frames); returns the
-        loss.
+    def train_step(
+        self, xb: Tensor, tb: Tensor, lb: Optional[Tensor] = None, mb: Optional[Tensor] = None
+    ) -> float:
+        """One optimisation step on a batch (``lb``: its clips' valid frames; ``mb``: its frame
+        mask); returns the loss.
 
         With ``cfg.amp`` the forward and the loss run under :func:`amp_autocast` and the
         backward outside it (PyTorch's AMP recipe); the parameters, their gradients and the
@@ -1073,7 +1140,7 @@ class Trainer:
         unscales the gradients before the optimizer (RAO, where on, so scales true gradients)
         steps; a step whose gradients hold Inf or NaN is skipped and the scale lowered."""
         with amp_autocast(self.device, self.cfg.amp):
-            loss = self._loss(_call(self.model, xb, lb), tb)
+            loss = self._loss(_call(self.model, xb, lb, mb), tb)
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
@@ -1116,7 +1183,12 @@ class Trainer:
             for i in bar:
                 idx = mine[i : i + cfg.batch_size]
                 lb = None if self.lengths is None else self.lengths[idx].to(self.device)
-                loss = self.train_step(self.x[idx].to(self.device), self.t[idx].to(self.device), lb)
+                mb = None if self.mask is None else self.mask[idx].to(self.device)
+                xb, tb = self.x[idx].to(self.device), self.t[idx].to(self.device)
+                # mb only where there is one: a train_step overridden with the older
+                # (xb, tb, lb) signature keeps working
+                args = (xb, tb, lb) if mb is None else (xb, tb, lb, mb)
+                loss = self.train_step(*args)
                 total, n = total + loss * idx.numel(), n + idx.numel()
                 bar.set_postfix(loss=f"{loss:.3f}")
             bar.close()
@@ -1128,7 +1200,7 @@ class Trainer:
             }
             improved = False
             if self.val is not None:
-                vx, vt, vlen = self.val
+                vx, vt, vlen, vmask = self.val
                 scores = evaluate(
                     _unwrap(self.model),
                     vx,
@@ -1139,6 +1211,7 @@ class Trainer:
                     self.meta.get("target_names"),
                     loss=self.task_loss,
                     amp=cfg.amp,
+                    mask=vmask,
                 )
                 row.update({f"val_{k}": v for k, v in scores.items()})
                 metric = cfg.select if cfg.task == "classification" else "ccc_mean"

@@ -340,6 +340,11 @@ def _train(args: argparse.Namespace) -> int:
         )
     elif args.frames is not None and args.frames < 4:
         raise UserError(f"--frames {args.frames}: the synthetic data needs at least 4 frames")
+    if args.data is None and args.missing_frames != "error":
+        raise UserError(
+            "--missing-frames applies to a FeatureFolder (--data); synthetic clips have no "
+            "missing frames"
+        )
 
     from lsef_ext.data import CONDITIONS
     from lsef_ext.train import (
@@ -381,6 +386,7 @@ def _train(args: argparse.Namespace) -> int:
         select=args.select,
         val_fraction=args.val_fraction,
         amp=args.amp,
+        missing_frames=_missing_frames(args.missing_frames),
     )
     rank, world, _ = distributed_env()
     try:  # before the data is loaded and anything trains
@@ -478,7 +484,20 @@ def _model_notes(cfg, train, meta) -> List[str]:
             f"shorter ones are zero-padded to {train.x.shape[1]} and masked (padded frames "
             "change no output)"
         )
+    if train.mask is not None:
+        from lsef_ext.data import _valid_mask
+
+        gone = ~train.mask & _valid_mask(train.x, train.lengths)[..., 0]  # not the padding
+        notes.append(
+            f"{int(gone.sum())} missing frame(s) (all NaN) in {int(gone.any(1).sum())} training "
+            "clip(s): set to 0 and masked (--missing-frames nan; missing frames change no output)"
+        )
     return notes
+
+
+def _missing_frames(flag: Optional[str]) -> Optional[str]:
+    """TrainConfig.missing_frames of a --missing-frames value ("error" is None)."""
+    return None if flag in (None, "error") else flag
 
 
 def _open_checkpoint(args: argparse.Namespace):
@@ -492,14 +511,17 @@ def _open_checkpoint(args: argparse.Namespace):
         raise UserError(str(e)) from e
 
 
-def _checkpoint_config(ck, data: Optional[str]):
-    """The TrainConfig of a checkpoint's run, pointed at ``data`` (a folder) where given."""
+def _checkpoint_config(ck, data: Optional[str], missing_frames: Optional[str] = None):
+    """The TrainConfig of a checkpoint's run, pointed at ``data`` (a folder) where given, with
+    ``missing_frames`` (a --missing-frames value; None: the run's own)."""
     import dataclasses
 
     from lsef_ext.train import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in ck.config.items() if k in names})
+    if missing_frames is not None:
+        cfg.missing_frames = _missing_frames(missing_frames)
     if data is not None:
         if not os.path.isdir(data):
             raise UserError(f"--data {data}: no such folder")
@@ -510,7 +532,7 @@ def _checkpoint_config(ck, data: Optional[str]):
 
 
 def _conditions(text: str) -> Tuple[str, ...]:
-    from lsef_ext.data import CONDITIONS, CORRUPTIONS
+    from lsef_ext.data import CONDITIONS
 
     if text == "all":
         return CONDITIONS
@@ -521,7 +543,7 @@ def _conditions(text: str) -> Tuple[str, ...]:
     if bad or not chosen:
         raise UserError(
             f"--corruptions {text!r}: expected all, none, or a comma-separated list of "
-            f"{', '.join(CORRUPTIONS)}"
+            f"{', '.join(CONDITIONS[1:])}"
         )
     return ("clean",) + tuple(c for c in chosen if c != "clean")
 
@@ -531,7 +553,7 @@ def _eval(args: argparse.Namespace) -> int:
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     ck = _open_checkpoint(args)  # first: a mistyped checkpoint path creates no folder
     _writable_folder(out, "--out")
-    cfg = _checkpoint_config(ck, args.data)
+    cfg = _checkpoint_config(ck, args.data, args.missing_frames)
     _apply_threads(args, cap=None)
     import json
 
@@ -553,16 +575,16 @@ def _eval(args: argparse.Namespace) -> int:
     names = ck.meta.get("class_names"), ck.meta.get("target_names")
     results = {}
     for c, data in sets.items():
-        p = predict(ck.model, data.x, device=args.device, lengths=data.lengths)
+        p = predict(ck.model, data.x, device=args.device, lengths=data.lengths, mask=data.mask)
         results[c] = detailed_metrics(p, data.t, task, *names)
     print(
         f"lsef eval: {args.checkpoint} ({cfg.model}, epoch {ck.epoch}) on {where}, split "
         f"{args.split} ({first.x.shape[0]} clips)"
     )
     if task == "classification":
-        print(f"  {'condition':<12} {'WAR %':>7} {'UAR %':>7}")
+        print(f"  {'condition':<16} {'WAR %':>7} {'UAR %':>7}")
         for c, m in results.items():
-            print(f"  {c:<12} {100 * m['war']:7.1f} {100 * m['uar']:7.1f}")
+            print(f"  {c:<16} {100 * m['war']:7.1f} {100 * m['uar']:7.1f}")
         recall = results["clean"]["recall"]
         print(
             "  clean recall per class: "
@@ -570,9 +592,9 @@ def _eval(args: argparse.Namespace) -> int:
         )
     else:
         keys = [k for k in results["clean"] if k.startswith("ccc_")]
-        print(f"  {'condition':<12} " + " ".join(f"{k:>14}" for k in keys))
+        print(f"  {'condition':<16} " + " ".join(f"{k:>14}" for k in keys))
         for c, m in results.items():
-            print(f"  {c:<12} " + " ".join(f"{m[k]:14.4f}" for k in keys))
+            print(f"  {c:<16} " + " ".join(f"{m[k]:14.4f}" for k in keys))
     os.makedirs(out, exist_ok=True)
     report = {
         "checkpoint": os.path.abspath(args.checkpoint),
@@ -622,10 +644,13 @@ def _predict(args: argparse.Namespace) -> int:
             split=None if args.split == "all" else args.split,
             frames=meta.get("frames"),
             labelled=False,
+            missing_frames=_missing_frames(
+                args.missing_frames or ck.config.get("missing_frames") or "error"
+            ),
         )
     except (ValueError, OSError) as e:
         raise UserError(f"--data {args.data}: {e}") from e
-    x, lengths = ds.x, ds.lengths
+    x, lengths, mask = ds.x, ds.lengths, ds.mask
     d_in = getattr(ck.model, "d_in", x.shape[-1])
     if x.shape[-1] != d_in:
         raise UserError(
@@ -634,9 +659,9 @@ def _predict(args: argparse.Namespace) -> int:
         )
     if meta.get("norm"):
         norm = meta["norm"]
-        x = standardise(x, torch.tensor(norm["mean"]), torch.tensor(norm["std"]), lengths)
+        x = standardise(x, torch.tensor(norm["mean"]), torch.tensor(norm["std"]), lengths, mask)
     full = bool((lengths == x.shape[1]).all())
-    p = predict(ck.model, x, device=args.device, lengths=None if full else lengths)
+    p = predict(ck.model, x, device=args.device, lengths=None if full else lengths, mask=mask)
     task = ck.config.get("task", "classification")
     if task == "classification":
         names = meta.get("class_names") or [str(i) for i in range(p.shape[-1])]
@@ -766,6 +791,16 @@ def _version() -> str:
         return version("lsef_ext")
     except PackageNotFoundError:
         return "(lsef_ext is not installed)"
+
+
+def _missing_frames_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--missing-frames",
+        choices=["error", "nan"],
+        default=None,
+        help="a FeatureFolder's NaN features: error, or nan (a frame that is NaN in every "
+        "channel is missing and masked) (default: what the checkpoint's run was trained with)",
+    )
 
 
 def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
@@ -919,8 +954,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --resume: continue although --lr, --weight-decay, --ops, --data, "
         "--batch-size, --seed, --frames, --no-normalise, --class-weights, --select, "
-        "--val-fraction, --amp (synthetic data: --dim, --n-train) differ from the checkpoint's "
-        "run; the new values apply from the next step. Careful: where a folder has no val split, "
+        "--val-fraction, --amp, --missing-frames (synthetic data: --dim, --n-train) differ "
+        "from the checkpoint's run; the new values apply from the next step. Careful: where a "
+        "folder has no val split, "
         "--seed and --val-fraction choose the held-out clips, so changing them moves clips "
         "between train and val. Without it such a resume is refused",
     )
@@ -950,6 +986,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="stop when the val score has not improved (nor stayed equal with a lower val "
         "loss) for N epochs (default: train all epochs)",
+    )
+    t.add_argument(
+        "--missing-frames",
+        choices=["error", "nan"],
+        default="error",
+        help="a FeatureFolder's NaN features: error (refused, the default), or nan: a frame "
+        "that is NaN in every channel is a missing frame (set to 0, and masked: the models "
+        "ignore it); a NaN in any other frame is still an error",
     )
     t.add_argument(
         "--val-fraction",
@@ -984,9 +1028,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--corruptions",
         default="all",
         metavar="all|none|LIST",
-        help="test-time corruptions besides clean: all, none, or a comma-separated list of "
-        "frame_drop, impulse, gaussian",
+        help="test conditions besides clean: all, none, or a comma-separated list of "
+        "frame_drop, frame_drop_known (the same dropped frames, the model told which by a frame "
+        "mask), impulse, gaussian",
     )
+    _missing_frames_flag(e)
     e.add_argument(
         "--out",
         default=None,
@@ -1018,6 +1064,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CSV",
         help="where to write one row per clip: class and probabilities, or target values",
     )
+    _missing_frames_flag(pr)
     pr.set_defaults(fn=_predict)
 
     ex = command(

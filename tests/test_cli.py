@@ -116,7 +116,7 @@ def test_demo_quick_trains_reports_and_draws(tmp_path):
     out = lsef("demo", "--quick", "--threads", "1", "--out", str(tmp_path / "demo"), timeout=600)
     assert f"figures and results.json go to {tmp_path / 'demo'}" in out
     assert "| LSEF |" in out and "| temporal transformer |" in out and "| mean-pool MLP |" in out
-    for condition in ("clean", "frame_drop", "impulse", "gaussian"):
+    for condition in ("clean", "frame_drop", "frame_drop_known", "impulse", "gaussian"):
         assert f"{condition} WAR / UAR" in out
     for name in ("decomposition.png", "training.png", "robustness.png"):
         data = (tmp_path / "demo" / name).read_bytes()
@@ -159,6 +159,7 @@ def test_train_writes_checkpoint_and_resumes(tmp_path):
     assert [line.split(":")[0] for line in tests] == [
         "  test under clean",
         "  test under frame_drop",
+        "  test under frame_drop_known",
         "  test under impulse",
         "  test under gaussian",
     ]

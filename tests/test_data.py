@@ -12,6 +12,7 @@ from lsef_ext.data import (
     CONDITIONS,
     CORRUPTIONS,
     EVENT_CHANNELS,
+    MASKED_CONDITIONS,
     NUISANCE_RANK,
     TONE_RANK,
     FeatureFolder,
@@ -212,8 +213,10 @@ def test_corruption_is_seeded_and_dataset_applies_it(kind):
 
 
 def test_conditions_are_clean_then_each_corruption():
-    assert CONDITIONS == ("clean", "frame_drop", "impulse", "gaussian")
-    assert CONDITIONS[1:] == CORRUPTIONS
+    # frame drop twice: the model not told, then told which frames (frame_drop_known)
+    assert CONDITIONS == ("clean", "frame_drop", "frame_drop_known", "impulse", "gaussian")
+    assert tuple(c for c in CONDITIONS[1:] if c not in MASKED_CONDITIONS) == CORRUPTIONS
+    assert MASKED_CONDITIONS == {"frame_drop_known": "frame_drop"}
 
 
 def test_corrupt_bad_arguments():

@@ -277,11 +277,12 @@ def test_train_eval_predict_on_a_folder_without_val_and_with_variable_lengths(tm
 
     rc, out, err = run(capsys, ["eval", str(runs / "best.pt"), "--data", str(root)])
     assert rc == 0, err
-    for c in ("clean", "frame_drop", "impulse", "gaussian"):
-        assert f"  {c:<12} " in out
+    conditions = ["clean", "frame_drop", "frame_drop_known", "impulse", "gaussian"]
+    for c in conditions:
+        assert f"  {c:<16} " in out
     assert "clean recall per class: ang " in out
     report = json.loads((runs / "eval.json").read_text())
-    assert list(report["conditions"]) == ["clean", "frame_drop", "impulse", "gaussian"]
+    assert list(report["conditions"]) == conditions
     clean = report["conditions"]["clean"]
     assert clean["n"] == 9 and sum(map(sum, clean["confusion"])) == 9
     assert set(clean["recall"]) == set(CLASSES)

@@ -117,8 +117,9 @@ def test_evaluate_conditions():
         assert torch.equal(x, ref_x) and torch.equal(y, ref_y)
     m = evaluate_conditions(model, cfg)
     assert tuple(m) == CONDITIONS
-    for c, (x, y, *_) in sets.items():
-        assert m[c] == evaluate(model, x, y)
+    for c, (x, y, *_) in sets.items():  # the mask is given under frame_drop_known only
+        assert (sets[c].mask is not None) == (c == "frame_drop_known")
+        assert m[c] == evaluate(model, x, y, mask=sets[c].mask)
     # given test sets are used as they are; missing conditions are loaded
     assert evaluate_conditions(model, cfg, test_sets=sets) == m
     assert evaluate_conditions(model, cfg, ("impulse", "clean"), {"clean": sets["clean"]}) == {
@@ -169,7 +170,7 @@ def test_load_data_feature_folder(tmp_path):
         for i in range(6):
             f.write(f"c{i},{'ab'[i % 2]},{'train' if i < 4 else 'test'}\n")
             np.save(tmp_path / "features" / f"c{i}.npy", np.random.rand(10 + i, 5))
-    x, y, nc, _ = load_data(config(data=str(tmp_path), T=8), "train")
+    x, y, nc = load_data(config(data=str(tmp_path), T=8), "train")[:3]
     assert x.shape == (4, 8, 5) and y.tolist() == [0, 1, 0, 1] and nc == 2
 
 
