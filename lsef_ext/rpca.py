@@ -221,6 +221,12 @@ def rpca_ialm(
     to :func:`masked_lambda`.
 
     Returns ``(L, S, iterations)``, ``iterations`` of shape ``*`` (int64), per matrix.
+
+    The loop carries the scaled multiplier ``W = Y / mu`` rather than ``Y`` (the same
+    iterates, in fewer passes over the data): with ``R = X + W`` and ``B = R - L``, the
+    sparse step is ``S = B - clamp(B, -t, t)`` (``t = lam / mu``: that is the soft threshold),
+    ``W + Z = B - S`` (``Z = X - L - S``, the residual), and the next ``W`` is
+    ``(W + Z) mu / mu'``; unmasked, ``B - S`` is the ``clamp`` itself.
     """
     if lam is None:
         lam = pcp_lambda(X) if mask is None else masked_lambda(X, mask)
@@ -229,8 +235,8 @@ def rpca_ialm(
     # more than a few iterations).
     norm_two = _safe(ops.rsvd(X, 1)[1][..., :1, None])
     norm_inf = X.abs().amax(dim=(-2, -1), keepdim=True) / lam
-    Y = X / torch.maximum(norm_two, norm_inf)
     mu = 1.25 / norm_two
+    W = X / (torch.maximum(norm_two, norm_inf) * mu)  # Y / mu, Y the multiplier
     mu_max = mu * 1e7
     rho = 1.5
     x_norm = _safe(torch.linalg.matrix_norm(X, keepdim=True))
@@ -238,13 +244,19 @@ def rpca_ialm(
     S = torch.zeros_like(X)
     state = _Stopping(X, every, early_stop)
     for it in range(1, max_iter + 1):
-        L_new = rank_k_svt(ops, X - S + Y / mu, k, (1 / mu).squeeze(-1))
-        S_new = _fill(mask, ops.soft_threshold(X - L_new + Y / mu, None, lam / mu), L_new)
-        Z = X - L_new - S_new
-        L, S, Y, mu = state.hold(
-            (L, S, Y, mu), (L_new, S_new, Y + mu * Z, torch.minimum(mu * rho, mu_max))
-        )
-        if state.update(torch.linalg.matrix_norm(Z, keepdim=True) / x_norm, tol, it):
+        R = X + W
+        L_new = rank_k_svt(ops, R - S, k, (1 / mu).squeeze(-1))
+        B = R - L_new
+        t = lam / mu
+        C = torch.clamp(B, -t, t)
+        S_new = B - C
+        if mask is not None:
+            S_new = _fill(mask, S_new, L_new)
+            C = B - S_new  # W + Z: the residual is 0 off the mask
+        mu_new = torch.minimum(mu * rho, mu_max)
+        err = torch.linalg.vector_norm(C - W, dim=(-2, -1), keepdim=True) / x_norm
+        L, S, W, mu = state.hold((L, S, W, mu), (L_new, S_new, C * (mu / mu_new), mu_new))
+        if state.update(err, tol, it):
             break
     return L, _observed(mask, S), state.iterations()
 
