@@ -32,6 +32,8 @@ from torch import Tensor
 
 RPCA_MAX_ITER = 100
 RPCA_TOL = 1e-7
+# IALM's growth factor of the penalty mu per iteration (Lin, Chen & Ma 2010 use 1.5).
+RPCA_RHO = 1.5
 UNROLLED_STEPS = 3
 MAD_TO_SIGMA = 1.4826  # 1 / Phi^-1(3/4): the median absolute deviation of N(0, s^2) is s / 1.4826
 
@@ -238,7 +240,7 @@ def rpca_ialm(
     mu = 1.25 / norm_two
     W = X / (torch.maximum(norm_two, norm_inf) * mu)  # Y / mu, Y the multiplier
     mu_max = mu * 1e7
-    rho = 1.5
+    rho = RPCA_RHO
     x_norm = _safe(torch.linalg.matrix_norm(X, keepdim=True))
     L = torch.zeros_like(X)
     S = torch.zeros_like(X)
