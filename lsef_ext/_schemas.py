@@ -48,6 +48,14 @@ SCHEMAS = {
     # The counter-based generator behind rsvd's test matrix, exposed for tests.
     "_philox_words": ("_philox_words(int blocks, int seed) -> Tensor", ()),
     "_philox_normal": ("_philox_normal(int count, int seed) -> Tensor", ()),
+    # The elementwise half of one robust-PCA iteration (lsef_ext/rpca.py, rpca_ialm), CPU
+    # only: W, S and A updated in place from X, L and per-matrix t = lam / mu, ratio = mu / mu'
+    # (matrices marked done left alone); returns err2, the residual's squared norm per matrix.
+    "_ialm_step_": (
+        "_ialm_step_(Tensor X, Tensor L, Tensor(a!) W, Tensor(b!) S, Tensor(c!) A, Tensor t, "
+        "Tensor ratio, Tensor done) -> Tensor",
+        (),
+    ),
     # The CPU path rsvd takes for a batch of (m, n) matrices: an index into ops.RSVD_PATHS.
     "_rsvd_path": (
         "_rsvd_path(int m, int n, int k, int oversample, int n_iter, bool float64, int batch=1) "

@@ -870,6 +870,25 @@ def _lowrank_backward_fake(grad, U, V):
     return grad.new_empty(grad.shape)
 
 
+@torch.library.register_fake("lsef::_ialm_step_")
+def _ialm_step_fake(X, L, W, S, A, t, ratio, done):
+    return X.new_empty((X.shape[:-2].numel(),), dtype=torch.float64)
+
+
+def _ialm_step_(
+    X: Tensor, L: Tensor, W: Tensor, S: Tensor, A: Tensor, t: Tensor, ratio: Tensor, done: Tensor
+) -> Tensor:
+    """The elementwise half of one iteration of :func:`lsef_ext.rpca.rpca_ialm` in one pass (CPU
+    kernel; internal). ``X``, ``L``, ``W``, ``S``, ``A``: contiguous ``(*, m, n)``; ``t``,
+    ``ratio``: one value per matrix, ``done`` (bool) too, in any shape holding ``*`` values.
+    With ``B = (X + W) - L`` and ``C = clamp(B, -t, t)``, it sets ``S = B - C``,
+    ``W = C ratio`` and ``A = (X + W) - S`` (the new W) in place, the bits of those ATen
+    expressions, except in the matrices where ``done`` is True, which it leaves alone; returns
+    the sum of ``(C - W_old)^2`` per matrix (float64, shape ``*``; 0 where done)."""
+    err2 = torch.ops.lsef._ialm_step_(X, L, W, S, A, t, ratio, done)
+    return err2.view(X.shape[:-2])
+
+
 def _svd_factors(S: Tensor):
     """Townsend's regularised factors for a spectrum S (*, k), as rsvd_backward (C++) forms
     them: ``F_ij = E / (E^2 + tau^4)``, ``E = s_j^2 - s_i^2``, and ``S^-1 = s / (s^2 +

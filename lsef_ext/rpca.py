@@ -245,6 +245,8 @@ def rpca_ialm(
     L = torch.zeros_like(X)
     S = torch.zeros_like(X)
     state = _Stopping(X, every, early_stop)
+    if _fused_step(ops, X, lam, mask):
+        return _rpca_ialm_fused(ops, X, k, lam, max_iter, tol, state, W, mu, mu_max, rho, x_norm)
     for it in range(1, max_iter + 1):
         R = X + W
         L_new = rank_k_svt(ops, R - S, k, (1 / mu).squeeze(-1))
@@ -261,6 +263,41 @@ def rpca_ialm(
         if state.update(err, tol, it):
             break
     return L, _observed(mask, S), state.iterations()
+
+
+def _rpca_ialm_fused(ops, X, k, lam, max_iter, tol, state, W, mu, mu_max, rho, x_norm):
+    """:func:`rpca_ialm`'s loop, unmasked, with its elementwise half in one in-place pass
+    (``ops._ialm_step_``): the same bits. ``W`` (this function's own tensor), ``S`` and the SVT
+    input ``A`` are updated in place, a stopped matrix's left alone by the op (its hold), so only
+    ``L`` and ``mu`` go through :meth:`_Stopping.hold`."""
+    S = torch.zeros_like(X)
+    A = X + W  # (X + W) - S with S = 0
+    L = torch.zeros_like(X)
+    flat = X.shape[:-2].numel()
+    for it in range(1, max_iter + 1):
+        L_new = rank_k_svt(ops, A, k, (1 / mu).squeeze(-1))
+        mu_new = torch.minimum(mu * rho, mu_max)
+        done = state.done.reshape(flat) if state.frozen else torch.zeros(flat, dtype=torch.bool)
+        err2 = ops._ialm_step_(X, L_new, W, S, A, lam / mu, mu / mu_new, done)
+        err = torch.sqrt(err2).to(X.dtype)[..., None, None] / x_norm
+        L, mu = state.hold((L, mu), (L_new, mu_new))
+        if state.update(err, tol, it):
+            break
+    return L, S, state.iterations()
+
+
+def _fused_step(ops, X: Tensor, lam, mask: Optional[Tensor]) -> bool:
+    """Whether :func:`rpca_ialm` takes the fused CPU step (``ops._ialm_step_``): the compiled op
+    set, no mask, a contiguous float32 or float64 CPU tensor outside autograd, in plain eager mode
+    (:func:`may_sync`; traced code and functorch transforms take the ATen expressions), and a
+    weight that keeps X's dtype."""
+    if mask is not None or not hasattr(ops, "_ialm_step_") or X.device.type != "cpu":
+        return False
+    if X.dtype not in (torch.float32, torch.float64) or X.requires_grad or not X.is_contiguous():
+        return False
+    if isinstance(lam, Tensor) and lam.dtype != X.dtype:
+        return False
+    return may_sync(X)
 
 
 def _observed(mask: Optional[Tensor], S: Tensor) -> Tensor:
