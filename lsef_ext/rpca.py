@@ -242,11 +242,11 @@ def rpca_ialm(
     mu_max = mu * 1e7
     rho = RPCA_RHO
     x_norm = _safe(torch.linalg.matrix_norm(X, keepdim=True))
-    L = torch.zeros_like(X)
-    S = torch.zeros_like(X)
     state = _Stopping(X, every, early_stop)
     if _fused_step(ops, X, lam, mask):
         return _rpca_ialm_fused(ops, X, k, lam, max_iter, tol, state, W, mu, mu_max, rho, x_norm)
+    L = torch.zeros_like(X)
+    S = torch.zeros_like(X)
     for it in range(1, max_iter + 1):
         R = X + W
         L_new = rank_k_svt(ops, R - S, k, (1 / mu).squeeze(-1))

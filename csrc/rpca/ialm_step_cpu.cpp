@@ -2,8 +2,9 @@
 // (float32, float64). lsef_ext/rpca.py's rpca_ialm carries the scaled multiplier W = Y / mu; after
 // the singular value thresholding has given L, the rest of the iteration is, per entry,
 //
-//   B = (X + W) - L          C = clamp(B, -t, t)        S = B - C         (the soft threshold)
-//   Z = C - W  (the residual X - L - S)    W' = C * ratio    A = (X + W') - S  (the next SVT's input)
+//   B = (X + W) - L      C = clamp(B, -t, t)      S = B - C  (the soft threshold)
+//   Z = C - W  (the residual X - L - S)      W' = C * ratio
+//   A = (X + W') - S  (the next SVT's input)
 //
 // with t = lam / mu and ratio = mu / mu' per matrix, and err2 = sum Z^2 per matrix. The same
 // operations in the same order as the ATen expressions of the Python loop, one rounding each:
@@ -65,8 +66,9 @@ void check_batch(const Tensor& t, const char* name, const Tensor& X) {
   check_same_device(kOp, name, t, "X", X);
 }
 
-// W, S and A are updated in place (they are the loop's own buffers): no output is allocated,
-// since faulting in fresh pages for three outputs cost more than the pass itself. Matrices whose
+// W, S and A are updated in place (they are the loop's own buffers): no output is allocated (an
+// out-of-place version, three fresh outputs a call and their page faults, ran at about 9 GB/s,
+// docs/DESIGN.md §8). Matrices whose
 // `done` flag is set are left as they are (the loop's hold), and get err2 = 0.
 Tensor ialm_step_cpu(const Tensor& X, const Tensor& L, Tensor W, Tensor S, Tensor A,
                      const Tensor& t_in, const Tensor& ratio_in, const Tensor& done_in) {
@@ -74,8 +76,8 @@ Tensor ialm_step_cpu(const Tensor& X, const Tensor& L, Tensor W, Tensor S, Tenso
   check_cpu_dtype(kOp, "X", X);
   check_min_dim(kOp, "X", X, 2, "(*, m, n)");
   LSEF_CHECK(X.is_contiguous(), kOp, ": X must be contiguous");
-  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&L, "L"}, {&W, "W"}, {&S, "S"},
-                         {&A, "A"}}) {
+  for (auto [t, name] :
+       {std::pair<const Tensor*, const char*>{&L, "L"}, {&W, "W"}, {&S, "S"}, {&A, "A"}}) {
     check_batch(*t, name, X);
     LSEF_CHECK_VALUE(same_sizes(t->sizes(), X.sizes()), kOp, ": ", name, " must have X's shape ",
                      shape(X), ", got ", shape(*t));
@@ -93,8 +95,8 @@ Tensor ialm_step_cpu(const Tensor& X, const Tensor& L, Tensor W, Tensor S, Tenso
   LSEF_CHECK(done_in.scalar_type() == kBool, kOp, ": done must be a bool tensor, got ",
              done_in.scalar_type());
   check_same_device(kOp, "done", done_in, "X", X);
-  LSEF_CHECK_VALUE(done_in.numel() == count, kOp, ": done must hold one value per matrix (",
-                   count, "), got shape ", shape(done_in));
+  LSEF_CHECK_VALUE(done_in.numel() == count, kOp, ": done must hold one value per matrix (", count,
+                   "), got shape ", shape(done_in));
   const Tensor tt = as_contiguous(t_in), ratio = as_contiguous(ratio_in);
   const Tensor done = as_contiguous(done_in);
   Tensor err2 = empty_as(X, {count}, kDouble);
@@ -112,8 +114,7 @@ Tensor ialm_step_cpu(const Tensor& X, const Tensor& L, Tensor W, Tensor S, Tenso
     parallel_for(0, count, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t o = b * per;
-        e[b] = skip[b] ? 0.0
-                       : step_matrix<T>(x + o, l + o, w + o, tv[b], rv[b], s + o, a + o, per);
+        e[b] = skip[b] ? 0.0 : step_matrix<T>(x + o, l + o, w + o, tv[b], rv[b], s + o, a + o, per);
       }
     });
   });
