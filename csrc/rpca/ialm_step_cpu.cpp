@@ -68,8 +68,8 @@ void check_batch(const Tensor& t, const char* name, const Tensor& X) {
 
 // W, S and A are updated in place (they are the loop's own buffers): no output is allocated (an
 // out-of-place version, three fresh outputs a call and their page faults, ran at about 9 GB/s,
-// docs/DESIGN.md §8). Matrices whose
-// `done` flag is set are left as they are (the loop's hold), and get err2 = 0.
+// docs/DESIGN.md §8). Matrices whose `done` flag is set are left as they are (the loop's hold),
+// and get err2 = 0.
 Tensor ialm_step_cpu(const Tensor& X, const Tensor& L, Tensor W, Tensor S, Tensor A,
                      const Tensor& t_in, const Tensor& ratio_in, const Tensor& done_in) {
   check_defined(kOp, "X", X);
