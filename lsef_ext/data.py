@@ -61,6 +61,7 @@ __all__ = [
     "stratified_split",
     "read_ts",
     "ts_to_feature_folder",
+    "background_video",
 ]
 
 CLASS_NAMES = ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")
@@ -130,6 +131,61 @@ def _world(D: int, seed: int) -> _World:
 def _smooth_walk(n: int, T: int, r: int, step: float, g: torch.Generator) -> Tensor:
     """(n, T, r) random walks started at 0, normalised to unit step std."""
     return torch.cumsum(torch.randn(n, T, r, generator=g), dim=1) * step
+
+
+def background_video(
+    frames: int = 400,
+    height: int = 24,
+    width: int = 32,
+    seed: int = 0,
+    noise: float = 0.0,
+    dtype: torch.dtype = torch.float64,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """A surveillance-style grey-level video, robust PCA's classic task (Candes, Li, Ma &
+    Wright 2011, Sec. 4.1): a static scene under slowly changing light (rank 3: three fixed
+    patterns, each with its own slow gain over time) and, on top, a bright 4 x 4 object moving
+    along a wavy path and a dark 3 x 3 one that moves down the left of the frame in every other
+    spell of 50 frames; plus, with ``noise``, Gaussian noise of that standard deviation.
+
+    Returns ``(X, L, S)``, each ``(frames, height * width)`` (a frame per row): the video, its
+    background and its foreground, ``X = L + S`` (+ the noise)."""
+    _check_int("background_video", "frames", frames, 1)
+    _check_int("background_video", "height", height, 4)
+    _check_int("background_video", "width", width, 5)
+    _check_number("background_video", "noise", noise)
+    if not (noise >= 0 and math.isfinite(noise)):
+        raise ValueError(f"background_video: noise must be a finite number >= 0, got {noise}")
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(
+        torch.linspace(0, 1, height, dtype=torch.float64),
+        torch.linspace(0, 1, width, dtype=torch.float64),
+        indexing="ij",
+    )
+    phase = 6.283 * torch.rand(3, generator=g, dtype=torch.float64)
+    patterns = torch.stack(
+        [
+            0.5 + 0.3 * torch.sin(3 * xx + phase[0]) * torch.cos(2 * yy + phase[1]),
+            xx * yy,
+            0.2 * torch.rand(height, width, generator=g, dtype=torch.float64),
+        ]
+    ).flatten(1)
+    t = torch.arange(frames, dtype=torch.float64)
+    light = 1 + 0.2 * torch.sin(t / 40 + phase[2])
+    gains = torch.stack([light, 0.3 * torch.cos(t / 25), 0.5 + 0.1 * torch.sin(t / 60)], dim=1)
+    L = gains @ patterns
+    F = torch.zeros(frames, height, width, dtype=torch.float64)
+    for i in range(frames):
+        x = int(i * 0.7) % (width - 4)
+        y = int(height / 2 + (height / 3) * math.sin(i / 15)) % (height - 4)
+        F[i, y : y + 4, x : x + 4] = 0.8
+        if (i // 50) % 2 == 1:
+            r = (i // 3) % (height - 3)
+            F[i, r : r + 3, 2:5] = -0.6
+    S = F.flatten(1)
+    X = L + S
+    if noise:
+        X = X + noise * torch.randn(X.shape, generator=g, dtype=torch.float64)
+    return X.to(dtype), L.to(dtype), S.to(dtype)
 
 
 def corrupt(

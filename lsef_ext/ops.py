@@ -24,6 +24,7 @@ from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.utils._pytree import tree_map
 
 from . import rpca as _rpca
+from .rpca import RPCAState
 
 Scalar = Union[float, Tensor]
 
@@ -36,6 +37,7 @@ __all__ = [
     "RSVD_PATHS",
     "lowrank",
     "lowrank_sparse",
+    "RPCAState",
     "get_ops",
 ]
 
@@ -1084,6 +1086,8 @@ def lowrank_sparse(
     noise: Union[None, float, str] = None,
     *,
     mask: Optional[Tensor] = None,
+    init: Optional[RPCAState] = None,
+    return_state: bool = False,
 ):
     """Split every ``X (*, m, n)`` into a rank-k part ``L`` and a sparse part ``S``.
 
@@ -1122,6 +1126,16 @@ def lowrank_sparse(
     Thm. 1.2), and with ``noise`` the thresholds count the observed entries only (DESIGN §8).
     A row or column with nothing observed gets ``L = 0`` (the completion of least nuclear norm).
 
+    ``return_state=True`` (``method="rpca"``, ``noise=None``, no ``mask``) returns
+    ``(L, S, state)``, an :class:`~lsef_ext.rpca.RPCAState` (the split, the multiplier, the
+    penalty and the iterations run); ``init=state`` starts the solver from it instead of cold:
+    on the same shape (``X`` changed a little, as the next training step's batch), or after
+    ``state.slide(stride)`` on the next window of a sliding window over the rows (frames). Its
+    fresh rows are first fitted robustly on the row space of the kept rows' ``L``, and the
+    penalty resumes a few growth steps below where the previous solve ended (DESIGN §8, "Warm
+    starts"). The stopping test is the cold one; the split is as good as the start it is given,
+    so start cold again after a cut in the video. Fewer than ``k`` kept rows: a cold start.
+
     The algorithms are in :mod:`lsef_ext.rpca`, written over this module's ops.
 
     Raises:
@@ -1130,6 +1144,8 @@ def lowrank_sparse(
         ValueError: ``X`` with fewer than 2 dimensions or an empty matrix; ``k`` outside
             ``[1, min(m, n)]``; a number ``lam`` below 0 or NaN; ``n_steps < 1``; an unknown
             ``method`` or ``noise``; ``mask`` not broadcastable to ``X`` or on another device;
+            ``init`` or ``return_state`` with ``method="unrolled"``, a ``noise`` or a ``mask``;
+            ``init`` not an ``RPCAState``, or its tensors of the wrong shape or device;
             and, checked in eager mode only (not while traced or under a functorch transform),
             a matrix with no observed entry, or ``k`` above the number of rows or of columns
             that hold an observed entry.
@@ -1143,14 +1159,61 @@ def lowrank_sparse(
     _check_lowrank_sparse(X, k, lam, n_steps)
     if mask is not None:
         _check_rpca_mask(X, k, mask)
+    if init is not None or return_state:
+        _check_rpca_init(X, method, noise, mask, init)
     if method == "rpca":
         _refuse_rpca_derivative(X, lam)
+    warm = dict(mask=mask, init=init, return_state=return_state)
     if X.dtype in _HALF + (torch.float32,) and torch.is_autocast_enabled(X.device.type):
         # A factorisation: computed in float32 with autocast off inside (DESIGN.md §14).
         with torch.autocast(X.device.type, enabled=False):
             up = lam.float() if isinstance(lam, Tensor) and lam.dtype in _HALF else lam
-            return lowrank_sparse(X.float(), k, up, n_steps, method, noise, mask=mask)
-    return _rpca.lowrank_sparse(sys.modules[__name__], X, k, lam, n_steps, method, noise, mask=mask)
+            return lowrank_sparse(X.float(), k, up, n_steps, method, noise, **warm)
+    return _rpca.lowrank_sparse(sys.modules[__name__], X, k, lam, n_steps, method, noise, **warm)
+
+
+def _check_rpca_init(X: Tensor, method, noise, mask, init) -> None:
+    """The checks of lowrank_sparse's ``init`` and ``return_state``: the exact unmasked solver
+    only; ``init`` an RPCAState whose tensors match X's batch, shape and device."""
+    op = "lowrank_sparse"
+    for bad, what in (
+        (method != "rpca", f"method={method!r}"),
+        (noise is not None, f"noise={noise!r}"),
+        (mask is not None, "a mask"),
+    ):
+        if bad:
+            raise ValueError(
+                f"{op}: init and return_state (a warm start) apply to method='rpca' with "
+                f"noise=None and no mask, got {what}"
+            )
+    if init is None:
+        return
+    if not isinstance(init, RPCAState):
+        raise TypeError(
+            f"{op}: init must be the RPCAState a call with return_state=True returned, got "
+            f"{type(init).__name__}"
+        )
+    batch = tuple(X.shape[:-2])
+    for name, want in (
+        ("L", X.shape),
+        ("S", X.shape),
+        ("Y", X.shape),
+        ("mu", batch + (1, 1)),
+    ):
+        t = getattr(init, name)
+        if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"{op}: init.{name} must be a floating-point tensor")
+        if tuple(t.shape) != tuple(want):
+            raise ValueError(
+                f"{op}: init.{name} has shape {list(t.shape)}, but X of shape {list(X.shape)} "
+                f"needs {list(want)} (slide the state for the next window: init.slide(stride))"
+            )
+        if t.device != X.device:
+            raise ValueError(f"{op}: init.{name} is on {t.device} but X is on {X.device}")
+    m = X.shape[-2]
+    fresh = init.fresh
+    if isinstance(fresh, bool) or not isinstance(fresh, int) or not 0 <= fresh <= m:
+        raise ValueError(f"{op}: init.fresh must be an int in [0, m] = [0, {m}], got {fresh!r}")
 
 
 def _check_rpca_mask(X: Tensor, k: int, mask) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -35,6 +35,11 @@ RPCA_TOL = 1e-7
 # IALM's growth factor of the penalty mu per iteration (Lin, Chen & Ma 2010 use 1.5).
 RPCA_RHO = 1.5
 UNROLLED_STEPS = 3
+# A warm start resumes this many growth steps below the penalty its previous solve ended at
+# (DESIGN §8, "Warm starts").
+WARM_BACKOFF = 2
+# Iterations of the robust fit that seeds a warm start's fresh rows (a few suffice: tested).
+FRESH_FIT_STEPS = 20
 MAD_TO_SIGMA = 1.4826  # 1 / Phi^-1(3/4): the median absolute deviation of N(0, s^2) is s / 1.4826
 
 Noise = Union[None, float, str]
@@ -209,7 +214,9 @@ def rpca_ialm(
     check_every: Optional[int] = None,
     early_stop: bool = True,
     mask: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
+    init: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+    full: bool = False,
+):
     """Principal component pursuit by the inexact augmented Lagrange multiplier method (Lin,
     Chen & Ma 2010, Alg. 5) with the singular value thresholding capped at rank k. A matrix
     stops when ``||X - L - S||_F < tol ||X||_F`` or its residual is not finite; the loop runs
@@ -222,7 +229,13 @@ def rpca_ialm(
     ``E = -L`` there (see :func:`_fill`), and ``S`` is returned 0 there. ``lam`` then defaults
     to :func:`masked_lambda`.
 
-    Returns ``(L, S, iterations)``, ``iterations`` of shape ``*`` (int64), per matrix.
+    Returns ``(L, S, iterations)``, ``iterations`` of shape ``*`` (int64), per matrix; with
+    ``full``, ``(L, S, iterations, Y, mu)``, the final multiplier and penalty as well.
+
+    ``init = (S, Y, mu)`` (unmasked only) starts the loop there instead of at ``S = 0``, ``Y``
+    the scaled ``X`` of Lin et al. and ``mu = 1.25 / ||X||_2``; ``mu`` is first clamped into
+    ``[1.25 / ||X||_2, 1e7 * 1.25 / ||X||_2]``, the cold run's range (a warm start:
+    :func:`warm_start`).
 
     The loop carries the scaled multiplier ``W = Y / mu`` rather than ``Y`` (the same
     iterates, in fewer passes over the data): with ``R = X + W`` and ``B = R - L``, the
@@ -238,15 +251,22 @@ def rpca_ialm(
     norm_two = _safe(ops.rsvd(X, 1)[1][..., :1, None])
     norm_inf = X.abs().amax(dim=(-2, -1), keepdim=True) / lam
     mu = 1.25 / norm_two
-    W = X / (torch.maximum(norm_two, norm_inf) * mu)  # Y / mu, Y the multiplier
     mu_max = mu * 1e7
+    if init is None:
+        W = X / (torch.maximum(norm_two, norm_inf) * mu)  # Y / mu, Y the multiplier
+        S = torch.zeros_like(X)
+    else:
+        S, Y, mu_start = init
+        S = S.clone(memory_format=torch.contiguous_format)  # the fused loop writes into it
+        mu = torch.minimum(torch.maximum(mu_start, mu), mu_max)
+        W = Y / mu
     rho = RPCA_RHO
     x_norm = _safe(torch.linalg.matrix_norm(X, keepdim=True))
     state = _Stopping(X, every, early_stop)
     if _fused_step(ops, X, lam, mask):
-        return _rpca_ialm_fused(ops, X, k, lam, max_iter, tol, state, W, mu, mu_max, rho, x_norm)
+        out = _rpca_ialm_fused(ops, X, k, lam, max_iter, tol, state, W, S, mu, mu_max, rho, x_norm)
+        return out if full else out[:3]
     L = torch.zeros_like(X)
-    S = torch.zeros_like(X)
     for it in range(1, max_iter + 1):
         R = X + W
         L_new = rank_k_svt(ops, R - S, k, (1 / mu).squeeze(-1))
@@ -262,16 +282,17 @@ def rpca_ialm(
         L, S, W, mu = state.hold((L, S, W, mu), (L_new, S_new, C * (mu / mu_new), mu_new))
         if state.update(err, tol, it):
             break
-    return L, _observed(mask, S), state.iterations()
+    out = (L, _observed(mask, S), state.iterations())
+    return out + (W * mu, mu) if full else out
 
 
-def _rpca_ialm_fused(ops, X, k, lam, max_iter, tol, state, W, mu, mu_max, rho, x_norm):
+def _rpca_ialm_fused(ops, X, k, lam, max_iter, tol, state, W, S, mu, mu_max, rho, x_norm):
     """:func:`rpca_ialm`'s loop, unmasked, with its elementwise half in one in-place pass
-    (``ops._ialm_step_``): the same bits. ``W`` (this function's own tensor), ``S`` and the SVT
-    input ``A`` are updated in place, a stopped matrix's left alone by the op (its hold), so only
-    ``L`` and ``mu`` go through :meth:`_Stopping.hold`."""
-    S = torch.zeros_like(X)
-    A = X + W  # (X + W) - S with S = 0
+    (``ops._ialm_step_``): the same bits. ``W`` and ``S`` (this function's own tensors) and the
+    SVT input ``A`` are updated in place, a stopped matrix's left alone by the op (its hold), so
+    only ``L`` and ``mu`` go through :meth:`_Stopping.hold`. Returns ``(L, S, iterations, Y,
+    mu)``."""
+    A = X + W - S
     L = torch.zeros_like(X)
     flat = X.shape[:-2].numel()
     for it in range(1, max_iter + 1):
@@ -283,7 +304,107 @@ def _rpca_ialm_fused(ops, X, k, lam, max_iter, tol, state, W, mu, mu_max, rho, x
         L, mu = state.hold((L, mu), (L_new, mu_new))
         if state.update(err, tol, it):
             break
-    return L, S, state.iterations()
+    return L, S, state.iterations(), W * mu, mu
+
+
+class RPCAState(NamedTuple):
+    """Where a robust-PCA solve ended, to start another from (``lowrank_sparse(...,
+    return_state=True)`` returns it, ``init=`` takes it). Tensors in ``X``'s units and shape:
+
+    * ``L``, ``S`` ``(*, m, n)``: the split;
+    * ``Y`` ``(*, m, n)``: the Lagrange multiplier of the constraint ``X = L + S`` (free of
+      ``X``'s units; ``|Y| <= lam`` entrywise);
+    * ``mu`` ``(*, 1, 1)``: the penalty the solve ended at (units of ``1 / X``);
+    * ``iterations`` ``(*,)`` int64: the iterations the solve ran;
+    * ``fresh``: how many of the last rows hold no solution yet (0 after a solve; see
+      :meth:`slide`).
+
+    A state resumes on the same matrices (``fresh = 0``: a changed ``X``, e.g. the next training
+    step's batch, or more iterations) or, after :meth:`slide`, on the next window of a sliding
+    window over frames (rows)."""
+
+    L: Tensor
+    S: Tensor
+    Y: Tensor
+    mu: Tensor
+    iterations: Tensor
+    fresh: int = 0
+
+    def slide(self, stride: int) -> "RPCAState":
+        """The state for the window ``stride`` rows (frames) further on: the first ``stride``
+        rows dropped, the rest moved up, and ``stride`` fresh rows at the end (zeros, counted in
+        :attr:`fresh`), which the warm start fits first (:func:`warm_start`)."""
+        m = self.S.shape[-2]
+        if isinstance(stride, bool) or not isinstance(stride, int):
+            raise TypeError(f"RPCAState.slide: stride must be an int, got {type(stride).__name__}")
+        if not 0 <= stride <= m:
+            raise ValueError(f"RPCAState.slide: stride must be in [0, m] = [0, {m}], got {stride}")
+
+        def move(T: Tensor) -> Tensor:
+            return torch.cat([T[..., stride:, :], torch.zeros_like(T[..., :stride, :])], dim=-2)
+
+        return self._replace(
+            L=move(self.L), S=move(self.S), Y=move(self.Y), fresh=min(m, self.fresh + stride)
+        )
+
+
+def fit_fresh_rows(X: Tensor, V: Tensor, lam, mu: Tensor, steps: int) -> Tuple[Tensor, Tensor]:
+    """A robust fit of each row of ``X (*, f, n)`` on the row space ``V (*, n, k)`` (orthonormal
+    columns): ``min ||S||_1`` subject to ``X = C V^T + S``, by ``steps`` iterations of the
+    alternating direction method at the fixed penalty ``mu`` ``(*, 1, 1)``, with the weight
+    ``lam`` of the robust-PCA problem. Returns ``(S, Y)``, the sparse part and the multiplier
+    (``|Y| <= lam``), which seed a warm start's fresh rows."""
+    t = lam / mu
+    S = torch.zeros_like(X)
+    W = torch.zeros_like(X)  # Y / mu
+    for _ in range(steps):
+        B = X + W
+        B = B - ((B - S) @ V) @ V.mT
+        W = torch.clamp(B, -t, t)
+        S = B - W
+    return S, W * mu
+
+
+def warm_start(ops, X: Tensor, k: int, lam, init: RPCAState, scale: Tensor):
+    """:func:`rpca_ialm`'s ``init`` ``(S, Y, mu)`` for ``X`` (already multiplied by ``scale``)
+    from a previous solve's state ``init`` (in X's units). The fresh rows get the robust fit of
+    their frames on the row space of the kept rows' ``L`` (:func:`fit_fresh_rows` at this
+    ``X``'s cold penalty); the penalty resumes ``WARM_BACKOFF`` growth steps below where the
+    previous solve ended. None when fewer than ``k`` rows are kept (a cold start)."""
+    m = X.shape[-2]
+    keep = m - init.fresh
+    if keep < k:
+        return None
+    dtype = X.dtype
+    S = init.S.to(dtype) * scale
+    Y = init.Y.to(dtype)
+    mu = init.mu.to(dtype) / scale / RPCA_RHO**WARM_BACKOFF
+    if init.fresh:
+        V = ops.rsvd(init.L[..., :keep, :].to(dtype) * scale, k)[2]
+        mu0 = 1.25 / _safe(ops.rsvd(X, 1)[1][..., :1, None])
+        if lam is None:
+            lam = pcp_lambda(X)
+        S_f, Y_f = fit_fresh_rows(X[..., keep:, :], V, lam, mu0, FRESH_FIT_STEPS)
+        S = torch.cat([S[..., :keep, :], S_f], dim=-2)
+        Y = torch.cat([Y[..., :keep, :], Y_f], dim=-2)
+    return S, Y, mu
+
+
+def sliding_windows(
+    ops, X: Tensor, k: int, window: int, stride: int, warm: bool = True, **kwargs
+) -> list:
+    """Robust PCA (``ops.lowrank_sparse``, exact, unmasked) of every window of ``window`` rows
+    (frames) of ``X (*, T, n)``, ``stride`` rows apart, each started from the previous window's
+    state (``init=state.slide(stride)``) when ``warm``, else cold. ``kwargs`` go to every call
+    (``lam``, ``n_steps``). Returns a list of ``(start, state)``, one per window, the window's
+    split in ``state.L`` and ``state.S``."""
+    out, state = [], None
+    for s in range(0, X.shape[-2] - window + 1, stride):
+        init = state.slide(stride) if warm and state is not None else None
+        Xw = X[..., s : s + window, :]
+        state = ops.lowrank_sparse(Xw, k, init=init, return_state=True, **kwargs)[2]
+        out.append((s, state))
+    return out
 
 
 def _fused_step(ops, X: Tensor, lam, mask: Optional[Tensor]) -> bool:
@@ -451,13 +572,16 @@ def lowrank_sparse(
     check_every: Optional[int] = None,
     early_stop: bool = True,
     mask: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+    init: Optional[RPCAState] = None,
+    return_state: bool = False,
+):
     """The algorithm of :func:`lsef_ext.ops.lowrank_sparse` over the op set ``ops``.
 
     ``early_stop=False`` runs the robust-PCA loops to their bound (``n_steps``, default 100)
     even in eager mode, as traced code does; the result is the same bits (tested). ``mask``
     (bool, broadcastable to X, checked by the caller): X is zeroed where it is False before
-    anything reads it, so nothing there reaches any output."""
+    anything reads it, so nothing there reaches any output. ``init`` (checked by the caller) and
+    ``return_state``: the exact solver's warm start (:class:`RPCAState`)."""
     if method not in ("rpca", "unrolled"):
         raise ValueError(f"lowrank_sparse: method must be 'rpca' or 'unrolled', got {method!r}")
     if n_steps is not None and n_steps < 1:
@@ -479,8 +603,13 @@ def lowrank_sparse(
     X = X * scale
     loop = dict(check_every=check_every, early_stop=early_stop, mask=mask)
     if noise is None or (sigma is not None and noise == 0):  # no noise: the exact constraint
-        L, S, _ = rpca_ialm(ops, X, k, lam, max_iter, **loop)
-        return L / scale, S / scale
+        if init is not None:
+            loop["init"] = warm_start(ops, X, k, lam, init, scale)
+        L, S, iters, Y, mu = rpca_ialm(ops, X, k, lam, max_iter, full=True, **loop)
+        L, S = L / scale, S / scale
+        if not return_state:
+            return L, S
+        return L, S, RPCAState(L, S, Y, mu * scale, iters)
     if noise == "auto":
         # The level from the exact solution: its L is close to the low-rank part (the exact
         # constraint sends the noise to S); a plain rank-k fit would be pulled by the outliers.
