@@ -90,6 +90,12 @@ def rank_k_svt(ops, M: Tensor, k: int, tau: Tensor) -> Tensor:
     return (U * torch.clamp(s - tau, min=0).unsqueeze(-2)) @ V.mT
 
 
+def spectral_norm(ops, X: Tensor) -> Tensor:
+    """The largest singular value of each matrix, ``(*, 1, 1)``, 1 for a zero matrix: from the
+    solver's own SVD (a full SVD to scale the start would cost more than a few iterations)."""
+    return _safe(ops.rsvd(X, 1)[1][..., :1, None])
+
+
 def _safe(norm: Tensor) -> Tensor:
     """Zero norms (an all-zero matrix) replaced by 1, so that no 0/0 enters."""
     return torch.where(norm > 0, norm, torch.ones_like(norm))
@@ -216,6 +222,7 @@ def rpca_ialm(
     mask: Optional[Tensor] = None,
     init: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
     full: bool = False,
+    norm_two: Optional[Tensor] = None,
 ):
     """Principal component pursuit by the inexact augmented Lagrange multiplier method (Lin,
     Chen & Ma 2010, Alg. 5) with the singular value thresholding capped at rank k. A matrix
@@ -235,7 +242,7 @@ def rpca_ialm(
     ``init = (S, Y, mu)`` (unmasked only) starts the loop there instead of at ``S = 0``, ``Y``
     the scaled ``X`` of Lin et al. and ``mu = 1.25 / ||X||_2``; ``mu`` is first clamped into
     ``[1.25 / ||X||_2, 1e7 * 1.25 / ||X||_2]``, the cold run's range (a warm start:
-    :func:`warm_start`).
+    :func:`warm_start`). ``norm_two``: :func:`spectral_norm` of ``X``, where the caller has it.
 
     The loop carries the scaled multiplier ``W = Y / mu`` rather than ``Y`` (the same
     iterates, in fewer passes over the data): with ``R = X + W`` and ``B = R - L``, the
@@ -246,13 +253,12 @@ def rpca_ialm(
     if lam is None:
         lam = pcp_lambda(X) if mask is None else masked_lambda(X, mask)
     every = _check_every(X, check_every)
-    # The spectral norm from the solver's own SVD (a full SVD to scale the start would cost
-    # more than a few iterations).
-    norm_two = _safe(ops.rsvd(X, 1)[1][..., :1, None])
-    norm_inf = X.abs().amax(dim=(-2, -1), keepdim=True) / lam
+    if norm_two is None:
+        norm_two = spectral_norm(ops, X)
     mu = 1.25 / norm_two
     mu_max = mu * 1e7
     if init is None:
+        norm_inf = X.abs().amax(dim=(-2, -1), keepdim=True) / lam
         W = X / (torch.maximum(norm_two, norm_inf) * mu)  # Y / mu, Y the multiplier
         S = torch.zeros_like(X)
     else:
@@ -365,12 +371,13 @@ def fit_fresh_rows(X: Tensor, V: Tensor, lam, mu: Tensor, steps: int) -> Tuple[T
     return S, W * mu
 
 
-def warm_start(ops, X: Tensor, k: int, lam, init: RPCAState, scale: Tensor):
+def warm_start(ops, X: Tensor, k: int, lam, init: RPCAState, scale: Tensor, norm_two: Tensor):
     """:func:`rpca_ialm`'s ``init`` ``(S, Y, mu)`` for ``X`` (already multiplied by ``scale``)
     from a previous solve's state ``init`` (in X's units). The fresh rows get the robust fit of
     their frames on the row space of the kept rows' ``L`` (:func:`fit_fresh_rows` at this
     ``X``'s cold penalty); the penalty resumes ``WARM_BACKOFF`` growth steps below where the
-    previous solve ended. None when fewer than ``k`` rows are kept (a cold start)."""
+    previous solve ended (``norm_two``: :func:`spectral_norm` of ``X``). None when fewer than
+    ``k`` rows are kept (a cold start)."""
     m = X.shape[-2]
     keep = m - init.fresh
     if keep < k:
@@ -381,7 +388,7 @@ def warm_start(ops, X: Tensor, k: int, lam, init: RPCAState, scale: Tensor):
     mu = init.mu.to(dtype) / scale / RPCA_RHO**WARM_BACKOFF
     if init.fresh:
         V = ops.rsvd(init.L[..., :keep, :].to(dtype) * scale, k)[2]
-        mu0 = 1.25 / _safe(ops.rsvd(X, 1)[1][..., :1, None])
+        mu0 = 1.25 / norm_two
         if lam is None:
             lam = pcp_lambda(X)
         S_f, Y_f = fit_fresh_rows(X[..., keep:, :], V, lam, mu0, FRESH_FIT_STEPS)
@@ -604,7 +611,9 @@ def lowrank_sparse(
     loop = dict(check_every=check_every, early_stop=early_stop, mask=mask)
     if noise is None or (sigma is not None and noise == 0):  # no noise: the exact constraint
         if init is not None:
-            loop["init"] = warm_start(ops, X, k, lam, init, scale)
+            # computed once, for the fresh rows' fit and the solver's start
+            loop["norm_two"] = spectral_norm(ops, X)
+            loop["init"] = warm_start(ops, X, k, lam, init, scale, loop["norm_two"])
         L, S, iters, Y, mu = rpca_ialm(ops, X, k, lam, max_iter, full=True, **loop)
         L, S = L / scale, S / scale
         if not return_state:
