@@ -94,26 +94,55 @@ Projection project(const Tensor& A, const Shape& sh, int64_t n_iter, const Tenso
   pr.q = std::max(sh.m, sh.n);
   pr.wide = sh.m <= sh.n;
   const Tensor A3 = aten::to_dtype(torch::stable::reshape(A, {sh.batch, sh.m, sh.n}), acc);
-  // Non-finite matrices go through as zeros (the factorizations need finite input); the tails
-  // write NaN for them, as the fused paths do. With a backend's screen, the usual all-finite
-  // batch is used as it is (no masked copy).
+  Tensor scaled;
   const bool screened = screen.finite.defined();
-  pr.finite = screened ? screen.finite
-                       : as_contiguous(aten::all(torch::stable::flatten(aten::isfinite(A3), 1), 1));
-  const bool all_ok = screened && aten::item_bool(aten::all(pr.finite));
-  const Tensor zero = scalar(0, acc);
-  const Tensor clean =
-      all_ok ? A3 : aten::where(torch::stable::view(pr.finite, {-1, 1, 1}), A3, zero);
-  // Largest magnitude of each matrix (zero for the masked ones).
-  const Tensor amax = screened ? aten::where(pr.finite, aten::to_dtype(screen.amax, acc), zero)
-                               : torch::stable::amax(aten::abs(clean), {1, 2}, false);
-  const Tensor shift = shifts(amax, true, max_shift(acc));
-  pr.unscale = pow2(aten::neg(shift), acc);
-  // On the CPU a look at the shifts is free and saves a pass over A for the usual all-zero case;
-  // on a GPU it would be a host sync, so the (cheap, elementwise) product is always taken.
-  const bool scale = !clean.is_cpu() || aten::item_bool(aten::any(shift));
-  const Tensor scaled =
-      scale ? aten::mul(clean, torch::stable::view(pow2(shift, acc), {-1, 1, 1})) : clean;
+  if (screened && A3.is_cpu() && screen.amax.scalar_type() == acc) {
+    // The CPU with the backend's screen: the shifts are read off amax on the host (rescale.h's
+    // scalar rule, the same bits as shifts() and pow2() below) instead of some thirty boxed
+    // calls, which cost a lone small matrix more than its factorization.
+    pr.finite = screen.finite;
+    pr.unscale = empty_cpu({sh.batch}, acc);
+    Tensor scale = empty_cpu({sh.batch, 1, 1}, acc);
+    bool all_ok = true, any_shift = false;
+    dispatch_floating(acc, "rsvd", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      const bool* ok = cptr<bool>(screen.finite);
+      const T* amax = cptr<T>(screen.amax);
+      T* unscale = ptr<T>(pr.unscale);
+      T* sc = ptr<T>(scale);
+      for (int64_t b = 0; b < sh.batch; ++b) {
+        const int s = ok[b] ? rescale_shift(amax[b]) : 0;
+        all_ok = all_ok && ok[b];
+        any_shift = any_shift || s != 0;
+        unscale[b] = rsvd::pow2(-s, T(0));
+        sc[b] = rsvd::pow2(s, T(0));
+      }
+    });
+    const Tensor clean =
+        all_ok ? A3 : aten::where(torch::stable::view(pr.finite, {-1, 1, 1}), A3, scalar(0, acc));
+    scaled = any_shift ? aten::mul(clean, scale) : clean;
+  } else {
+    // Non-finite matrices go through as zeros (the factorizations need finite input); the tails
+    // write NaN for them, as the fused paths do. With a backend's screen, the usual all-finite
+    // batch is used as it is (no masked copy).
+    pr.finite = screened
+                    ? screen.finite
+                    : as_contiguous(aten::all(torch::stable::flatten(aten::isfinite(A3), 1), 1));
+    const bool all_ok = screened && aten::item_bool(aten::all(pr.finite));
+    const Tensor zero = scalar(0, acc);
+    const Tensor clean =
+        all_ok ? A3 : aten::where(torch::stable::view(pr.finite, {-1, 1, 1}), A3, zero);
+    // Largest magnitude of each matrix (zero for the masked ones).
+    const Tensor amax = screened ? aten::where(pr.finite, aten::to_dtype(screen.amax, acc), zero)
+                                 : torch::stable::amax(aten::abs(clean), {1, 2}, false);
+    const Tensor shift = shifts(amax, true, max_shift(acc));
+    pr.unscale = pow2(aten::neg(shift), acc);
+    // On the CPU a look at the shifts is free and saves a pass over A for the usual all-zero
+    // case; on a GPU it would be a host sync, so the (cheap, elementwise) product is always
+    // taken.
+    const bool scale = !clean.is_cpu() || aten::item_bool(aten::any(shift));
+    scaled = scale ? aten::mul(clean, torch::stable::view(pow2(shift, acc), {-1, 1, 1})) : clean;
+  }
   const Tensor W = pr.wide ? scaled : aten::mT(scaled);  // (B, p, q)
   if (sh.exact()) {
     pr.l = pr.p;
